@@ -1,0 +1,101 @@
+"""Parameterised building blocks: dense projections, RMS norm and token embeddings.
+
+Every parameter is created with `param_with_axes`, so the `params_axes` collection names its logical axes
+(t5x's contract), and kernels are stored 2-D exactly as in a t5x T5.1.1 checkpoint: a projection to
+`heads x kv` keeps a joined `[embed, heads*kv]` kernel that is reshaped when used.
+"""
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _normalize_axes(axes, ndim):
+    return tuple(ax if ax >= 0 else ndim + ax for ax in axes)
+
+
+class DenseGeneral(nn.Module):
+    """A bias-free linear map contracting `axis` of the input onto `features`.
+
+    inputs `[..., *contracted]` -> `[..., *features]`; the kernel is stored as
+    `[prod(contracted), prod(features)]` with logical axes `kernel_axes` (one name per stored dimension).
+    """
+
+    features: int | Sequence[int]
+    kernel_axes: tuple[str, str]
+    axis: int | Sequence[int] = -1
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = _normalize_axes(axis, inputs.ndim)
+        contracted = tuple(inputs.shape[ax] for ax in axis)
+        stored_shape = (int(np.prod(contracted)), int(np.prod(features)))
+
+        def init(key, shape, dtype):
+            # Initialise with the unflattened shape so that fan-in counts only contracted dimensions.
+            full = self.kernel_init(key, contracted + features, dtype)
+            return jnp.reshape(full, shape)
+
+        kernel = partitioning.param_with_axes(
+            "kernel", init, stored_shape, self.param_dtype, axes=self.kernel_axes)
+        kernel = jnp.asarray(kernel, self.dtype).reshape(contracted + features)
+        inputs = jnp.asarray(inputs, self.dtype)
+        contract_in = axis
+        contract_kernel = tuple(range(len(axis)))
+        return jax.lax.dot_general(inputs, kernel, ((contract_in, contract_kernel), ((), ())))
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale * x / sqrt(mean(x^2) + eps), no mean subtraction and no bias.
+
+    Computed in float32 whatever the activation dtype, as Hugging Face and t5x both do.
+    """
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(variance + self.epsilon)
+        scale = partitioning.param_with_axes(
+            "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, axes=("embed",))
+        return jnp.asarray(y * jnp.asarray(scale, jnp.float32), self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table `[vocab, embed]`; `attend` gives logits against the same table (tied heads)."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+    def setup(self):
+        self.embedding = partitioning.param_with_axes(
+            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype,
+            axes=("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens `[...]` (any integer or float dtype) -> `[..., embed]`."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """query `[..., embed]` -> logits `[..., vocab]`."""
+        return jnp.einsum("...e,ve->...v", jnp.asarray(query, self.dtype),
+                          jnp.asarray(self.embedding, self.dtype))

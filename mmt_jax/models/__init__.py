@@ -1,0 +1,1 @@
+"""Flax modules: T5 encoder/decoder (and, built on it, the multimodal models)."""

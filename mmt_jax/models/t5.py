@@ -1,0 +1,260 @@
+"""T5 encoder-decoder in Flax Linen: T5.1.1 (GEGLU, untied logits) and original T5 (ReLU, tied
+embeddings with 1/sqrt(d) logit scaling) from one implementation, chosen by `T5Config`.
+
+Parameter tree (t5x T5.1.1 checkpoint names, so public t5x and converted Hugging Face checkpoints load
+without renaming):
+  token_embedder/embedding                                  [vocab, embed]
+  encoder/relpos_bias/rel_embedding                          [heads, buckets]
+  encoder/layers_{i}/{pre_attention_layer_norm, pre_mlp_layer_norm}/scale
+  encoder/layers_{i}/attention/{query, key, value}/kernel    [embed, heads*kv]; out: [heads*kv, embed]
+  encoder/layers_{i}/mlp/{wi | wi_0, wi_1}/kernel, mlp/wo/kernel
+  encoder/encoder_norm/scale
+  decoder/relpos_bias/rel_embedding
+  decoder/layers_{i}/{pre_self_attention, pre_cross_attention, pre_mlp}_layer_norm/scale
+  decoder/layers_{i}/{self_attention, encoder_decoder_attention}/{query, key, value, out}/kernel
+  decoder/layers_{i}/mlp/...,  decoder/decoder_norm/scale,  decoder/logits_dense/kernel (untied only)
+"""
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import partitioning
+
+from mmt_jax.layers.attention import (MultiHeadAttention, combine_masks, make_attention_mask,
+                                      make_causal_mask, make_segment_mask)
+from mmt_jax.layers.dense import DenseGeneral, Embed, RMSNorm
+from mmt_jax.layers.mlp import MlpBlock
+from mmt_jax.layers.relative_position import RelativePositionBias
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Sizes and variant switches of a T5 encoder-decoder.
+
+    `mlp_activations=("gelu", "linear")` + `logits_via_embedding=False` is T5.1.1 (and Flan-T5);
+    `("relu",)` + `logits_via_embedding=True` is the original T5.
+    """
+
+    vocab_size: int = 32128
+    emb_dim: int = 512
+    num_heads: int = 6
+    head_dim: int = 64
+    mlp_dim: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    mlp_activations: Sequence[str] = ("gelu", "linear")
+    logits_via_embedding: bool = False
+    dropout_rate: float = 0.0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    dtype: Any = jnp.float32  # activations; parameters are always float32
+
+
+# d_model, d_ff, heads, d_kv, encoder layers, decoder layers
+_T5_1_1_SIZES = {
+    "tiny": (128, 512, 4, 32, 2, 2),
+    "small": (512, 1024, 6, 64, 8, 8),
+    "base": (768, 2048, 12, 64, 12, 12),
+    "large": (1024, 2816, 16, 64, 24, 24),
+    "xl": (2048, 5120, 32, 64, 24, 24),
+}
+_T5_SIZES = {
+    "tiny": (128, 512, 4, 32, 2, 2),
+    "small": (512, 2048, 8, 64, 6, 6),
+    "base": (768, 3072, 12, 64, 12, 12),
+    "large": (1024, 4096, 16, 64, 24, 24),
+}
+
+
+def t5_config(size: str, variant: str = "t5_1_1", **overrides) -> T5Config:
+    """Published sizes: `variant` is "t5_1_1" (also Flan-T5) or "t5" (original); sizes tiny..large(/xl)."""
+    table = {"t5_1_1": _T5_1_1_SIZES, "t5": _T5_SIZES}.get(variant)
+    if table is None:
+        raise ValueError(f"unknown T5 variant {variant!r}; use 't5_1_1' or 't5'")
+    if size not in table:
+        raise ValueError(f"unknown size {size!r} for {variant}; known: {sorted(table)}")
+    d_model, d_ff, heads, d_kv, n_enc, n_dec = table[size]
+    variant_fields = (dict(mlp_activations=("gelu", "linear"), logits_via_embedding=False)
+                      if variant == "t5_1_1" else
+                      dict(mlp_activations=("relu",), logits_via_embedding=True))
+    fields = dict(emb_dim=d_model, mlp_dim=d_ff, num_heads=heads, head_dim=d_kv,
+                  num_encoder_layers=n_enc, num_decoder_layers=n_dec, **variant_fields)
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
+def _dropout(config, x, enable_dropout):
+    return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
+
+
+def _constrain(x):
+    return partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + MLP block with residuals: `[B, L, E]` -> `[B, L, E]`."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, mask, bias, *, enable_dropout=False):
+        cfg = self.config
+        h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
+        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dropout_rate=cfg.dropout_rate,
+                               dtype=cfg.dtype, name="attention")(
+            h, h, mask, bias, enable_dropout=enable_dropout)
+        x = _constrain(x + _dropout(cfg, h, enable_dropout))
+        h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
+        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
+            h, enable_dropout=enable_dropout)
+        return _constrain(x + _dropout(cfg, h, enable_dropout))
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the encoder output, MLP: `[B, L, E]` -> `[B, L, E]`."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, y, encoded, decoder_mask, encoder_decoder_mask, bias, *, enable_dropout=False,
+                 decode=False, max_decode_length=None):
+        cfg = self.config
+        attention = lambda name, cross: MultiHeadAttention(  # noqa: E731
+            cfg.num_heads, cfg.head_dim, is_cross_attention=cross, dropout_rate=cfg.dropout_rate,
+            dtype=cfg.dtype, name=name)
+        h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_self_attention_layer_norm")(y)
+        h = attention("self_attention", False)(
+            h, h, decoder_mask, bias, enable_dropout=enable_dropout, decode=decode,
+            max_decode_length=max_decode_length)
+        y = _constrain(y + _dropout(cfg, h, enable_dropout))
+        h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_cross_attention_layer_norm")(y)
+        h = attention("encoder_decoder_attention", True)(
+            h, encoded, encoder_decoder_mask, None, enable_dropout=enable_dropout, decode=decode)
+        y = _constrain(y + _dropout(cfg, h, enable_dropout))
+        h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
+        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
+            h, enable_dropout=enable_dropout)
+        return _constrain(y + _dropout(cfg, h, enable_dropout))
+
+
+def _relpos_bias(config, bidirectional):
+    return RelativePositionBias(
+        config.num_heads, bidirectional, config.relative_attention_num_buckets,
+        config.relative_attention_max_distance, dtype=config.dtype, name="relpos_bias")
+
+
+class Encoder(nn.Module):
+    """Token ids `[B, L]` -> encodings `[B, L, E]`."""
+
+    config: T5Config
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False):
+        cfg = self.config
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        mask = make_attention_mask(tokens > 0, tokens > 0)
+        if encoder_segment_ids is not None:
+            mask = combine_masks(mask, make_segment_mask(encoder_segment_ids, encoder_segment_ids))
+        positions = jnp.arange(tokens.shape[1])[None]
+        bias = _relpos_bias(cfg, bidirectional=True)(positions, positions)
+        x = _dropout(cfg, self.shared_embedding(tokens).astype(cfg.dtype), enable_dropout)
+        x = _constrain(x)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, bias, enable_dropout=enable_dropout)
+        x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
+        return _dropout(cfg, x, enable_dropout)
+
+
+class Decoder(nn.Module):
+    """Decoder inputs `[B, Ld]` and encodings `[B, Le, E]` -> logits `[B, Ld, vocab]` (float32)."""
+
+    config: T5Config
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, encoded, decoder_input_tokens, decoder_mask=None, encoder_decoder_mask=None, *,
+                 enable_dropout=False, decode=False, max_decode_length=None):
+        cfg = self.config
+        tokens = jnp.asarray(decoder_input_tokens, jnp.int32)
+        # Decode steps need the bias of the whole cached length; the attention layer takes its row.
+        length = max_decode_length if decode and max_decode_length else tokens.shape[1]
+        positions = jnp.arange(length)[None]
+        bias = _relpos_bias(cfg, bidirectional=False)(positions, positions)
+        y = _dropout(cfg, self.shared_embedding(tokens).astype(cfg.dtype), enable_dropout)
+        y = _constrain(y)
+        for i in range(cfg.num_decoder_layers):
+            y = DecoderLayer(cfg, name=f"layers_{i}")(
+                y, encoded, decoder_mask, encoder_decoder_mask, bias, enable_dropout=enable_dropout,
+                decode=decode, max_decode_length=max_decode_length)
+        y = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
+        y = _dropout(cfg, y, enable_dropout)
+        if cfg.logits_via_embedding:
+            # Original T5 ties the output layer to the embedding and rescales by 1/sqrt(d_model).
+            logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(cfg.dtype)
+        else:
+            logits = DenseGeneral(cfg.vocab_size, kernel_axes=("embed", "vocab"), dtype=cfg.dtype,
+                                  name="logits_dense")(y)
+        logits = jnp.asarray(logits, jnp.float32)
+        return partitioning.with_sharding_constraint(logits, ("batch", "length", "vocab"))
+
+
+class EncoderDecoder(nn.Module):
+    """The T5 transformer with t5x's module interface (`__call__`, `encode`, `decode`).
+
+    Masks follow t5x: padding is token id 0; packed batches pass segment ids; the decoder's padding
+    comes from `decoder_target_tokens`. `encoder_mask [B, Le]` may replace the padding mask derived from
+    `encoder_input_tokens` (used when the encoded sequence is not the token sequence, e.g. MMT4).
+    """
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype, name="token_embedder")
+        self.encoder = Encoder(cfg, self.token_embedder)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False):
+        """`[B, Le]` -> `[B, Le, E]`."""
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+
+    def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+               encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
+               encoder_mask=None, enable_dropout=False, decode=False, max_decode_length=None):
+        """Logits `[B, Ld, vocab]`; with `decode=True`, one step `[B, 1, vocab]` over the cache."""
+        del decoder_positions  # relative positions within a packed segment equal those of arange.
+        if encoder_mask is None:
+            encoder_mask = jnp.asarray(encoder_input_tokens) > 0
+        if decode:
+            decoder_mask = None
+            query_mask = jnp.ones(decoder_input_tokens.shape, bool)
+            encoder_decoder_mask = make_attention_mask(query_mask, encoder_mask)
+        else:
+            targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
+            query_mask = jnp.asarray(targets) > 0
+            decoder_mask = combine_masks(make_causal_mask(targets.shape[1]),
+                                         make_attention_mask(query_mask, query_mask))
+            encoder_decoder_mask = make_attention_mask(query_mask, encoder_mask)
+            if decoder_segment_ids is not None:
+                decoder_mask = combine_masks(
+                    decoder_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
+                encoder_decoder_mask = combine_masks(
+                    encoder_decoder_mask, make_segment_mask(decoder_segment_ids, encoder_segment_ids))
+        return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
+                            enable_dropout=enable_dropout, decode=decode,
+                            max_decode_length=max_decode_length)
+
+    def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+                 encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+                 decoder_positions=None, *, enable_dropout=False, decode=False,
+                 max_decode_length=None):
+        del encoder_positions
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                           encoder_segment_ids, decoder_segment_ids, decoder_positions,
+                           enable_dropout=enable_dropout, decode=decode,
+                           max_decode_length=max_decode_length)

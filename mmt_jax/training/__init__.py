@@ -1,0 +1,1 @@
+"""Training-side pieces: train state and steps, checkpoints, weight import."""

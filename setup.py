@@ -1,0 +1,53 @@
+"""mmt_jax: multimodal-to-text transformers (MMT4, MoEMoE) in JAX/Flax.
+
+Install for CPU:      pip install -e .
+With the test extra:  pip install -e '.[test]'
+On GPU/TPU install the matching jax build afterwards, e.g. `pip install -U "jax[cuda13]"` or
+`pip install -U "jax[tpu]"`; nothing else changes.
+"""
+import setuptools
+
+INSTALL_REQUIRES = [
+    # The JAX stack. Versions are the ones the t5x protocol was verified against
+    # (shared/t5x_contract.md): jax 0.10 / flax 0.12 / orbax 0.12 / seqio 0.0.20.
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "clu>=0.0.12",
+    "gin-config>=0.5.0",
+    "numpy>=2.0",
+    # Data: SeqIO tasks over tf.data. tensorflow-text (needed by seqio) requires the `tensorflow`
+    # distribution itself, not `tensorflow-cpu`; asking for both would install two copies of the same
+    # files, so we name `tensorflow`, whose Linux wheel runs on CPU without CUDA libraries.
+    "seqio==0.0.20",
+    "tensorflow>=2.21,<2.22",
+    "tensorflow-text>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10",
+    "sentencepiece>=0.2.0",
+    "pillow>=10.0",
+    # Reads Hugging Face `model.safetensors` files with numpy, so importing HF checkpoints needs no torch.
+    "safetensors>=0.4",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    # Parity references only; never imported by the package. The CPU build of 2.13.0 lies on this
+    # machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+    "torch==2.13.0",
+    "transformers>=5.0,<6",
+]
+
+setuptools.setup(
+    name="mmt_jax",
+    version="0.1.0",
+    description="Multimodal-to-text transformers (MMT4, MoEMoE) in JAX/Flax for product catalogs.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*", "tasks", "tasks.*"]),
+    package_data={"mmt_jax": ["gin/**/*.gin"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={"console_scripts": ["mmt-jax=mmt_jax.main:run"]},
+)
