@@ -4,8 +4,10 @@
 Decode cache (`cache` collection, batch-leading arrays, as t5x's decoding expects):
   self-attention:  `cached_key`, `cached_value` `[batch, max_length, heads, kv]` and `cache_index` (the
                    next position to write); one query token per call.
-  cross-attention: `cached_key`, `cached_value` `[batch, encoder_length, heads, kv]`, the projections of
-                   the encoder output, computed once when the cache is created and read at every step.
+  cross-attention: `cached_encoder_key`, `cached_encoder_value` `[batch, encoder_length, heads, kv]`, the
+                   projections of the encoder output, computed once when the cache is created and read
+                   at every step. They are equal across the beams of one example, so beam search never
+                   reorders them (`decoding.BEAM_INVARIANT_CACHE`).
 """
 import jax
 import jax.numpy as jnp
@@ -109,13 +111,13 @@ class MultiHeadAttention(nn.Module):
             name="out")(out)
 
     def _cross_attention_cache(self, inputs_kv, project_k, project_v):
-        initialized = self.has_variable("cache", "cached_key")
-        if not initialized:
+        if not self.has_variable("cache", "cached_encoder_key"):
             key, value = project_k(inputs_kv), project_v(inputs_kv)
-            self.variable("cache", "cached_key", lambda: key)
-            self.variable("cache", "cached_value", lambda: value)
+            self.variable("cache", "cached_encoder_key", lambda: key)
+            self.variable("cache", "cached_encoder_value", lambda: value)
             return key, value
-        return (self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value"))
+        return (self.get_variable("cache", "cached_encoder_key"),
+                self.get_variable("cache", "cached_encoder_value"))
 
     def _self_attention_cache(self, key, value, mask, bias, max_length):
         initialized = self.has_variable("cache", "cached_key")
@@ -125,7 +127,10 @@ class MultiHeadAttention(nn.Module):
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not initialized:
-            # Creating the cache: attend causally over the given tokens; nothing is written yet.
+            # Creating the cache: attend over the given tokens with the bias of their positions;
+            # nothing is written yet and the output is not used.
+            if bias is not None:
+                bias = bias[:, :, :key.shape[1], :key.shape[1]]
             return key, value, mask, bias
         if key.shape[1] != 1:
             raise ValueError(f"decode=True takes one token per step, got query length {key.shape[1]}")

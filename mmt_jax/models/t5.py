@@ -205,8 +205,8 @@ class Decoder(nn.Module):
 class EncoderDecoder(nn.Module):
     """The T5 transformer with t5x's module interface (`__call__`, `encode`, `decode`).
 
-    Masks follow t5x: padding is token id 0; packed batches pass segment ids; the decoder's padding
-    comes from `decoder_target_tokens`. `encoder_mask [B, Le]` may replace the padding mask derived from
+    Masks: padding is token id 0; packed batches pass segment ids (block-diagonal masks); the decoder
+    is causal. `encoder_mask [B, Le]` may replace the padding mask derived from
     `encoder_input_tokens` (used when the encoded sequence is not the token sequence, e.g. MMT4).
     """
 
@@ -226,24 +226,21 @@ class EncoderDecoder(nn.Module):
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
                encoder_mask=None, enable_dropout=False, decode=False, max_decode_length=None):
         """Logits `[B, Ld, vocab]`; with `decode=True`, one step `[B, 1, vocab]` over the cache."""
-        del decoder_positions  # relative positions within a packed segment equal those of arange.
+        # Relative positions within a packed segment equal those of arange; targets only define loss.
+        del decoder_positions, decoder_target_tokens
         if encoder_mask is None:
             encoder_mask = jnp.asarray(encoder_input_tokens) > 0
-        if decode:
-            decoder_mask = None
-            query_mask = jnp.ones(decoder_input_tokens.shape, bool)
-            encoder_decoder_mask = make_attention_mask(query_mask, encoder_mask)
-        else:
-            targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
-            query_mask = jnp.asarray(targets) > 0
-            decoder_mask = combine_masks(make_causal_mask(targets.shape[1]),
-                                         make_attention_mask(query_mask, query_mask))
-            encoder_decoder_mask = make_attention_mask(query_mask, encoder_mask)
-            if decoder_segment_ids is not None:
-                decoder_mask = combine_masks(
-                    decoder_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
-                encoder_decoder_mask = combine_masks(
-                    encoder_decoder_mask, make_segment_mask(decoder_segment_ids, encoder_segment_ids))
+        # Only keys are masked for padding: a causal row never reaches the padding after a sequence,
+        # so query-side padding masks would change nothing but the (ignored) outputs at pad positions,
+        # and a pad id generated mid-sequence is scored exactly as it was decoded.
+        query_mask = jnp.ones(decoder_input_tokens.shape, bool)
+        encoder_decoder_mask = make_attention_mask(query_mask, encoder_mask)
+        decoder_mask = None if decode else make_causal_mask(decoder_input_tokens.shape[1])
+        if decoder_segment_ids is not None and not decode:
+            decoder_mask = combine_masks(
+                decoder_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
+            encoder_decoder_mask = combine_masks(
+                encoder_decoder_mask, make_segment_mask(decoder_segment_ids, encoder_segment_ids))
         return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                             enable_dropout=enable_dropout, decode=decode,
                             max_decode_length=max_decode_length)

@@ -1,0 +1,176 @@
+"""The Model: loss, initial variables, decoding and scoring around a Flax module (t5x's model protocol).
+
+`EncoderDecoderModel` exposes exactly what t5x's train/eval/infer binaries call (shared/t5x_contract.md):
+`FEATURE_CONVERTER_CLS`, `get_initial_variables`, `loss_fn`, `eval_fn`, `predict_batch`,
+`predict_batch_with_aux`, `score_batch`, `input_vocabulary`, `output_vocabulary`, `optimizer_def`,
+`module`. It never imports t5x. Subclasses change what the encoder sees by overriding `encode`.
+"""
+from typing import Any, Callable, Mapping
+
+import clu.metrics
+import jax
+import jax.numpy as jnp
+import seqio
+from flax import core as flax_core
+
+from mmt_jax import decoding
+from mmt_jax.losses import cross_entropy_with_logits
+
+Batch = Mapping[str, jax.Array]
+NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
+
+
+class EncoderDecoderModel:
+    """T5-style encoder-decoder: `module` has `encode(tokens, segment_ids, *, enable_dropout)` and
+    `decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, ...)`.
+
+    Args:
+      module: the Flax module (e.g. `models.t5.EncoderDecoder`).
+      input_vocabulary, output_vocabulary: seqio vocabularies (checked by t5x against the task's).
+      optimizer_def: whatever the trainer in use expects (t5x: an `OptimizerDef`); unused here.
+      decode_fn: `decoding.greedy`, `decoding.beam_search` or `decoding.temperature_sample` (other
+        keywords bound with functools.partial or gin); `num_decodes` of `predict_batch_with_aux` is
+        the beam size or the number of samples.
+      label_smoothing, z_loss: see `losses.cross_entropy_with_logits`.
+      loss_normalizing_factor: divide the summed token loss by this constant, or by the number of
+        real target tokens when `"NUM_REAL_TARGET_TOKENS"` (the default), or not at all when None.
+    """
+
+    FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+
+    def __init__(self, module, input_vocabulary=None, output_vocabulary=None, optimizer_def=None,
+                 decode_fn: Callable = decoding.greedy, label_smoothing: float = 0.0,
+                 z_loss: float = 1e-4, loss_normalizing_factor: Any = NUM_REAL_TARGET_TOKENS,
+                 eos_id: int = 1):
+        self.module = module
+        self._input_vocabulary = input_vocabulary
+        self._output_vocabulary = output_vocabulary
+        self.optimizer_def = optimizer_def
+        self._decode_fn = decode_fn
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.loss_normalizing_factor = loss_normalizing_factor
+        self.eos_id = eos_id
+
+    @property
+    def input_vocabulary(self):
+        return self._input_vocabulary
+
+    @property
+    def output_vocabulary(self):
+        return self._output_vocabulary
+
+    # ---- initial variables -------------------------------------------------------------------
+    def get_initial_variables(self, rng, input_shapes: Mapping[str, tuple], input_types=None):
+        """`params` and `params_axes` for global batch shapes (only ids; dtypes default to int32)."""
+        input_types = input_types or {}
+        inputs = {name: jnp.zeros(shape, input_types.get(name, jnp.int32))
+                  for name, shape in input_shapes.items()}
+        inputs.pop("decoder_loss_weights", None)
+        variables = self.module.init(rng, **inputs, enable_dropout=False)
+        return flax_core.freeze(variables) if isinstance(variables, flax_core.FrozenDict) else variables
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _compute_logits(self, params, batch: Batch, dropout_rng=None):
+        """Teacher-forced logits `[B, Ld, vocab]` (float32)."""
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
+        return self.module.apply({"params": params}, **inputs, enable_dropout=rngs is not None,
+                                 rngs=rngs)
+
+    def loss_fn(self, params, batch: Batch, dropout_rng):
+        """`(scalar loss, {name: clu Metric})`; dropout is on iff `dropout_rng` is given."""
+        logits = self._compute_logits(params, batch, dropout_rng)
+        return self._loss_and_metrics(logits, batch)
+
+    def _loss_and_metrics(self, logits, batch: Batch):
+        targets = batch["decoder_target_tokens"]
+        weights = batch.get("decoder_loss_weights")
+        weights = (targets > 0) if weights is None else weights
+        weights = jnp.asarray(weights, jnp.float32)
+        token_loss, token_z_loss = cross_entropy_with_logits(
+            logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+        num_tokens = jnp.sum(weights)
+        if self.loss_normalizing_factor == NUM_REAL_TARGET_TOKENS:
+            normalizer = jnp.maximum(num_tokens, 1.0)
+        elif self.loss_normalizing_factor is None:
+            normalizer = 1.0
+        else:
+            normalizer = float(self.loss_normalizing_factor)
+        loss = jnp.sum(token_loss) / normalizer
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
+        metrics = {
+            "loss": clu.metrics.Average.from_model_output(loss),
+            "cross_ent_loss": clu.metrics.Average.from_model_output(
+                jnp.sum(token_loss - token_z_loss) / jnp.maximum(num_tokens, 1.0)),
+            "z_loss": clu.metrics.Average.from_model_output(
+                jnp.sum(token_z_loss) / jnp.maximum(num_tokens, 1.0)),
+            "accuracy": clu.metrics.Average.from_model_output(
+                jnp.sum(correct) / jnp.maximum(num_tokens, 1.0)),
+            "num_tokens": clu.metrics.Average.from_model_output(num_tokens),
+        }
+        return loss, metrics
+
+    def eval_fn(self, params, batch: Batch):
+        return self.loss_fn(params, batch, dropout_rng=None)
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def score_batch(self, params, batch: Batch, return_intermediates: bool = False):
+        """Per-example log-likelihood `[B]`: `sum_t w_t log p(target_t | ...)`."""
+        if return_intermediates:
+            raise NotImplementedError("intermediates are not collected by this model")
+        logits = self._compute_logits(params, batch)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        targets = batch["decoder_target_tokens"]
+        token_log_probs = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), -1)[..., 0]
+        weights = batch.get("decoder_loss_weights")
+        weights = (targets > 0) if weights is None else weights
+        return jnp.sum(token_log_probs * jnp.asarray(weights, jnp.float32), axis=-1)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def encode(self, params, batch: Batch):
+        """`(encoded [B, Le, E], encoder_mask [B, Le])` for decoding."""
+        tokens = batch["encoder_input_tokens"]
+        encoded = self.module.apply({"params": params}, tokens, method=self.module.encode)
+        return encoded, tokens > 0
+
+    def init_decode_cache(self, params, encoded, encoder_mask, max_decode_length: int):
+        """The decoder's `cache` collection for a batch, with the cross-attention projections filled."""
+        batch_size = encoded.shape[0]
+        _, variables = self.module.apply(
+            {"params": params}, encoded, None, jnp.zeros((batch_size, 1), jnp.int32),
+            encoder_mask=encoder_mask, decode=True, max_decode_length=max_decode_length,
+            method=self.module.decode, mutable=["cache"])
+        return variables["cache"]
+
+    def tokens_to_logits_fn(self, params, encoder_mask, max_decode_length: int):
+        """One decoder step over the cache: `(tokens [N, 1], cache) -> (logits [N, vocab], cache)`."""
+        def tokens_to_logits(tokens, cache):
+            logits, variables = self.module.apply(
+                {"params": params, "cache": cache}, None, None, tokens, encoder_mask=encoder_mask,
+                decode=True, max_decode_length=max_decode_length, method=self.module.decode,
+                mutable=["cache"])
+            return logits[:, -1, :], variables["cache"]
+        return tokens_to_logits
+
+    def predict_batch_with_aux(self, params, batch: Batch, rng=None, decode_fn=None,
+                               num_decodes: int = 1, return_all_decodes: bool = False):
+        """Decoded tokens `[B, L]` (or `[B, num_decodes, L]`) and `{"scores": ...}`.
+
+        `L` is the decoder feature length (`decoder_input_tokens.shape[1]`), as in t5x.
+        """
+        decode_fn = decode_fn or self._decode_fn
+        encoded, encoder_mask = self.encode(params, batch)
+        batch_size, max_length = batch["decoder_input_tokens"].shape
+        cache = self.init_decode_cache(params, encoded, encoder_mask, max_length)
+        tokens_to_logits = self.tokens_to_logits_fn(
+            params, decoding.expand_batch(encoder_mask, num_decodes), max_length)
+        tokens, scores = decode_fn(cache, tokens_to_logits, batch_size=batch_size,
+                                   max_decode_length=max_length, eos_id=self.eos_id, rng=rng,
+                                   num_decodes=num_decodes)
+        if return_all_decodes:
+            return tokens, {"scores": scores}
+        return tokens[:, -1], {"scores": scores[:, -1]}
+
+    def predict_batch(self, params, batch: Batch, rng=None):
+        return self.predict_batch_with_aux(params, batch, rng=rng)[0]
