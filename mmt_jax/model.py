@@ -11,7 +11,6 @@ import clu.metrics
 import jax
 import jax.numpy as jnp
 import seqio
-from flax import core as flax_core
 
 from mmt_jax import decoding
 from mmt_jax.losses import cross_entropy_with_logits
@@ -67,8 +66,7 @@ class EncoderDecoderModel:
         inputs = {name: jnp.zeros(shape, input_types.get(name, jnp.int32))
                   for name, shape in input_shapes.items()}
         inputs.pop("decoder_loss_weights", None)
-        variables = self.module.init(rng, **inputs, enable_dropout=False)
-        return flax_core.freeze(variables) if isinstance(variables, flax_core.FrozenDict) else variables
+        return self.module.init(rng, **inputs, enable_dropout=False)
 
     # ---- forward -----------------------------------------------------------------------------
     def _compute_logits(self, params, batch: Batch, dropout_rng=None):
