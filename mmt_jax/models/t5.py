@@ -52,6 +52,22 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     dtype: Any = jnp.float32  # activations; parameters are always float32
 
+    def to_json_dict(self) -> dict:
+        fields = dataclasses.asdict(self)
+        fields["mlp_activations"] = list(self.mlp_activations)
+        fields["dtype"] = jnp.dtype(self.dtype).name
+        return fields
+
+    @classmethod
+    def from_json_dict(cls, fields: dict) -> "T5Config":
+        fields = dict(fields)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown T5Config field(s) {sorted(unknown)}")
+        fields["mlp_activations"] = tuple(fields.get("mlp_activations", ("gelu", "linear")))
+        fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+        return cls(**fields)
+
 
 # d_model, d_ff, heads, d_kv, encoder layers, decoder layers
 _T5_1_1_SIZES = {

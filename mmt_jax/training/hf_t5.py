@@ -205,6 +205,8 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: T5Config,
 
 def load_hf_t5(directory: str, dtype=np.float32) -> tuple[T5Config, dict]:
     """Reads a Hugging Face T5 checkpoint directory -> (`T5Config`, nested params dict of numpy arrays)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint needs config.json")

@@ -1,0 +1,101 @@
+"""The command-line entry points, run in-process on tiny inputs (flax examples' train_test pattern)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from mmt_jax import main
+from mmt_jax.training import checkpoints, hf_t5
+from tests.hf_reference import build_hf_t5, save_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("hf"))
+    return save_hf_checkpoint(build_hf_t5("t5_1_1"), directory, "t5_1_1")
+
+
+def test_convert_from_hf_and_back(hf_dir, tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt")
+    assert main.run(["convert", "--from-hf", hf_dir, "--to", ckpt]) == 0
+    assert "T5.1.1" in capsys.readouterr().out
+    config, params = checkpoints.load_checkpoint(ckpt)
+    ref_config, ref_params = hf_t5.load_hf_t5(hf_dir)
+    assert config == ref_config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
+    # Refuses to overwrite, then exports back to the same tensors.
+    assert main.run(["convert", "--from-hf", hf_dir, "--to", ckpt]) == 2
+    assert "already exists" in capsys.readouterr().err
+    out = str(tmp_path / "hf_again")
+    assert main.run(["convert", "--from-checkpoint", ckpt, "--to-hf", out]) == 0
+    original = safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+
+
+def _broken_copy(hf_dir, tmp_path, edit_tensors=None, edit_config=None):
+    target = tmp_path / "broken"
+    target.mkdir()
+    tensors = safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        edit_config(config)
+    safetensors.numpy.save_file(tensors, str(target / "model.safetensors"))
+    json.dump(config, open(target / "config.json", "w"))
+    return str(target)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_dir", "nowhere: no such checkpoint directory"),
+    ("missing_weights", "no model.safetensors"),
+    ("missing_config", "config.json: missing"),
+    ("wrong_shape", "'encoder.block.1.layer.1.DenseReluDense.wo.weight' has shape (32, 65)"),
+    ("missing_tensor", "'decoder.block.2.layer.1.EncDecAttention.k.weight' (for decoder/layers_2/"
+                       "encoder_decoder_attention/key/kernel) is missing"),
+    ("unknown_tensor", "'encoder.block.0.layer.0.SelfAttention.rotary.weight'"),
+    ("unknown_activation", "unknown feed_forward_proj 'gated-swish9'"),
+])
+def test_convert_errors_name_the_culprit(hf_dir, tmp_path, capsys, case, expected):
+    if case == "missing_dir":
+        source = str(tmp_path / "nowhere")
+    elif case == "missing_weights":
+        source = str(tmp_path)
+        (tmp_path / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+    elif case == "missing_config":
+        source = str(tmp_path)
+        safetensors.numpy.save_file({"shared.weight": np.zeros((2, 2), np.float32)},
+                                    str(tmp_path / "model.safetensors"))
+    elif case == "wrong_shape":
+        def edit(t):
+            t["encoder.block.1.layer.1.DenseReluDense.wo.weight"] = np.zeros((32, 65), np.float32)
+        source = _broken_copy(hf_dir, tmp_path, edit_tensors=edit)
+    elif case == "missing_tensor":
+        source = _broken_copy(hf_dir, tmp_path, edit_tensors=lambda t: t.pop(
+            "decoder.block.2.layer.1.EncDecAttention.k.weight"))
+    elif case == "unknown_tensor":
+        def edit(t):
+            t["encoder.block.0.layer.0.SelfAttention.rotary.weight"] = np.zeros(3, np.float32)
+        source = _broken_copy(hf_dir, tmp_path, edit_tensors=edit)
+    else:
+        source = _broken_copy(hf_dir, tmp_path,
+                              edit_config=lambda c: c.update(feed_forward_proj="gated-swish9"))
+    assert main.run(["convert", "--from-hf", source, "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not os.path.exists(tmp_path / "out")  # nothing half-written
+
+
+def test_demo_trains_and_saves(tmp_path, capsys):
+    assert main.run(["demo", "--steps", "30", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines()
+              if line.startswith("step")]
+    assert losses[-1] < losses[0] - 0.5, out
+    config, params = checkpoints.load_checkpoint(str(tmp_path / "checkpoint_30"))
+    assert config.num_encoder_layers == 2 and "logits_dense" in params["decoder"]
