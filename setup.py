@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8,<0.13",
     "clu>=0.0.12",
+    # Read directly by the t5x checkpoint importer (both already come with orbax-checkpoint).
+    "tensorstore>=0.1.60",
+    "etils[epath]",
     "gin-config>=0.5.0",
     "numpy>=2.0",
     # Data: SeqIO tasks over tf.data. tensorflow-text (needed by seqio) requires the `tensorflow`

@@ -26,9 +26,11 @@ SIZES = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num
 
 
 def init_params(config, seed=0):
-    tokens = jnp.ones((1, 4), jnp.int32)
-    params = jax.jit(EncoderDecoder(config).init)(jax.random.key(seed), tokens, tokens)["params"]
-    return jax.tree.map(np.asarray, params)
+    """Random parameters in the module's tree (numpy from its shapes: no per-op compiles)."""
+    tokens = jnp.ones((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: EncoderDecoder(config).init(jax.random.key(0), tokens, tokens))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes["params"])
 
 
 def adafactor_slots(param):
@@ -44,7 +46,7 @@ def adafactor_slots(param):
 
 def state_dict(params, step):
     """What t5x's `FlaxOptimTrainState.state_dict()` holds for Adafactor."""
-    return {"target": params, "state": {"step": np.int32(step),
+    return {"target": params, "state": {"step": np.array(step, np.int32),
                                         "param_states": jax.tree.map(adafactor_slots, params)}}
 
 
@@ -57,7 +59,8 @@ def save_orbax(model_dir, step, params, save_dtype=None):
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     state = jax.tree.map(shard, state_dict(params, step))
-    save_args = {"target": jax.tree.map(lambda _: ocp.SaveArgs(dtype=save_dtype and np.dtype(save_dtype)), params),
+    dtype = save_dtype and np.dtype(save_dtype)
+    save_args = {"target": jax.tree.map(lambda _: ocp.SaveArgs(dtype=dtype), params),
                  "state": jax.tree.map(lambda _: ocp.SaveArgs(), state["state"])}
     manager = ocp.CheckpointManager(
         model_dir, options=ocp.CheckpointManagerOptions(step_prefix="checkpoint",
@@ -70,10 +73,11 @@ def save_orbax(model_dir, step, params, save_dtype=None):
     return os.path.join(model_dir, f"checkpoint_{step}")
 
 
-def save_legacy(model_dir, step, params, save_dtype=None, inline=()):
+def save_legacy(model_dir, step, params, save_dtype=None, inline=(), gcs=False):
     """As t5x's legacy `Checkpointer.save`: arrays with mesh axes (all parameters, unfactored `v`) go
     to zarr with a relative spec in the msgpack; the others (step, factored/dummy slots, and
-    parameters named in `inline`, as for a parameter without axes) are stored in the msgpack."""
+    parameters named in `inline`, as for a parameter without axes) are stored in the msgpack.
+    `gcs=True` records the spec t5x writes under gs:// (then copied here, as public checkpoints are)."""
     directory = os.path.join(model_dir, f"checkpoint_{step}")
     os.makedirs(directory)
     flat = traverse_util.flatten_dict(state_dict(params, step), sep="/")
@@ -85,11 +89,12 @@ def save_legacy(model_dir, step, params, save_dtype=None, inline=()):
         if not partitioned:
             flat[name] = arr.astype(dtype)
             continue
-        spec = {"driver": "zarr", "dtype": np.dtype(dtype).name,
-                "kvstore": {"driver": "file", "path": name.replace("/", ".")},
-                "metadata": {"compressor": {"id": "zstd"}, "shape": list(arr.shape),
-                             "chunks": list(arr.shape)}}
-        absolute = dict(spec, kvstore=dict(spec["kvstore"], path=os.path.join(directory, name.replace("/", "."))))
+        array_dir = name.replace("/", ".")
+        metadata = {"compressor": {"id": "zstd"}, "shape": list(arr.shape), "chunks": list(arr.shape)}
+        absolute = {"driver": "zarr", "dtype": np.dtype(dtype).name, "metadata": metadata,
+                    "kvstore": {"driver": "file", "path": os.path.join(directory, array_dir)}}
+        spec = (dict(absolute, kvstore={"driver": "gcs", "bucket": "t5x-dummy-bucket"}, path=array_dir)
+                if gcs else dict(absolute, kvstore={"driver": "file", "path": array_dir}))
         if dtype != arr.dtype:
             absolute = {"base": absolute, "driver": "cast", "dtype": arr.dtype.name}
         ts.open(absolute, create=True, open=True).result().write(arr).result()
@@ -115,8 +120,11 @@ def model(request):
     return config, init_params(config)
 
 
-SAVERS = {"orbax": save_orbax,
-          "legacy": lambda d, s, p, dt=None: save_legacy(d, s, p, dt, inline=("encoder/encoder_norm/scale",))}
+SAVERS = {
+    "orbax": save_orbax,
+    "legacy": lambda d, s, p, dt=None: save_legacy(d, s, p, dt, inline=("encoder/encoder_norm/scale",)),
+    "legacy_gcs": lambda d, s, p, dt=None: save_legacy(d, s, p, dt, gcs=True),
+}
 
 
 @pytest.mark.parametrize("layout", SAVERS)
@@ -126,6 +134,7 @@ def test_round_trip_and_config(model, layout, tmp_path):
     loaded = t5x_checkpoint.load_t5x_params(directory)
     assert_trees_equal(loaded, params)
     assert t5x_checkpoint.config_from_t5x_params(loaded, num_heads=2) == config
+    assert t5x_checkpoint.config_from_t5x_params(loaded) == config  # heads read from relpos_bias
     t5x_checkpoint.check_params(loaded, config)
 
 
@@ -168,8 +177,10 @@ def test_loaded_params_give_the_same_logits(model, tmp_path):
     rng = np.random.default_rng(0)
     enc = rng.integers(1, config.vocab_size, (2, 6)).astype(np.int32)
     dec = rng.integers(1, config.vocab_size, (2, 5)).astype(np.int32)
-    original = jax.jit(EncoderDecoder(config).apply)({"params": params}, enc, dec)
-    restored = jax.jit(EncoderDecoder(loaded_config).apply)({"params": loaded}, enc, dec)
+    # The config is a static argument: equal configs share one compilation.
+    logits = jax.jit(lambda cfg, p: EncoderDecoder(cfg).apply({"params": p}, enc, dec),
+                     static_argnums=0)
+    original, restored = logits(config, params), logits(loaded_config, loaded)
     np.testing.assert_array_equal(np.asarray(restored), np.asarray(original))
 
 
@@ -186,8 +197,8 @@ def test_wrong_shape_names_the_parameter(model, tmp_path):
     bad = jax.tree.map(lambda x: x, params)
     bad["decoder"]["layers_0"]["mlp"]["wo"]["kernel"] = np.zeros((33, 16), np.float32)
     save_legacy(str(tmp_path), 1, bad)
-    with pytest.raises(CheckpointFormatError,
-                       match=r"decoder/layers_0/mlp/wo/kernel: expected shape \(32, 16\), found \(33, 16\)"):
+    expected = r"decoder/layers_0/mlp/wo/kernel: expected shape \(32, 16\), found \(33, 16\)"
+    with pytest.raises(CheckpointFormatError, match=expected):
         t5x_checkpoint.load_t5x(str(tmp_path), num_heads=2)
 
 
@@ -209,3 +220,18 @@ def test_num_heads_errors(model):
         t5x_checkpoint.config_from_t5x_params(params, num_heads=3)
     with pytest.raises(CheckpointFormatError, match="has 2 heads, not num_heads=4"):
         t5x_checkpoint.config_from_t5x_params(params, num_heads=4)
+
+
+def test_convert_command_from_t5x(model, tmp_path, capsys):
+    from mmt_jax import main
+    from mmt_jax.training import checkpoints
+    config, params = model
+    save_orbax(str(tmp_path / "model_dir"), 5, params)
+    out = str(tmp_path / "converted")
+    assert main.run(["convert", "--from-t5x", str(tmp_path / "model_dir"), "--to", out]) == 0
+    assert "converted" in capsys.readouterr().out
+    loaded_config, loaded = checkpoints.load_checkpoint(out)
+    assert loaded_config == config
+    assert_trees_equal(loaded, params)
+    assert main.run(["convert", "--from-t5x", str(tmp_path / "nothing"), "--to", out + "2"]) == 2
+    assert "nothing: no such directory" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def checkpoint_dir(path: str) -> str:
 
 def _read_orbax_target(state_dir: str) -> dict:
     """Restores only `target` from an orbax PyTree checkpoint, as host numpy arrays."""
-    directory = epath.Path(state_dir)
+    directory = epath.Path(state_dir)  # orbax handlers take paths, not str
     handler = ocp.PyTreeCheckpointHandler()
     try:
         tree = handler.metadata(directory).tree
@@ -84,19 +84,21 @@ def _read_msgpack_target(ckpt_dir: str) -> dict:
     if raw.startswith(b"model_checkpoint_path"):
         raise CheckpointFormatError(f"{msgpack_path}: a TensorFlow checkpoint index, not t5x's")
     contents = serialization.msgpack_restore(raw)
-    if not isinstance(contents, dict) or "target" not in contents.get("optimizer", {}):
-        raise CheckpointFormatError(
-            f"{msgpack_path}: not a t5x checkpoint (expected {{'version', 'optimizer': "
-            f"{{'target', 'state'}}}}, found keys {sorted(contents)[:5]})")
-    flat = traverse_util.flatten_dict(contents["optimizer"]["target"], sep="/",
+    optimizer = contents.get("optimizer") if isinstance(contents, dict) else None
+    if not isinstance(optimizer, dict) or "target" not in optimizer:
+        raise CheckpointFormatError(f"{msgpack_path}: not a t5x checkpoint (expected a msgpack map "
+                                    "{'version': 3, 'optimizer': {'target': ..., 'state': ...}})")
+    flat = traverse_util.flatten_dict(optimizer["target"], sep="/",
                                       is_leaf=lambda _, v: _TS_SPEC_KEYS <= set(v))
     opened = {}
     for name, value in flat.items():
         if isinstance(value, dict):  # a ts.Spec written by t5x
-            relative = value["kvstore"].get("path") or value["path"]  # tensorstore < 0.1.14: top level
-            # Written locally or on GCS (`gcs` kvstore, dummy bucket): the path is relative either way.
-            opened[name] = ts.open({"driver": value["driver"], "kvstore": {
-                "driver": "file", "path": os.path.join(ckpt_dir, relative)}}, open=True, read=True)
+            # Written locally or on GCS (`gcs` kvstore, dummy bucket), the path is relative to the
+            # checkpoint dir; tensorstore < 0.1.14 kept it at the top level of the spec.
+            relative = value["kvstore"].get("path") or value["path"]
+            spec = {"driver": value["driver"],
+                    "kvstore": {"driver": "file", "path": os.path.join(ckpt_dir, relative)}}
+            opened[name] = ts.open(spec, open=True, read=True)
     reads = {name: future.result().read() for name, future in opened.items()}
     for name, future in reads.items():
         flat[name] = future.result()
@@ -126,21 +128,22 @@ def _shape(flat: Mapping[str, np.ndarray], path: str) -> tuple[int, ...]:
     return tuple(np.shape(flat[path]))
 
 
-def config_from_t5x_params(params: Mapping, num_heads: int, **overrides) -> T5Config:
+def config_from_t5x_params(params: Mapping, num_heads: int | None = None, **overrides) -> T5Config:
     """Infers `T5Config` from parameter shapes; `overrides` set the rest (e.g. dropout, max distance).
 
-    Attention kernels are `[embed, heads * head_dim]`, so the head count must be given; it is checked
-    against `encoder/relpos_bias/rel_embedding [heads, buckets]`. `mlp/wi` means the original T5
+    Attention kernels are `[embed, heads * head_dim]`; the head count is read from
+    `encoder/relpos_bias/rel_embedding [heads, buckets]`, and checked against `num_heads` if given. `mlp/wi` means the original T5
     (ReLU), `mlp/wi_0` + `mlp/wi_1` T5.1.1 (gated GELU); no `decoder/logits_dense` means tied logits.
     """
     flat = traverse_util.flatten_dict(params, sep="/")
     vocab_size, emb_dim = _shape(flat, "token_embedder/embedding")
     joined_kv = _shape(flat, "encoder/layers_0/attention/query/kernel")[1]
+    heads, buckets = _shape(flat, "encoder/relpos_bias/rel_embedding")
+    num_heads = heads if num_heads is None else num_heads
     if num_heads <= 0 or joined_kv % num_heads:
         raise CheckpointFormatError(
             f"encoder/layers_0/attention/query/kernel has {joined_kv} = heads * head_dim columns, "
             f"not divisible by num_heads={num_heads}")
-    heads, buckets = _shape(flat, "encoder/relpos_bias/rel_embedding")
     if heads != num_heads:
         raise CheckpointFormatError(
             f"encoder/relpos_bias/rel_embedding has shape {(heads, buckets)}: the checkpoint has "
@@ -183,7 +186,7 @@ def check_params(params: Mapping, config: T5Config) -> None:
                                     "part of the model for this config; unknown tensor")
 
 
-def load_t5x(path: str, num_heads: int, **overrides) -> tuple[T5Config, dict]:
+def load_t5x(path: str, num_heads: int | None = None, **overrides) -> tuple[T5Config, dict]:
     """`load_t5x_params` + `config_from_t5x_params` + `check_params`: (config, nested params)."""
     params = load_t5x_params(path)
     config = config_from_t5x_params(params, num_heads, **overrides)
