@@ -48,8 +48,12 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*", "tasks", "tasks.*"]),
-    package_data={"mmt_jax": ["gin/**/*.gin"]},
+    # The top-level gin/ directory is installed as the data package `mmt_jax.gin` (see
+    # `mmt_jax.gin_search_path()`), so `include 'models/t5_1_1_small.gin'` resolves after any install.
+    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*", "tasks", "tasks.*"])
+    + ["mmt_jax.gin"],
+    package_dir={"mmt_jax.gin": "gin"},
+    package_data={"mmt_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["mmt-jax=mmt_jax.main:run"]},

@@ -1,0 +1,1 @@
+"""SeqIO task and mixture registrations: importing this package registers them (data issue)."""
