@@ -40,23 +40,55 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     return buckets + jnp.where(is_small, distance, large)
 
 
+CROSS_SEGMENT_OPTIONS = ("bucket", "zero", "global")
+
+
+def segment_positions(token_type_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the token type changes: `[B, L]` -> `[B, L]`.
+
+    For MMT4's `[image ; text]` sequence this gives `0..Lv-1, 0..Lt-1` (Eq. 3).
+    """
+    token_type_ids = jnp.asarray(token_type_ids)
+    length = token_type_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length), token_type_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(token_type_ids[..., :1], bool),
+                              token_type_ids[..., 1:] != token_type_ids[..., :-1]], axis=-1)
+    run_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=token_type_ids.ndim - 1)
+    return index - run_start
+
+
 class RelativePositionBias(nn.Module):
     """One bias table `rel_embedding [heads, num_buckets]` shared by all layers of a stack.
 
     `__call__(query_positions [B|1, Lq], key_positions [B|1, Lk])` -> bias `[B|1, heads, Lq, Lk]`.
+
+    Segments (MMT4 Eq. 3): with `query_types`/`key_types` (`[B, Lq]`, `[B, Lk]` token type ids in
+    `[0, num_segments)`) and per-segment positions (`segment_positions`), pairs within a segment get
+    the T5 bias of their in-segment distance. The paper leaves pairs across segments open;
+    `cross_segment` chooses:
+      "bucket" (default): one learned bias per head and ordered pair of segments,
+                `cross_segment_embedding [heads, num_segments**2]`, indexed `q_type * n + k_type`;
+      "zero":   no bias across segments (attention there is driven by content alone);
+      "global": the T5 bias of the given positions everywhere, for callers that pass one global
+                position sequence over the concatenation instead of per-segment positions.
     """
 
     num_heads: int
     bidirectional: bool
     num_buckets: int = 32
     max_distance: int = 128
+    num_segments: int = 1
+    cross_segment: str = "bucket"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     embedding_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
         1.0, "fan_avg", "uniform")
 
     @nn.compact
-    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array,
+                 query_types: jax.Array | None = None, key_types: jax.Array | None = None):
+        if self.cross_segment not in CROSS_SEGMENT_OPTIONS:
+            raise ValueError(f"cross_segment={self.cross_segment!r}; choose from {CROSS_SEGMENT_OPTIONS}")
         query_positions = jnp.atleast_2d(jnp.asarray(query_positions, jnp.int32))
         key_positions = jnp.atleast_2d(jnp.asarray(key_positions, jnp.int32))
         relative = key_positions[:, None, :] - query_positions[:, :, None]  # [B, Lq, Lk]
@@ -68,4 +100,19 @@ class RelativePositionBias(nn.Module):
             self.param_dtype, axes=("heads", "relpos_buckets"))
         table = jnp.asarray(table, self.dtype)
         bias = jnp.take(table, buckets, axis=1)  # [heads, B, Lq, Lk]
-        return jnp.transpose(bias, (1, 0, 2, 3))
+        bias = jnp.transpose(bias, (1, 0, 2, 3))
+        if self.num_segments == 1 or query_types is None or self.cross_segment == "global":
+            return bias
+        query_types = jnp.asarray(query_types, jnp.int32)[:, None, :, None]
+        key_types = jnp.asarray(key_types, jnp.int32)[:, None, None, :]
+        if self.cross_segment == "zero":
+            cross = jnp.zeros((), self.dtype)
+        else:
+            pairs = partitioning.param_with_axes(
+                "cross_segment_embedding", self.embedding_init,
+                (self.num_heads, self.num_segments ** 2), self.param_dtype,
+                axes=("heads", "relpos_buckets"))
+            pair_index = query_types * self.num_segments + key_types  # [B, 1, Lq, Lk]
+            cross = jnp.take(jnp.asarray(pairs, self.dtype), pair_index[:, 0], axis=1)
+            cross = jnp.transpose(cross, (1, 0, 2, 3))  # [B, heads, Lq, Lk]
+        return jnp.where(query_types == key_types, bias, cross)
