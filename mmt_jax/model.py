@@ -17,6 +17,9 @@ from mmt_jax.losses import cross_entropy_with_logits
 
 Batch = Mapping[str, jax.Array]
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
+FLOAT_FEATURES = {"encoder_images": jnp.float32, "encoder_image_features": jnp.float32}
+ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_images",
+                    "encoder_image_features", "encoder_image_mask")
 
 
 class EncoderDecoderModel:
@@ -61,8 +64,8 @@ class EncoderDecoderModel:
 
     # ---- initial variables -------------------------------------------------------------------
     def get_initial_variables(self, rng, input_shapes: Mapping[str, tuple], input_types=None):
-        """`params` and `params_axes` for global batch shapes (only ids; dtypes default to int32)."""
-        input_types = input_types or {}
+        """`params` and `params_axes` for global batch shapes (dtypes: images float32, the rest int32)."""
+        input_types = {**FLOAT_FEATURES, **(input_types or {})}
         inputs = {name: jnp.zeros(shape, input_types.get(name, jnp.int32))
                   for name, shape in input_shapes.items()}
         inputs.pop("decoder_loss_weights", None)
@@ -127,10 +130,12 @@ class EncoderDecoderModel:
 
     # ---- decoding ----------------------------------------------------------------------------
     def encode(self, params, batch: Batch):
-        """`(encoded [B, Le, E], encoder_mask [B, Le])` for decoding."""
-        tokens = batch["encoder_input_tokens"]
-        encoded = self.module.apply({"params": params}, tokens, method=self.module.encode)
-        return encoded, tokens > 0
+        """`(encoded [B, Le, E], encoder_mask [B, Le])` for decoding (images first for MMT4)."""
+        inputs = {k: batch[k] for k in ENCODER_FEATURES if batch.get(k) is not None}
+        encoded = self.module.apply({"params": params}, **inputs, method=self.module.encode)
+        inputs.pop("encoder_segment_ids", None)
+        mask = self.module.apply({"params": params}, **inputs, method=self.module.encoder_mask)
+        return encoded, mask
 
     def init_decode_cache(self, params, encoded, encoder_mask, max_decode_length: int):
         """The decoder's `cache` collection for a batch, with the cross-attention projections filled."""

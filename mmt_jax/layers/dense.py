@@ -99,3 +99,27 @@ class Embed(nn.Module):
         """query `[..., embed]` -> logits `[..., vocab]`."""
         return jnp.einsum("...e,ve->...v", jnp.asarray(query, self.dtype),
                           jnp.asarray(self.embedding, self.dtype))
+
+
+class LayerNorm(nn.Module):
+    """Standard layer norm over the last axis, `scale * (x - mean) / std + bias`, in float32.
+
+    MMT4's projection normaliser (Eq. 1); T5's own norms are `RMSNorm`.
+    """
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        features = (x.shape[-1],)
+        scale = partitioning.param_with_axes("scale", nn.initializers.ones, features,
+                                             self.param_dtype, axes=("embed",))
+        bias = partitioning.param_with_axes("bias", nn.initializers.zeros, features,
+                                            self.param_dtype, axes=("embed",))
+        return jnp.asarray(y * scale + bias, self.dtype)

@@ -26,7 +26,8 @@ from mmt_jax.layers.attention import (MultiHeadAttention, combine_masks, make_at
                                       make_causal_mask, make_segment_mask)
 from mmt_jax.layers.dense import DenseGeneral, Embed, RMSNorm
 from mmt_jax.layers.mlp import MlpBlock
-from mmt_jax.layers.relative_position import RelativePositionBias
+from mmt_jax.layers.relative_position import RelativePositionBias, segment_positions
+from mmt_jax.models.mmt4 import IMAGE_TYPE, TEXT_TYPE, FusionConfig, ImageFusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,31 +157,43 @@ class DecoderLayer(nn.Module):
         return _constrain(y + _dropout(cfg, h, enable_dropout))
 
 
-def _relpos_bias(config, bidirectional):
+def _relpos_bias(config, bidirectional, num_segments=1, cross_segment="bucket"):
     return RelativePositionBias(
         config.num_heads, bidirectional, config.relative_attention_num_buckets,
-        config.relative_attention_max_distance, dtype=config.dtype, name="relpos_bias")
+        config.relative_attention_max_distance, num_segments=num_segments,
+        cross_segment=cross_segment, dtype=config.dtype, name="relpos_bias")
 
 
 class Encoder(nn.Module):
-    """Token ids `[B, L]` -> encodings `[B, L, E]`."""
+    """Embedded inputs `[B, L, E]` -> encodings `[B, L, E]`.
+
+    `mask [B, L]` marks real positions (padding and absent images are False). `token_type_ids [B, L]`
+    (MMT4: 0 image, 1 text) make the relative position bias per segment; without them the sequence is
+    one segment, as in T5. `packing_segment_ids [B, L]` separate examples packed into one row.
+    """
 
     config: T5Config
-    shared_embedding: nn.Module
+    num_segments: int = 1
+    cross_segment: str = "bucket"
 
     @nn.compact
-    def __call__(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False):
+    def __call__(self, embedded, mask, token_type_ids=None, packing_segment_ids=None, *,
+                 enable_dropout=False):
         cfg = self.config
-        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
-        mask = make_attention_mask(tokens > 0, tokens > 0)
-        if encoder_segment_ids is not None:
-            mask = combine_masks(mask, make_segment_mask(encoder_segment_ids, encoder_segment_ids))
-        positions = jnp.arange(tokens.shape[1])[None]
-        bias = _relpos_bias(cfg, bidirectional=True)(positions, positions)
-        x = _dropout(cfg, self.shared_embedding(tokens).astype(cfg.dtype), enable_dropout)
-        x = _constrain(x)
+        attention_mask = make_attention_mask(mask, mask)
+        if packing_segment_ids is not None:
+            attention_mask = combine_masks(
+                attention_mask, make_segment_mask(packing_segment_ids, packing_segment_ids))
+        if token_type_ids is None or self.cross_segment == "global":
+            positions = jnp.arange(embedded.shape[1])[None]
+        else:
+            positions = segment_positions(token_type_ids)
+        bias = _relpos_bias(cfg, True, self.num_segments, self.cross_segment)(
+            positions, positions, token_type_ids, token_type_ids)
+        x = _constrain(_dropout(cfg, embedded.astype(cfg.dtype), enable_dropout))
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, bias, enable_dropout=enable_dropout)
+            x = EncoderLayer(cfg, name=f"layers_{i}")(
+                x, attention_mask, bias, enable_dropout=enable_dropout)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
         return _dropout(cfg, x, enable_dropout)
 
@@ -219,29 +232,79 @@ class Decoder(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    """The T5 transformer with t5x's module interface (`__call__`, `encode`, `decode`).
+    """T5 (`fusion=None`) or MMT4 (`fusion=FusionConfig(...)`), with t5x's module interface
+    (`__call__`, `encode`, `decode`).
 
     Masks: padding is token id 0; packed batches pass segment ids (block-diagonal masks); the decoder
-    is causal. `encoder_mask [B, Le]` may replace the padding mask derived from
-    `encoder_input_tokens` (used when the encoded sequence is not the token sequence, e.g. MMT4).
+    is causal. MMT4's encoder sequence is `[image vectors ; text tokens]`; `encoder_mask` gives its
+    key mask for the decoder's cross-attention.
     """
 
     config: T5Config
+    fusion: FusionConfig | None = None
 
     def setup(self):
         cfg = self.config
         self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype, name="token_embedder")
-        self.encoder = Encoder(cfg, self.token_embedder)
+        if self.fusion is None:
+            self.encoder = Encoder(cfg)
+        else:
+            self.image_fusion = ImageFusion(self.fusion, cfg.emb_dim, cfg.dtype)
+            self.encoder = Encoder(cfg, num_segments=2, cross_segment=self.fusion.cross_segment)
         self.decoder = Decoder(cfg, self.token_embedder)
 
-    def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False):
-        """`[B, Le]` -> `[B, Le, E]`."""
-        return self.encoder(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+    def _fused_inputs(self, encoder_input_tokens, encoder_images, encoder_image_features,
+                      encoder_image_mask):
+        """`(embedded [B, Le, E], mask [B, Le], token types [B, Le] or None)`."""
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        text, text_mask = self.token_embedder(tokens), tokens > 0
+        has_image = encoder_images is not None or encoder_image_features is not None
+        if self.fusion is None:
+            if has_image:
+                raise ValueError("this model is text-only (fusion=None) but the batch has images")
+            return text, text_mask, None
+        text = self.image_fusion.text_segment(text)
+        types = jnp.full(tokens.shape, TEXT_TYPE, jnp.int32)
+        if not has_image:  # text-only input to MMT4: the text segment alone
+            return text, text_mask, types
+        image, image_mask = self.image_fusion(encoder_images, encoder_image_features,
+                                              encoder_image_mask)
+        image_types = jnp.full(image.shape[:2], IMAGE_TYPE, jnp.int32)
+        return (jnp.concatenate([image.astype(text.dtype), text], axis=1),
+                jnp.concatenate([image_mask, text_mask], axis=1),
+                jnp.concatenate([image_types, types], axis=1))
+
+    def _encode(self, encoder_input_tokens, encoder_segment_ids, encoder_images,
+                encoder_image_features, encoder_image_mask, enable_dropout):
+        if encoder_segment_ids is not None and (encoder_images is not None
+                                                or encoder_image_features is not None):
+            raise ValueError("packed batches (encoder_segment_ids) cannot carry images")
+        embedded, mask, types = self._fused_inputs(encoder_input_tokens, encoder_images,
+                                                   encoder_image_features, encoder_image_mask)
+        encoded = self.encoder(embedded, mask, types, encoder_segment_ids,
+                               enable_dropout=enable_dropout)
+        return encoded, mask
+
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_images=None,
+               encoder_image_features=None, encoder_image_mask=None, *, enable_dropout=False):
+        """`[B, Lt]` tokens (and images `[B, H, W, 3]` or features `[B, Lv, Dp]`) -> `[B, Le, E]`,
+        `Le = Lv + Lt`."""
+        return self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
+                            encoder_image_features, encoder_image_mask, enable_dropout)[0]
+
+    def encoder_mask(self, encoder_input_tokens, encoder_images=None, encoder_image_features=None,
+                     encoder_image_mask=None):
+        """The encoded sequence's key mask `[B, Le]` (image vectors first, as in `encode`)."""
+        return self._fused_inputs(encoder_input_tokens, encoder_images, encoder_image_features,
+                                  encoder_image_mask)[1]
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
                encoder_mask=None, enable_dropout=False, decode=False, max_decode_length=None):
-        """Logits `[B, Ld, vocab]`; with `decode=True`, one step `[B, 1, vocab]` over the cache."""
+        """Logits `[B, Ld, vocab]`; with `decode=True`, one step `[B, 1, vocab]` over the cache.
+
+        `encoder_mask [B, Le]` defaults to the text padding mask (`encoder_input_tokens > 0`).
+        """
         # Relative positions within a packed segment equal those of arange; targets only define loss.
         del decoder_positions, decoder_target_tokens
         if encoder_mask is None:
@@ -263,11 +326,13 @@ class EncoderDecoder(nn.Module):
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, *, enable_dropout=False, decode=False,
+                 decoder_positions=None, encoder_images=None, encoder_image_features=None,
+                 encoder_image_mask=None, *, enable_dropout=False, decode=False,
                  max_decode_length=None):
         del encoder_positions
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+        encoded, mask = self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
+                                     encoder_image_features, encoder_image_mask, enable_dropout)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, decoder_positions,
-                           enable_dropout=enable_dropout, decode=decode,
+                           encoder_mask=mask, enable_dropout=enable_dropout, decode=decode,
                            max_decode_length=max_decode_length)

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from mmt_jax.models.t5 import T5Config
 
@@ -40,3 +41,29 @@ def load_checkpoint(directory: str) -> tuple[T5Config, dict]:
         params=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()))
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return T5Config.from_json_dict(restored["model_config"]), params
+
+
+def initialize_from(fresh_params, pretrained_params):
+    """Takes every parameter the pretrained tree has (same path, same shape) and keeps the fresh
+    initialisation for the rest, e.g. MMT4's image branch and cross-segment bias on a text-only T5.
+
+    Returns `(params, fresh_paths)`, the paths ('/'-joined) that start fresh. A path in both trees
+    with different shapes, or a pretrained path the model lacks, is an error naming it.
+    """
+    fresh = traverse_util.flatten_dict(fresh_params, sep="/")
+    pretrained = traverse_util.flatten_dict(pretrained_params, sep="/")
+    unused = sorted(set(pretrained) - set(fresh))
+    if unused:
+        raise ValueError(f"pretrained parameter {unused[0]} (and {len(unused) - 1} more) has no "
+                         "place in this model")
+    merged, fresh_paths = {}, []
+    for path, value in fresh.items():
+        if path in pretrained:
+            if np.shape(pretrained[path]) != np.shape(value):
+                raise ValueError(f"pretrained parameter {path} has shape "
+                                 f"{np.shape(pretrained[path])}, the model needs {np.shape(value)}")
+            merged[path] = np.asarray(pretrained[path], np.asarray(value).dtype)
+        else:
+            merged[path] = value
+            fresh_paths.append(path)
+    return traverse_util.unflatten_dict(merged, sep="/"), sorted(fresh_paths)

@@ -1,0 +1,103 @@
+"""MMT4's image branch (Fig. 3, Eq. 1-2): representator -> Linear -> LayerNorm, plus segment embeddings.
+
+`EncoderDecoder(config, fusion=FusionConfig(...))` in `models/t5.py` is MMT4; with `fusion=None` it is
+the text-only T5 of the paper's comparison, the same code with no image segment.
+
+Encoder sequence: `[image vectors (token type 0) ; text tokens (token type 1)]`, i.e.
+  X_v = LayerNorm(W_proj f_v(V)) + SE(0),   X_t = WE(T) + SE(1)          (Eq. 1, 2)
+with relative position bias computed per segment (Eq. 3, `layers/relative_position.py`).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import partitioning
+
+from mmt_jax.layers.dense import DenseGeneral, Embed, LayerNorm
+from mmt_jax.layers.relative_position import CROSS_SEGMENT_OPTIONS
+from mmt_jax.vision.patches import image_patches
+
+IMAGE_TYPE, TEXT_TYPE = 0, 1
+REPRESENTATORS = ("patches", "precomputed")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """How images enter the encoder.
+
+    representator: "patches" (flattened `patch_size x patch_size x 3` patches of `encoder_images`) or
+      "precomputed" (`encoder_image_features [B, Lv, feature_dim]` computed elsewhere).
+    cross_segment: relative position bias between image and text positions, see
+      `RelativePositionBias` ("bucket", "zero" or "global").
+    """
+
+    representator: str = "patches"
+    patch_size: int = 32
+    feature_dim: int | None = None
+    cross_segment: str = "bucket"
+    layer_norm_epsilon: float = 1e-6
+
+    def __post_init__(self):
+        if self.representator not in REPRESENTATORS:
+            raise ValueError(f"representator={self.representator!r}; choose from {REPRESENTATORS}")
+        if self.cross_segment not in CROSS_SEGMENT_OPTIONS:
+            raise ValueError(f"cross_segment={self.cross_segment!r}; choose from {CROSS_SEGMENT_OPTIONS}")
+        if self.representator == "precomputed" and not self.feature_dim:
+            raise ValueError("representator='precomputed' needs feature_dim (the vectors' width)")
+
+
+class ImageFusion(nn.Module):
+    """Image inputs -> `(vectors [B, Lv, E] with SE(0) added, key mask [B, Lv])`; also embeds the
+    text side's segment (`text_segment`)."""
+
+    fusion: FusionConfig
+    emb_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.projection = DenseGeneral(self.emb_dim, kernel_axes=("image_features", "embed"),
+                                       dtype=self.dtype)
+        self.projection_norm = LayerNorm(self.fusion.layer_norm_epsilon, dtype=self.dtype)
+        # Zero-initialised, so that MMT4 built on a text-only T5 checkpoint starts as that T5 on text.
+        self.segment_embedder = Embed(2, self.emb_dim, dtype=self.dtype,
+                                      embedding_init=nn.initializers.zeros)
+
+    def representation(self, encoder_images=None, encoder_image_features=None):
+        """`f_v(V)`: `[B, Lv, Dp]` feature vectors from the batch's image input."""
+        if self.fusion.representator == "precomputed":
+            if encoder_image_features is None:
+                raise ValueError("representator 'precomputed' reads encoder_image_features "
+                                 "[batch, vectors, feature_dim]; the batch has none")
+            features = jnp.asarray(encoder_image_features, self.dtype)
+            if features.ndim != 3 or features.shape[-1] != self.fusion.feature_dim:
+                raise ValueError(f"encoder_image_features has shape {features.shape}; expected "
+                                 f"[batch, vectors, {self.fusion.feature_dim}]")
+            return features
+        if encoder_images is None:
+            raise ValueError(f"representator {self.fusion.representator!r} reads encoder_images "
+                             "[batch, height, width, 3]; the batch has none")
+        images = jnp.asarray(encoder_images, self.dtype)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"encoder_images has shape {images.shape}; expected [batch, h, w, 3]")
+        return image_patches(images, self.fusion.patch_size)
+
+    def __call__(self, encoder_images=None, encoder_image_features=None, encoder_image_mask=None):
+        features = self.representation(encoder_images, encoder_image_features)
+        x = self.projection_norm(self.projection(features))  # Eq. 1
+        x = x + self.segment_embedder(jnp.full(x.shape[:2], IMAGE_TYPE))  # Eq. 2
+        x = partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))
+        if encoder_image_mask is None:
+            mask = jnp.ones(x.shape[:2], bool)
+        else:
+            mask = jnp.asarray(encoder_image_mask) > 0
+            if mask.ndim == 1:  # one flag per example: the image is there or not
+                mask = jnp.broadcast_to(mask[:, None], x.shape[:2])
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"encoder_image_mask has shape {mask.shape}; expected [batch] or "
+                                 f"[batch, {x.shape[1]}] for this image input")
+        return x, mask
+
+    def text_segment(self, embedded_text: jax.Array) -> jax.Array:
+        """`WE(T) + SE(1)` (Eq. 2)."""
+        return embedded_text + self.segment_embedder(jnp.full(embedded_text.shape[:2], TEXT_TYPE))
