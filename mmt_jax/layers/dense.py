@@ -21,10 +21,12 @@ def _normalize_axes(axes, ndim):
 
 
 class DenseGeneral(nn.Module):
-    """A bias-free linear map contracting `axis` of the input onto `features`.
+    """A linear map contracting `axis` of the input onto `features`; bias-free unless `use_bias`.
 
     inputs `[..., *contracted]` -> `[..., *features]`; the kernel is stored as
     `[prod(contracted), prod(features)]` with logical axes `kernel_axes` (one name per stored dimension).
+    With `use_bias` (ViT; T5 has none) a zero-initialised `bias` is stored as `[prod(features)]` with
+    logical axis `kernel_axes[-1]`, the layout of a Hugging Face `Linear.bias`.
     """
 
     features: int | Sequence[int]
@@ -33,6 +35,7 @@ class DenseGeneral(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -49,11 +52,24 @@ class DenseGeneral(nn.Module):
 
         kernel = partitioning.param_with_axes(
             "kernel", init, stored_shape, self.param_dtype, axes=self.kernel_axes)
-        kernel = jnp.asarray(kernel, self.dtype).reshape(contracted + features)
+        kernel = jnp.asarray(kernel, self.dtype)
         inputs = jnp.asarray(inputs, self.dtype)
-        contract_in = axis
-        contract_kernel = tuple(range(len(axis)))
-        return jax.lax.dot_general(inputs, kernel, ((contract_in, contract_kernel), ((), ())))
+        if axis == tuple(range(inputs.ndim - len(axis), inputs.ndim)):
+            # Trailing contraction as one 2-D matmul `[rows, in] @ [in, out]`: XLA:CPU then needs no
+            # transposed copies of the activations for the weight gradient (measured in bench/: the
+            # small T5 train step went from 4.4 s to 3.4 s).
+            leading = inputs.shape[:inputs.ndim - len(axis)]
+            out = jnp.reshape(inputs, (-1, stored_shape[0])) @ kernel
+            out = jnp.reshape(out, leading + features)
+        else:
+            out = jax.lax.dot_general(inputs, kernel.reshape(contracted + features),
+                                      ((axis, tuple(range(len(axis)))), ((), ())))
+        if self.use_bias:
+            bias = partitioning.param_with_axes(
+                "bias", nn.initializers.zeros, (stored_shape[1],), self.param_dtype,
+                axes=(self.kernel_axes[-1],))
+            out = out + jnp.asarray(bias, self.dtype).reshape(features)
+        return out
 
 
 class RMSNorm(nn.Module):
