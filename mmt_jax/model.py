@@ -132,10 +132,7 @@ class EncoderDecoderModel:
     def encode(self, params, batch: Batch):
         """`(encoded [B, Le, E], encoder_mask [B, Le])` for decoding (images first for MMT4)."""
         inputs = {k: batch[k] for k in ENCODER_FEATURES if batch.get(k) is not None}
-        encoded = self.module.apply({"params": params}, **inputs, method=self.module.encode)
-        inputs.pop("encoder_segment_ids", None)
-        mask = self.module.apply({"params": params}, **inputs, method=self.module.encoder_mask)
-        return encoded, mask
+        return self.module.apply({"params": params}, **inputs, method=self.module.encode_with_mask)
 
     def init_decode_cache(self, params, encoded, encoder_mask, max_decode_length: int):
         """The decoder's `cache` collection for a batch, with the cross-attention projections filled."""

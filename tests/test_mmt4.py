@@ -148,3 +148,34 @@ def test_sharded_over_8_devices_matches_one_device():
     np.testing.assert_allclose(float(loss), float(loss_1), rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                            jax.device_get(grads), jax.device_get(grads_1))
+
+
+def test_cnn_representator_feeds_its_feature_map_and_can_be_frozen():
+    from mmt_jax.vision.efficientnet import efficientnet_config
+    network = efficientnet_config("lite0", depth=0.5, width=0.5)
+    example = batch(b=2, image=64)
+    grads_into = {}
+    for frozen in (False, True):
+        fusion = FusionConfig(representator="efficientnet", network=network,
+                              freeze_representator=frozen)
+        model, params = make(fusion, example=example)
+        assert params["image_fusion"]["projection"]["kernel"].shape == (1280, 32)
+        encoded, mask = model.encode(params, example)
+        assert encoded.shape == (2, 2 * 2 + 7, 32) and mask.shape == (2, 11)  # 64px -> 2x2 map
+        grads = jax.jit(jax.grad(lambda p: model.loss_fn(p, example, None)[0]))(params)
+        grads_into[frozen] = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(
+            grads["image_fusion"]["representator"]))
+        assert float(np.abs(grads["image_fusion"]["projection"]["kernel"]).max()) > 0
+    assert grads_into[False] > 0 and grads_into[True] == 0
+    with pytest.raises(ValueError, match="needs network= a EfficientNetConfig"):
+        FusionConfig(representator="efficientnet")
+
+
+def test_vit_representator_feeds_all_tokens_with_cls():
+    from mmt_jax.vision.vit import vit_config
+    example = batch(b=2, image=32)
+    model, params = make(FusionConfig(representator="vit", network=vit_config("tiny")),
+                         example=example)
+    assert params["image_fusion"]["representator"]["position_embedding"].shape == (1, 17, 32)
+    encoded, mask = model.encode(params, example)
+    assert encoded.shape == (2, 1 + 16 + 7, 32) and mask.shape == (2, 24)

@@ -8,6 +8,7 @@ Encoder sequence: `[image vectors (token type 0) ; text tokens (token type 1)]`,
 with relative position bias computed per segment (Eq. 3, `layers/relative_position.py`).
 """
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,18 +17,25 @@ from flax.linen import partitioning
 
 from mmt_jax.layers.dense import DenseGeneral, Embed, LayerNorm
 from mmt_jax.layers.relative_position import CROSS_SEGMENT_OPTIONS
+from mmt_jax.vision.efficientnet import EfficientNet, EfficientNetConfig
 from mmt_jax.vision.patches import image_patches
+from mmt_jax.vision.vit import ViTConfig, VisionTransformer
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
-REPRESENTATORS = ("patches", "precomputed")
+REPRESENTATORS = ("patches", "precomputed", "vit", "efficientnet")
 
 
 @dataclasses.dataclass(frozen=True)
 class FusionConfig:
     """How images enter the encoder.
 
-    representator: "patches" (flattened `patch_size x patch_size x 3` patches of `encoder_images`) or
-      "precomputed" (`encoder_image_features [B, Lv, feature_dim]` computed elsewhere).
+    representator: f_v of Eq. 1 (Fig. 4):
+      "patches"      flattened `patch_size x patch_size x 3` patches of `encoder_images`;
+      "vit"          all tokens (CLS first) of a ViT over `encoder_images` (`network`: a ViTConfig);
+      "efficientnet" the last feature map of a CNN as h*w vectors (`network`: an EfficientNetConfig);
+      "precomputed"  `encoder_image_features [B, Lv, feature_dim]` computed elsewhere.
+    freeze_representator: no gradient flows into the ViT/CNN and its dropout is off (a fixed
+      feature extractor).
     cross_segment: relative position bias between image and text positions, see
       `RelativePositionBias` ("bucket", "zero" or "global").
     """
@@ -35,6 +43,8 @@ class FusionConfig:
     representator: str = "patches"
     patch_size: int = 32
     feature_dim: int | None = None
+    network: Any = None
+    freeze_representator: bool = False
     cross_segment: str = "bucket"
     layer_norm_epsilon: float = 1e-6
 
@@ -45,6 +55,10 @@ class FusionConfig:
             raise ValueError(f"cross_segment={self.cross_segment!r}; choose from {CROSS_SEGMENT_OPTIONS}")
         if self.representator == "precomputed" and not self.feature_dim:
             raise ValueError("representator='precomputed' needs feature_dim (the vectors' width)")
+        expected = {"vit": ViTConfig, "efficientnet": EfficientNetConfig}.get(self.representator)
+        if expected is not None and not isinstance(self.network, expected):
+            raise ValueError(f"representator={self.representator!r} needs network= a "
+                             f"{expected.__name__}, got {type(self.network).__name__}")
 
 
 class ImageFusion(nn.Module):
@@ -62,8 +76,12 @@ class ImageFusion(nn.Module):
         # Zero-initialised, so that MMT4 built on a text-only T5 checkpoint starts as that T5 on text.
         self.segment_embedder = Embed(2, self.emb_dim, dtype=self.dtype,
                                       embedding_init=nn.initializers.zeros)
+        network = {"vit": VisionTransformer, "efficientnet": EfficientNet}.get(self.fusion.representator)
+        if network is not None:
+            self.representator = network(self.fusion.network)
 
-    def representation(self, encoder_images=None, encoder_image_features=None):
+    def representation(self, encoder_images=None, encoder_image_features=None, *,
+                       enable_dropout=False):
         """`f_v(V)`: `[B, Lv, Dp]` feature vectors from the batch's image input."""
         if self.fusion.representator == "precomputed":
             if encoder_image_features is None:
@@ -80,10 +98,16 @@ class ImageFusion(nn.Module):
         images = jnp.asarray(encoder_images, self.dtype)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"encoder_images has shape {images.shape}; expected [batch, h, w, 3]")
-        return image_patches(images, self.fusion.patch_size)
+        if self.fusion.representator == "patches":
+            return image_patches(images, self.fusion.patch_size)
+        if self.fusion.freeze_representator:  # a fixed, deterministic feature extractor
+            return jax.lax.stop_gradient(self.representator(images, enable_dropout=False))
+        return self.representator(images, enable_dropout=enable_dropout)
 
-    def __call__(self, encoder_images=None, encoder_image_features=None, encoder_image_mask=None):
-        features = self.representation(encoder_images, encoder_image_features)
+    def __call__(self, encoder_images=None, encoder_image_features=None, encoder_image_mask=None, *,
+                 enable_dropout=False):
+        features = self.representation(encoder_images, encoder_image_features,
+                                        enable_dropout=enable_dropout)
         x = self.projection_norm(self.projection(features))  # Eq. 1
         x = x + self.segment_embedder(jnp.full(x.shape[:2], IMAGE_TYPE))  # Eq. 2
         x = partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))

@@ -236,8 +236,8 @@ class EncoderDecoder(nn.Module):
     (`__call__`, `encode`, `decode`).
 
     Masks: padding is token id 0; packed batches pass segment ids (block-diagonal masks); the decoder
-    is causal. MMT4's encoder sequence is `[image vectors ; text tokens]`; `encoder_mask` gives its
-    key mask for the decoder's cross-attention.
+    is causal. MMT4's encoder sequence is `[image vectors ; text tokens]`; `encode_with_mask` also
+    gives its key mask for the decoder's cross-attention.
     """
 
     config: T5Config
@@ -254,7 +254,7 @@ class EncoderDecoder(nn.Module):
         self.decoder = Decoder(cfg, self.token_embedder)
 
     def _fused_inputs(self, encoder_input_tokens, encoder_images, encoder_image_features,
-                      encoder_image_mask):
+                      encoder_image_mask, enable_dropout=False):
         """`(embedded [B, Le, E], mask [B, Le], token types [B, Le] or None)`."""
         tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
         text, text_mask = self.token_embedder(tokens), tokens > 0
@@ -268,7 +268,7 @@ class EncoderDecoder(nn.Module):
         if not has_image:  # text-only input to MMT4: the text segment alone
             return text, text_mask, types
         image, image_mask = self.image_fusion(encoder_images, encoder_image_features,
-                                              encoder_image_mask)
+                                              encoder_image_mask, enable_dropout=enable_dropout)
         image_types = jnp.full(image.shape[:2], IMAGE_TYPE, jnp.int32)
         return (jnp.concatenate([image.astype(text.dtype), text], axis=1),
                 jnp.concatenate([image_mask, text_mask], axis=1),
@@ -280,7 +280,8 @@ class EncoderDecoder(nn.Module):
                                                 or encoder_image_features is not None):
             raise ValueError("packed batches (encoder_segment_ids) cannot carry images")
         embedded, mask, types = self._fused_inputs(encoder_input_tokens, encoder_images,
-                                                   encoder_image_features, encoder_image_mask)
+                                                   encoder_image_features, encoder_image_mask,
+                                                   enable_dropout)
         encoded = self.encoder(embedded, mask, types, encoder_segment_ids,
                                enable_dropout=enable_dropout)
         return encoded, mask
@@ -292,11 +293,12 @@ class EncoderDecoder(nn.Module):
         return self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
                             encoder_image_features, encoder_image_mask, enable_dropout)[0]
 
-    def encoder_mask(self, encoder_input_tokens, encoder_images=None, encoder_image_features=None,
-                     encoder_image_mask=None):
-        """The encoded sequence's key mask `[B, Le]` (image vectors first, as in `encode`)."""
-        return self._fused_inputs(encoder_input_tokens, encoder_images, encoder_image_features,
-                                  encoder_image_mask)[1]
+    def encode_with_mask(self, encoder_input_tokens, encoder_segment_ids=None, encoder_images=None,
+                         encoder_image_features=None, encoder_image_mask=None, *,
+                         enable_dropout=False):
+        """`(encoded [B, Le, E], key mask [B, Le])`: what the decoder's cross-attention needs."""
+        return self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
+                            encoder_image_features, encoder_image_mask, enable_dropout)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,

@@ -122,8 +122,9 @@ def efficientnet_config(name: str, **overrides) -> EfficientNetConfig:
     if key not in _PRESETS:
         raise ValueError(f"unknown EfficientNet {name!r}; known: {sorted(_PRESETS)}")
     width, depth, resolution, dropout = _PRESETS[key]
-    return EfficientNetConfig(width=width, depth=depth, resolution=resolution, dropout=dropout,
-                              lite=key.startswith("lite"), **overrides)
+    fields = dict(width=width, depth=depth, resolution=resolution, dropout=dropout,
+                  lite=key.startswith("lite"))
+    return EfficientNetConfig(**{**fields, **overrides})
 
 
 def _pads(size: int, kernel: int, stride: int, mode: str) -> tuple[int, int]:
