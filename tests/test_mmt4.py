@@ -179,3 +179,15 @@ def test_vit_representator_feeds_all_tokens_with_cls():
     assert params["image_fusion"]["representator"]["position_embedding"].shape == (1, 17, 32)
     encoded, mask = model.encode(params, example)
     assert encoded.shape == (2, 1 + 16 + 7, 32) and mask.shape == (2, 24)
+
+
+def test_grid_image_positions():
+    model, params = make(FusionConfig(patch_size=8, image_positions="grid"))
+    relpos = params["encoder"]["relpos_bias"]
+    assert relpos["grid_row_embedding"].shape == relpos["grid_col_embedding"].shape == (2, 32)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+    grads = jax.jit(jax.grad(lambda p: model.loss_fn(p, batch(), None)[0]))(params)
+    assert float(np.abs(grads["encoder"]["relpos_bias"]["grid_row_embedding"]).max()) > 0
+    with pytest.raises(ValueError, match="CLS vector has no grid position"):
+        from mmt_jax.vision.vit import vit_config
+        FusionConfig(representator="vit", network=vit_config("tiny"), image_positions="grid")

@@ -61,3 +61,22 @@ def test_only_the_bucket_option_has_extra_parameters():
     with pytest.raises(ValueError, match="cross_segment='diagonal'"):
         RelativePositionBias(1, True, num_segments=2, cross_segment="diagonal").init(
             jax.random.PRNGKey(0), positions, positions, TYPES, TYPES)
+
+
+def test_grid_bias_by_hand():
+    """2x2 image grid + one text token: image pairs get row + column buckets, the rest as before."""
+    types = np.array([[0, 0, 0, 0, 1]])
+    grid = np.array([[[0, 0], [0, 1], [1, 0], [1, 1], [0, 0]]])
+    module = RelativePositionBias(num_heads=1, bidirectional=True, num_buckets=8, max_distance=8,
+                                  num_segments=2, cross_segment="zero", grid_segment=0)
+    params = {"rel_embedding": TABLE, "grid_row_embedding": 20.0 + np.arange(8)[None],
+              "grid_col_embedding": 40.0 + np.arange(8)[None]}
+    positions = segment_positions(types)
+    bias = module.apply({"params": params}, positions, positions, types, types, grid, grid)
+    expected = np.array([  # R[bucket(d_row)] + C[bucket(d_col)]: bucket 0->0, +1->5, -1->1
+        [60, 65, 65, 70, 0],
+        [61, 60, 66, 65, 0],
+        [61, 66, 60, 65, 0],
+        [62, 61, 61, 60, 0],
+        [0, 0, 0, 0, 10]], np.float32)
+    np.testing.assert_allclose(np.asarray(bias)[0, 0], expected)

@@ -71,6 +71,11 @@ class RelativePositionBias(nn.Module):
       "zero":   no bias across segments (attention there is driven by content alone);
       "global": the T5 bias of the given positions everywhere, for callers that pass one global
                 position sequence over the concatenation instead of per-segment positions.
+
+    2-D positions (beyond the paper): with `grid_segment` set and `query_grid`/`key_grid`
+    (`[B, L, 2]` row and column of each position), pairs within that segment get
+    `grid_row_embedding[h, bucket(d_row)] + grid_col_embedding[h, bucket(d_col)]` instead, so image
+    patches know which neighbours are above or beside them.
     """
 
     num_heads: int
@@ -79,6 +84,7 @@ class RelativePositionBias(nn.Module):
     max_distance: int = 128
     num_segments: int = 1
     cross_segment: str = "bucket"
+    grid_segment: int | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     embedding_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
@@ -86,7 +92,8 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self, query_positions: jax.Array, key_positions: jax.Array,
-                 query_types: jax.Array | None = None, key_types: jax.Array | None = None):
+                 query_types: jax.Array | None = None, key_types: jax.Array | None = None,
+                 query_grid: jax.Array | None = None, key_grid: jax.Array | None = None):
         if self.cross_segment not in CROSS_SEGMENT_OPTIONS:
             raise ValueError(f"cross_segment={self.cross_segment!r}; choose from {CROSS_SEGMENT_OPTIONS}")
         query_positions = jnp.atleast_2d(jnp.asarray(query_positions, jnp.int32))
@@ -99,12 +106,16 @@ class RelativePositionBias(nn.Module):
             "rel_embedding", self.embedding_init, (self.num_heads, self.num_buckets),
             self.param_dtype, axes=("heads", "relpos_buckets"))
         table = jnp.asarray(table, self.dtype)
-        bias = jnp.take(table, buckets, axis=1)  # [heads, B, Lq, Lk]
-        bias = jnp.transpose(bias, (1, 0, 2, 3))
-        if self.num_segments == 1 or query_types is None or self.cross_segment == "global":
+        bias = jnp.transpose(jnp.take(table, buckets, axis=1), (1, 0, 2, 3))  # [B, heads, Lq, Lk]
+        if self.num_segments == 1 or query_types is None:
             return bias
         query_types = jnp.asarray(query_types, jnp.int32)[:, None, :, None]
         key_types = jnp.asarray(key_types, jnp.int32)[:, None, None, :]
+        if self.grid_segment is not None:
+            in_grid = (query_types == self.grid_segment) & (key_types == self.grid_segment)
+            bias = jnp.where(in_grid, self._grid_bias(query_grid, key_grid), bias)
+        if self.cross_segment == "global":
+            return bias
         if self.cross_segment == "zero":
             cross = jnp.zeros((), self.dtype)
         else:
@@ -116,3 +127,21 @@ class RelativePositionBias(nn.Module):
             cross = jnp.take(jnp.asarray(pairs, self.dtype), pair_index[:, 0], axis=1)
             cross = jnp.transpose(cross, (1, 0, 2, 3))  # [B, heads, Lq, Lk]
         return jnp.where(query_types == key_types, bias, cross)
+
+    def _grid_bias(self, query_grid, key_grid):
+        """`[B, Lq, 2]`, `[B, Lk, 2]` (row, column) -> row bias + column bias `[B, heads, Lq, Lk]`."""
+        if query_grid is None or key_grid is None:
+            raise ValueError("grid_segment is set: pass query_grid and key_grid [batch, length, 2]")
+        bias = 0.0
+        for axis, name in ((0, "grid_row_embedding"), (1, "grid_col_embedding")):
+            relative = (jnp.asarray(key_grid, jnp.int32)[:, None, :, axis]
+                        - jnp.asarray(query_grid, jnp.int32)[:, :, None, axis])
+            buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                               num_buckets=self.num_buckets,
+                                               max_distance=self.max_distance)
+            table = partitioning.param_with_axes(
+                name, self.embedding_init, (self.num_heads, self.num_buckets), self.param_dtype,
+                axes=("heads", "relpos_buckets"))
+            bias = bias + jnp.transpose(jnp.take(jnp.asarray(table, self.dtype), buckets, axis=1),
+                                        (1, 0, 2, 3))
+        return bias

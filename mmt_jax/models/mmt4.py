@@ -36,6 +36,9 @@ class FusionConfig:
       "precomputed"  `encoder_image_features [B, Lv, feature_dim]` computed elsewhere.
     freeze_representator: no gradient flows into the ViT/CNN and its dropout is off (a fixed
       feature extractor).
+    image_positions: "sequence" (the paper: image vectors numbered 0..Lv-1) or "grid" (beyond the
+      paper: row and column buckets between image vectors; for patches, and for CNN or precomputed
+      features that form a square map; not for ViT, whose CLS vector has no place on the grid).
     cross_segment: relative position bias between image and text positions, see
       `RelativePositionBias` ("bucket", "zero" or "global").
     """
@@ -45,6 +48,7 @@ class FusionConfig:
     feature_dim: int | None = None
     network: Any = None
     freeze_representator: bool = False
+    image_positions: str = "sequence"
     cross_segment: str = "bucket"
     layer_norm_epsilon: float = 1e-6
 
@@ -55,6 +59,11 @@ class FusionConfig:
             raise ValueError(f"cross_segment={self.cross_segment!r}; choose from {CROSS_SEGMENT_OPTIONS}")
         if self.representator == "precomputed" and not self.feature_dim:
             raise ValueError("representator='precomputed' needs feature_dim (the vectors' width)")
+        if self.image_positions not in ("sequence", "grid"):
+            raise ValueError(f"image_positions={self.image_positions!r}; use 'sequence' or 'grid'")
+        if self.image_positions == "grid" and self.representator == "vit":
+            raise ValueError("image_positions='grid' needs image vectors on a grid; ViT's CLS vector "
+                             "has no grid position")
         expected = {"vit": ViTConfig, "efficientnet": EfficientNetConfig}.get(self.representator)
         if expected is not None and not isinstance(self.network, expected):
             raise ValueError(f"representator={self.representator!r} needs network= a "
@@ -121,6 +130,18 @@ class ImageFusion(nn.Module):
                 raise ValueError(f"encoder_image_mask has shape {mask.shape}; expected [batch] or "
                                  f"[batch, {x.shape[1]}] for this image input")
         return x, mask
+
+    def grid_positions(self, encoder_images, num_vectors: int) -> jax.Array:
+        """`[1, Lv, 2]` (row, column) of each image vector, rows first as the vectors are ordered."""
+        if self.fusion.representator == "patches":
+            columns = encoder_images.shape[2] // self.fusion.patch_size
+        else:  # a square feature map
+            columns = int(round(num_vectors ** 0.5))
+            if columns * columns != num_vectors:
+                raise ValueError(f"image_positions='grid' needs a square map of vectors; got "
+                                 f"{num_vectors} vectors")
+        index = jnp.arange(num_vectors)
+        return jnp.stack([index // columns, index % columns], axis=-1)[None]
 
     def text_segment(self, embedded_text: jax.Array) -> jax.Array:
         """`WE(T) + SE(1)` (Eq. 2)."""

@@ -157,11 +157,12 @@ class DecoderLayer(nn.Module):
         return _constrain(y + _dropout(cfg, h, enable_dropout))
 
 
-def _relpos_bias(config, bidirectional, num_segments=1, cross_segment="bucket"):
+def _relpos_bias(config, bidirectional, num_segments=1, cross_segment="bucket", grid_segment=None):
     return RelativePositionBias(
         config.num_heads, bidirectional, config.relative_attention_num_buckets,
         config.relative_attention_max_distance, num_segments=num_segments,
-        cross_segment=cross_segment, dtype=config.dtype, name="relpos_bias")
+        cross_segment=cross_segment, grid_segment=grid_segment, dtype=config.dtype,
+        name="relpos_bias")
 
 
 class Encoder(nn.Module):
@@ -175,10 +176,11 @@ class Encoder(nn.Module):
     config: T5Config
     num_segments: int = 1
     cross_segment: str = "bucket"
+    grid_segment: int | None = None
 
     @nn.compact
-    def __call__(self, embedded, mask, token_type_ids=None, packing_segment_ids=None, *,
-                 enable_dropout=False):
+    def __call__(self, embedded, mask, token_type_ids=None, packing_segment_ids=None,
+                 grid_positions=None, *, enable_dropout=False):
         cfg = self.config
         attention_mask = make_attention_mask(mask, mask)
         if packing_segment_ids is not None:
@@ -188,8 +190,8 @@ class Encoder(nn.Module):
             positions = jnp.arange(embedded.shape[1])[None]
         else:
             positions = segment_positions(token_type_ids)
-        bias = _relpos_bias(cfg, True, self.num_segments, self.cross_segment)(
-            positions, positions, token_type_ids, token_type_ids)
+        bias = _relpos_bias(cfg, True, self.num_segments, self.cross_segment, self.grid_segment)(
+            positions, positions, token_type_ids, token_type_ids, grid_positions, grid_positions)
         x = _constrain(_dropout(cfg, embedded.astype(cfg.dtype), enable_dropout))
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(
@@ -250,39 +252,45 @@ class EncoderDecoder(nn.Module):
             self.encoder = Encoder(cfg)
         else:
             self.image_fusion = ImageFusion(self.fusion, cfg.emb_dim, cfg.dtype)
-            self.encoder = Encoder(cfg, num_segments=2, cross_segment=self.fusion.cross_segment)
+            grid = IMAGE_TYPE if self.fusion.image_positions == "grid" else None
+            self.encoder = Encoder(cfg, num_segments=2, cross_segment=self.fusion.cross_segment,
+                                   grid_segment=grid)
         self.decoder = Decoder(cfg, self.token_embedder)
 
     def _fused_inputs(self, encoder_input_tokens, encoder_images, encoder_image_features,
                       encoder_image_mask, enable_dropout=False):
-        """`(embedded [B, Le, E], mask [B, Le], token types [B, Le] or None)`."""
+        """`(embedded [B, Le, E], mask [B, Le], token types [B, Le] or None, grid [1, Le, 2] or None)`."""
         tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
         text, text_mask = self.token_embedder(tokens), tokens > 0
         has_image = encoder_images is not None or encoder_image_features is not None
         if self.fusion is None:
             if has_image:
                 raise ValueError("this model is text-only (fusion=None) but the batch has images")
-            return text, text_mask, None
+            return text, text_mask, None, None
         text = self.image_fusion.text_segment(text)
         types = jnp.full(tokens.shape, TEXT_TYPE, jnp.int32)
         if not has_image:  # text-only input to MMT4: the text segment alone
-            return text, text_mask, types
+            return text, text_mask, types, None
         image, image_mask = self.image_fusion(encoder_images, encoder_image_features,
                                               encoder_image_mask, enable_dropout=enable_dropout)
         image_types = jnp.full(image.shape[:2], IMAGE_TYPE, jnp.int32)
+        grid = None
+        if self.fusion.image_positions == "grid":  # text rows are never read: zeros
+            grid = jnp.concatenate([self.image_fusion.grid_positions(encoder_images, image.shape[1]),
+                                    jnp.zeros((1, tokens.shape[1], 2), jnp.int32)], axis=1)
         return (jnp.concatenate([image.astype(text.dtype), text], axis=1),
                 jnp.concatenate([image_mask, text_mask], axis=1),
-                jnp.concatenate([image_types, types], axis=1))
+                jnp.concatenate([image_types, types], axis=1), grid)
 
     def _encode(self, encoder_input_tokens, encoder_segment_ids, encoder_images,
                 encoder_image_features, encoder_image_mask, enable_dropout):
         if encoder_segment_ids is not None and (encoder_images is not None
                                                 or encoder_image_features is not None):
             raise ValueError("packed batches (encoder_segment_ids) cannot carry images")
-        embedded, mask, types = self._fused_inputs(encoder_input_tokens, encoder_images,
-                                                   encoder_image_features, encoder_image_mask,
-                                                   enable_dropout)
-        encoded = self.encoder(embedded, mask, types, encoder_segment_ids,
+        embedded, mask, types, grid = self._fused_inputs(
+            encoder_input_tokens, encoder_images, encoder_image_features, encoder_image_mask,
+            enable_dropout)
+        encoded = self.encoder(embedded, mask, types, encoder_segment_ids, grid,
                                enable_dropout=enable_dropout)
         return encoded, mask
 
