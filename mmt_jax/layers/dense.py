@@ -72,26 +72,6 @@ class DenseGeneral(nn.Module):
         return out
 
 
-class RMSNorm(nn.Module):
-    """T5's layer norm: scale * x / sqrt(mean(x^2) + eps), no mean subtraction and no bias.
-
-    Computed in float32 whatever the activation dtype, as Hugging Face and t5x both do.
-    """
-
-    epsilon: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = jnp.asarray(x, jnp.float32)
-        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(variance + self.epsilon)
-        scale = partitioning.param_with_axes(
-            "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, axes=("embed",))
-        return jnp.asarray(y * jnp.asarray(scale, jnp.float32), self.dtype)
-
-
 class Embed(nn.Module):
     """Token embedding table `[vocab, embed]`; `attend` gives logits against the same table (tied heads)."""
 
@@ -118,24 +98,33 @@ class Embed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Standard layer norm over the last axis, `scale * (x - mean) / std + bias`, in float32.
+    """Layer norm over the last axis, computed in float32 whatever the activation dtype.
 
-    MMT4's projection normaliser (Eq. 1); T5's own norms are `RMSNorm`.
+    `center=True`: `scale * (x - mean) / std + bias` (MMT4's projection norm, ViT).
+    `center=False`: `scale * x / rms(x)`, no mean and no bias (T5's norm; see `RMSNorm`).
     """
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    center: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = jnp.asarray(x, jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        if self.center:
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
         features = (x.shape[-1],)
-        scale = partitioning.param_with_axes("scale", nn.initializers.ones, features,
+        y = y * partitioning.param_with_axes("scale", nn.initializers.ones, features,
                                              self.param_dtype, axes=("embed",))
-        bias = partitioning.param_with_axes("bias", nn.initializers.zeros, features,
-                                            self.param_dtype, axes=("embed",))
-        return jnp.asarray(y * scale + bias, self.dtype)
+        if self.center:
+            y = y + partitioning.param_with_axes("bias", nn.initializers.zeros, features,
+                                                 self.param_dtype, axes=("embed",))
+        return jnp.asarray(y, self.dtype)
+
+
+class RMSNorm(LayerNorm):
+    """T5's layer norm (as Hugging Face and t5x compute it): no mean subtraction, no bias."""
+
+    center: bool = False
