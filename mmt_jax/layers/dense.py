@@ -1,4 +1,4 @@
-"""Parameterised building blocks: dense projections, layer norms (centred and RMS) and token embeddings.
+"""Parameterised building blocks: dense projections, layer norms (centred, RMS), token embeddings.
 
 Every parameter is created with `param_with_axes`, so the `params_axes` collection names its logical axes
 (t5x's contract), and kernels are stored 2-D exactly as in a t5x T5.1.1 checkpoint: a projection to
