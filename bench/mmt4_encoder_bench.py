@@ -89,7 +89,7 @@ def main(argv=None):
             f"{n.split(' (')[0]} {statistics.median(t[-args.steps:]):.2f}s" for n, t in times.items()),
             flush=True)
     base = statistics.median(times["text only (T5)"])
-    print(f"\n| representator | parameters | median s/step | vs text only |\n|---|---:|---:|---:|")
+    print("\n| representator | parameters | median s/step | vs text only |\n|---|---:|---:|---:|")
     for name, t in times.items():
         m = statistics.median(t)
         print(f"| {name} | {sizes[name] / 1e6:.0f}M | {m:.2f} | {m / base:.2f}x |")

@@ -14,7 +14,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 TokensToLogits = Callable[[jax.Array, dict], tuple[jax.Array, dict]]
 NEG_INF = -1.0e7

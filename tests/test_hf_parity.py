@@ -1,6 +1,5 @@
 """Our T5 against Hugging Face transformers' PyTorch T5, through a real safetensors checkpoint."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

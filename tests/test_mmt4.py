@@ -1,7 +1,6 @@
 """MMT4's fused encoder: patches, Eq. 1-2 fusion, masks (absent image == text only), initialisation
 from a text-only T5, gradients everywhere, and sharding over 8 host devices."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 from flax.linen import partitioning
 
 from mmt_jax.layers.attention import (MultiHeadAttention, combine_masks, make_attention_mask,
@@ -101,6 +102,14 @@ def t5_config(size: str, variant: str = "t5_1_1", **overrides) -> T5Config:
                   num_encoder_layers=n_enc, num_decoder_layers=n_dec, **variant_fields)
     fields.update(overrides)
     return T5Config(**fields)
+
+
+def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
+    """`{'/'-joined param path: shape}` of the text-only `EncoderDecoder(config)`, without compute."""
+    tokens = jnp.ones((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: EncoderDecoder(config).init(jax.random.key(0), tokens, tokens))
+    return {path: tuple(x.shape)
+            for path, x in traverse_util.flatten_dict(variables["params"], sep="/").items()}
 
 
 def _dropout(config, x, enable_dropout):

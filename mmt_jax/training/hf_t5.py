@@ -9,7 +9,6 @@ Torch `Linear` weights are `[out, in]`; our kernels are `[in, out]`, so every ke
 """
 import json
 import os
-import re
 from typing import Mapping
 
 import numpy as np
@@ -17,7 +16,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from mmt_jax.models.t5 import T5Config
+from mmt_jax.models.t5 import T5Config, param_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -147,27 +146,6 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _expected_shape(path: str, config: T5Config) -> tuple[int, ...]:
-    e, inner = config.emb_dim, config.num_heads * config.head_dim
-    if path == "token_embedder/embedding":
-        return (config.vocab_size, e)
-    if path.endswith("rel_embedding"):
-        return (config.num_heads, config.relative_attention_num_buckets)
-    if path.endswith("/scale"):
-        return (e,)
-    if path.endswith("out/kernel"):
-        return (inner, e)
-    if re.search(r"/(query|key|value)/kernel$", path):
-        return (e, inner)
-    if path.endswith("wo/kernel"):
-        return (config.mlp_dim, e)
-    if re.search(r"/wi(_\d+)?/kernel$", path):
-        return (e, config.mlp_dim)
-    if path == "decoder/logits_dense/kernel":
-        return (e, config.vocab_size)
-    raise KeyError(path)
-
-
 def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: T5Config,
                            dtype=np.float32) -> dict[str, np.ndarray]:
     """Flat `{our/param/path: array}` from Hugging Face tensors; raises naming the tensor at fault."""
@@ -175,6 +153,7 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: T5Config,
     if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
         tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
     names = name_map(config)
+    shapes = param_shapes(config)
     flat = {}
     for ours, (hf, transpose) in names.items():
         if hf not in tensors:
@@ -183,7 +162,7 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: T5Config,
                 f"layout ({config.mlp_activations}, tied={config.logits_via_embedding}) the right one?")
         value = np.asarray(tensors[hf])
         value = value.T if transpose else value
-        expected = _expected_shape(ours, config)
+        expected = shapes[ours]
         if value.shape != expected:
             raise CheckpointFormatError(
                 f"tensor {hf!r} has shape {tuple(np.shape(tensors[hf]))}, but config.json implies "
@@ -203,15 +182,20 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: T5Config,
     return flat
 
 
-def load_hf_t5(directory: str, dtype=np.float32) -> tuple[T5Config, dict]:
-    """Reads a Hugging Face T5 checkpoint directory -> (`T5Config`, nested params dict of numpy arrays)."""
+def read_hf_config(directory: str) -> dict:
+    """The `config.json` of a Hugging Face checkpoint directory (clear errors if either is missing)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint needs config.json")
     with open(config_path) as f:
-        config = config_from_hf(json.load(f))
+        return json.load(f)
+
+
+def load_hf_t5(directory: str, dtype=np.float32) -> tuple[T5Config, dict]:
+    """Reads a Hugging Face T5 checkpoint directory -> (`T5Config`, nested params dict of numpy arrays)."""
+    config = config_from_hf(read_hf_config(directory))
     flat = params_from_hf_tensors(read_safetensors(directory), config, dtype)
     return config, traverse_util.unflatten_dict(flat, sep="/")
 

@@ -25,14 +25,13 @@ import re
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from flax import serialization, traverse_util
 
-from mmt_jax.models.t5 import EncoderDecoder, T5Config
+from mmt_jax.models.t5 import T5Config, param_shapes
 from mmt_jax.training.hf_t5 import CheckpointFormatError
 
 MSGPACK_FILE = "checkpoint"  # legacy layout
@@ -170,15 +169,13 @@ def check_params(params: Mapping, config: T5Config) -> None:
 
     The expected tree is `EncoderDecoder(config)`'s `params` collection (shapes only, no compute).
     """
-    tokens = jnp.ones((1, 1), jnp.int32)
-    variables = jax.eval_shape(lambda: EncoderDecoder(config).init(jax.random.key(0), tokens, tokens))
-    expected = traverse_util.flatten_dict(variables["params"], sep="/")
+    expected = param_shapes(config)
     found = traverse_util.flatten_dict(params, sep="/")
     for path, want in expected.items():
         if path not in found:
-            raise CheckpointFormatError(f"parameter {path} {want.shape} is missing from the checkpoint")
-        if tuple(np.shape(found[path])) != want.shape:
-            raise CheckpointFormatError(f"parameter {path}: expected shape {want.shape}, found "
+            raise CheckpointFormatError(f"parameter {path} {want} is missing from the checkpoint")
+        if tuple(np.shape(found[path])) != want:
+            raise CheckpointFormatError(f"parameter {path}: expected shape {want}, found "
                                         f"{tuple(np.shape(found[path]))}")
     unknown = sorted(set(found) - set(expected))
     if unknown:

@@ -10,16 +10,14 @@ Position embeddings can be resampled to another image size exactly as transforme
 `interpolate_pos_encoding=True` (`torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`
 on the patch grid, CLS kept), re-implemented here in numpy.
 """
-import json
 import math
-import os
 import re
 from typing import Mapping
 
 import numpy as np
 from flax import traverse_util
 
-from mmt_jax.training.hf_t5 import CONFIG_FILE, CheckpointFormatError, read_safetensors
+from mmt_jax.training.hf_t5 import CheckpointFormatError, read_hf_config, read_safetensors
 from mmt_jax.vision.vit import ViTConfig
 
 _ACTIVATIONS = {  # hidden_act -> our activation name
@@ -214,13 +212,7 @@ def load_hf_vit(directory: str, image_size: int | None = None,
     image_size: the input side the returned model takes; when it differs from the checkpoint's, the
     position embeddings are resampled (transformers' `interpolate_pos_encoding=True`).
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint needs config.json")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    hf_config = read_hf_config(directory)
     checkpoint_config = config_from_hf(hf_config)
     config = config_from_hf(hf_config, image_size=image_size)
     flat = params_from_hf_tensors(read_safetensors(directory), config,
