@@ -3,6 +3,10 @@
   convert --from-hf DIR --to CHECKPOINT       Hugging Face T5 (config.json + model.safetensors) -> ours
   convert --from-t5x DIR --to CHECKPOINT      t5x checkpoint (orbax or legacy tensorstore) -> ours
   convert --from-checkpoint CHECKPOINT --to-hf DIR    ours -> Hugging Face T5
+  data convert --jsonl F [--images DIR] --out DIR [--name NAME] [--on-error fail|skip]
+                                              a JSONL catalog (+ images) -> TFDS catalog under DIR
+  data generate --out DIR [--num-products N]  the embedded synthetic catalog -> TFDS catalog under DIR
+  data vocab --out FILE                       retrains the catalog SentencePiece vocabulary
   demo [--steps N] [--workdir DIR]            trains the tiny T5 to sort generated token sequences,
                                               then decodes held-out ones and saves a checkpoint
 """
@@ -10,6 +14,7 @@ import argparse
 import os
 import sys
 
+from mmt_jax.data.records import ConversionError
 from mmt_jax.training.hf_t5 import CheckpointFormatError
 
 
@@ -43,6 +48,32 @@ def _describe(config, params) -> str:
             f"{config.num_encoder_layers}+{config.num_decoder_layers} layers")
 
 
+def _data_convert(args) -> None:
+    from mmt_jax.data import tfds_catalog
+    config = tfds_catalog.jsonl_config(
+        args.name, args.jsonl, args.images, validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction, on_error=args.on_error)
+    if not os.path.isfile(args.jsonl):
+        raise FileNotFoundError(f"no catalog file {args.jsonl}")
+    builder = tfds_catalog.prepare(config, args.out, num_shards=args.num_shards, overwrite=args.force)
+    print(tfds_catalog.summary(builder))
+
+
+def _data_generate(args) -> None:
+    from mmt_jax.data import tfds_catalog
+    builder = tfds_catalog.prepare(
+        tfds_catalog.embedded_config(args.num_products, args.seed, args.image_size), args.out,
+        num_shards=args.num_shards, overwrite=args.force)
+    print(tfds_catalog.summary(builder))
+
+
+def _data_vocab(args) -> None:
+    from mmt_jax.data import vocabulary
+    path = vocabulary.train_catalog_vocabulary(args.out, num_products=args.num_products,
+                                               vocab_size=args.vocab_size)
+    print(f"wrote {path}")
+
+
 def _demo(args) -> None:
     from mmt_jax.training import sort_demo
     sort_demo.run(steps=args.steps, workdir=args.workdir, seed=args.seed)
@@ -64,6 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to-hf", metavar="DIR", help="where to write the Hugging Face checkpoint")
     convert.add_argument("--force", action="store_true", help="replace an existing --to directory")
     convert.set_defaults(run=_convert)
+    data = commands.add_parser("data", help="convert or generate catalogs, build the vocabulary")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    convert_data = data_commands.add_parser("convert", help="JSONL catalog -> TFDS catalog")
+    convert_data.add_argument("--jsonl", required=True, help="one product per line (README: Data)")
+    convert_data.add_argument("--images", default=None, help="directory of relative image paths")
+    convert_data.add_argument("--out", required=True, help="TFDS data_dir to write under")
+    convert_data.add_argument("--name", default="catalog", help="catalog (builder config) name")
+    convert_data.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                              help="stop at bad records (default) or leave them out; both list them")
+    convert_data.add_argument("--validation-fraction", type=float, default=0.05)
+    convert_data.add_argument("--test-fraction", type=float, default=0.05)
+    convert_data.add_argument("--num-shards", type=int, default=None,
+                              help="TFRecord files per split (default: by size); multi-host "
+                                   "training wants at least one per process")
+    convert_data.add_argument("--force", action="store_true", help="rewrite an existing catalog")
+    convert_data.set_defaults(run=_data_convert)
+    generate = data_commands.add_parser("generate", help="write the embedded synthetic catalog")
+    generate.add_argument("--out", required=True, help="TFDS data_dir to write under")
+    generate.add_argument("--num-products", type=int, default=3000)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--image-size", type=int, default=128)
+    generate.add_argument("--num-shards", type=int, default=4)
+    generate.add_argument("--force", action="store_true", help="rewrite an existing catalog")
+    generate.set_defaults(run=_data_generate)
+    vocab = data_commands.add_parser("vocab", help="train the catalog SentencePiece vocabulary")
+    vocab.add_argument("--out", required=True, help="path of the .model file to write")
+    vocab.add_argument("--num-products", type=int, default=None, help="default: as shipped")
+    vocab.add_argument("--vocab-size", type=int, default=None, help="default: as shipped")
+    vocab.set_defaults(run=_data_vocab)
     demo = commands.add_parser("demo", help="train the tiny T5 on generated text for a few steps")
     demo.add_argument("--steps", type=int, default=600)
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
@@ -76,7 +136,7 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, FileExistsError, CheckpointFormatError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointFormatError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

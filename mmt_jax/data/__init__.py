@@ -1,0 +1,1 @@
+"""Product records, the embedded catalog, TFDS storage, SeqIO preprocessors and feature conversion."""

@@ -1,0 +1,211 @@
+"""Catalogs as a tensorflow-datasets builder: sharded TFRecords of tf.Example with splits and a spec.
+
+One builder, `product_catalog`, stores both the embedded synthetic catalog and a user's JSONL catalog;
+each becomes a builder config whose name is its directory under `data_dir`:
+
+    <data_dir>/product_catalog/<config name>/1.0.0/product_catalog-train.tfrecord-00000-of-00004 ...
+
+Once written, a catalog is read by name and directory with nothing else (the source JSONL is not
+needed):
+
+    tfds.load("product_catalog/my_catalog", data_dir=DIR, split="train")
+    seqio.TfdsDataSource(tfds_name="product_catalog/my_catalog:1.0.0", tfds_data_dir=DIR)
+
+TFDS writes into an `incomplete.*` directory and renames it when every split is written, so a failed or
+interrupted conversion never leaves something that reads as a finished catalog. Records that fail
+validation stop the conversion (`on_error="fail"`, the default) or are skipped (`"skip"`); either way
+each one is reported with its line, id, field and reason, and the skipped ones are listed in the
+catalog's `metadata.json`.
+"""
+import collections
+import dataclasses
+import json
+import os
+from typing import Iterator
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mmt_jax.data import records
+
+NAME = "product_catalog"
+VERSION = "1.0.0"
+ON_ERROR = ("fail", "skip")
+EMBEDDED_DEFAULT = dict(num_products=3000, seed=0, image_size=128)
+
+
+@dataclasses.dataclass
+class ProductCatalogConfig(tfds.core.BuilderConfig):
+    """Where a catalog comes from: a JSONL file (+ images) or the embedded generator.
+
+    Attributes:
+      jsonl: the user's catalog file (records.py documents a line); None for the embedded catalog.
+      images_dir: directory that relative `image` paths start from.
+      num_products, seed, image_size: the embedded catalog's size, seed and square image size.
+      validation_fraction, test_fraction: shares of products without a `split` field that go to
+        validation and test, drawn from a hash of the id.
+      on_error: "fail" stops at bad records, "skip" leaves them out; both report them.
+    """
+    jsonl: str | None = None
+    images_dir: str | None = None
+    num_products: int = 0
+    seed: int = 0
+    image_size: int = 128
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    on_error: str = "fail"
+
+
+def embedded_config(num_products: int = EMBEDDED_DEFAULT["num_products"],
+                    seed: int = EMBEDDED_DEFAULT["seed"],
+                    image_size: int = EMBEDDED_DEFAULT["image_size"]) -> ProductCatalogConfig:
+    """The embedded catalog of a given size; its name says what it holds, so sizes never collide."""
+    return ProductCatalogConfig(
+        name=f"embedded-n{num_products}-s{seed}-px{image_size}",
+        description=f"{num_products} generated products (seed {seed}, {image_size}px images)",
+        num_products=num_products, seed=seed, image_size=image_size)
+
+
+def jsonl_config(name: str, jsonl: str, images_dir: str | None = None, *,
+                 validation_fraction: float = 0.05, test_fraction: float = 0.05,
+                 on_error: str = "fail") -> ProductCatalogConfig:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    return ProductCatalogConfig(name=name, description=f"converted from {jsonl}", jsonl=jsonl,
+                                images_dir=images_dir, validation_fraction=validation_fraction,
+                                test_fraction=test_fraction, on_error=on_error)
+
+
+FEATURES = tfds.features.FeaturesDict({
+    "id": tfds.features.Text(),
+    "title": tfds.features.Text(),
+    # Encoded JPEG/PNG bytes, b"" for a product without an image. Decoding and resizing happen in the
+    # input pipeline, at the size the model's representator wants.
+    "image": tfds.features.Tensor(shape=(), dtype=tf.string),
+    "description": tfds.features.Text(),
+    "bullet_points": tfds.features.Sequence(tfds.features.Text()),
+    "product_type": tfds.features.Text(),
+    # attributes as two parallel lists, sorted by name: a tf.Example has no map type.
+    "attribute_names": tfds.features.Sequence(tfds.features.Text()),
+    "attribute_values": tfds.features.Sequence(tfds.features.Text()),
+})
+
+
+class ProductCatalog(tfds.core.GeneratorBasedBuilder):
+    """Products with an image, a title, texts, a type and named attributes (see records.py)."""
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [embedded_config()]
+    BUILDER_CONFIG_CLS = ProductCatalogConfig
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=FEATURES, supervised_keys=None, metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing is downloaded: catalogs come from local files or the generator
+        config = self.builder_config
+        if config.jsonl is None:
+            from mmt_jax.data import catalog
+            indices_by_split = collections.defaultdict(list)
+            for index in range(config.num_products):
+                split = records.split_of(catalog.product_id(index, config.seed),
+                                         config.validation_fraction, config.test_fraction)
+                indices_by_split[split].append(index)
+            return {split: self._generate_examples(
+                        catalog.make_product(i, config.seed, config.image_size) for i in indices)
+                    for split, indices in indices_by_split.items()}
+        lines_by_split, skipped = _validate_jsonl(config)
+        self.info.metadata["skipped_records"] = skipped
+        self.info.metadata["source"] = os.path.abspath(config.jsonl)
+        # A split with no products is left out: TFDS cannot write an empty split.
+        return {split: self._generate_examples(self._jsonl_products(lines))
+                for split, lines in lines_by_split.items()}
+
+    def _generate_examples(self, products: Iterator[records.Product]):
+        for product in products:
+            yield product.id, product.to_features()
+
+    def _jsonl_products(self, line_numbers: list[int]) -> Iterator[records.Product]:
+        wanted = set(line_numbers)
+        config = self.builder_config
+        with open(config.jsonl, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if line_no in wanted:
+                    yield records.parse_record(raw, line_no, config.images_dir)[0]
+
+
+def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]], list[dict]]:
+    """Checks every line once; returns the good line numbers per split and the skipped records.
+
+    Raises ConversionError listing the bad records when `on_error` is "fail".
+    """
+    from tqdm.auto import tqdm
+    lines_by_split = collections.defaultdict(list)
+    bad, first_line_of_id = [], {}
+    with open(config.jsonl, "rb") as f:
+        for line_no, raw in enumerate(tqdm(f, desc=f"checking {config.jsonl}", unit=" records"),
+                                      start=1):
+            if not raw.strip():
+                continue
+            try:
+                product, split = records.parse_record(raw, line_no, config.images_dir)
+                if product.id in first_line_of_id:
+                    raise records.RecordError(line_no, product.id, "id",
+                                              f"duplicate of line {first_line_of_id[product.id]}")
+            except records.RecordError as e:
+                bad.append(e)
+                continue
+            first_line_of_id[product.id] = line_no
+            split = split or records.split_of(product.id, config.validation_fraction,
+                                              config.test_fraction)
+            lines_by_split[split].append(line_no)
+    if bad and config.on_error == "fail":
+        shown = "\n  ".join(str(e) for e in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise records.ConversionError(f"{config.jsonl}: {len(bad)} bad record(s); nothing was written "
+                              f"(pass on_error='skip' / --on-error skip to leave them out):\n  "
+                              f"{shown}{more}")
+    if not first_line_of_id:
+        raise records.ConversionError(f"{config.jsonl}: no valid records")
+    skipped = [{"line": e.line, "id": e.record_id, "field": e.field, "reason": e.reason} for e in bad]
+    return lines_by_split, skipped
+
+
+def prepare(config: ProductCatalogConfig, data_dir: str, *, num_shards: int | None = None,
+            overwrite: bool = False) -> tfds.core.DatasetBuilder:
+    """Writes the catalog under `data_dir` (reusing a finished one unless `overwrite`); no network."""
+    builder = ProductCatalog(config=config, data_dir=data_dir)
+    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=mode, try_download_gcs=False, num_shards=num_shards))
+    return builder
+
+
+def prepare_embedded(data_dir: str, num_shards: int | None = 4, **kwargs) -> tfds.core.DatasetBuilder:
+    """The embedded catalog under `data_dir`, written on first use (seconds for a few thousand)."""
+    return prepare(embedded_config(**kwargs), data_dir, num_shards=num_shards)
+
+
+def summary(builder: tfds.core.DatasetBuilder) -> str:
+    """Counts per split and the skipped records, for the converter's closing message."""
+    counts = {name: info.num_examples for name, info in builder.info.splits.items()}
+    splits = ", ".join(f"{name} {counts[name]}" for name in records.SPLITS if name in counts)
+    skipped = builder.info.metadata.get("skipped_records", []) if builder.info.metadata else []
+    lines = [f"catalog {builder.data_dir}: {splits} products"]
+    if skipped:
+        lines.append(f"skipped {len(skipped)} bad record(s) (listed in metadata.json):")
+        lines += [f"  line {r['line']}, record {r['id']!r}: {r['field'] or 'line'}: {r['reason']}"
+                  for r in skipped[:20]]
+    return "\n".join(lines)
+
+
+def tfds_name(config_name: str) -> str:
+    """The name seqio.TfdsDataSource takes for a catalog config."""
+    return f"{NAME}/{config_name}:{VERSION}"
+
+
+def read_metadata(data_dir: str, config_name: str) -> dict:
+    path = os.path.join(data_dir, NAME, config_name, VERSION, "metadata.json")
+    with open(path) as f:
+        return json.load(f)
