@@ -1,1 +1,28 @@
-"""SeqIO task and mixture registrations: importing this package registers them (data issue)."""
+"""SeqIO tasks and mixtures. Importing this package registers them for the embedded catalog:
+
+    import tasks   # registers catalog_pretrain, catalog_color_removed100, catalog_match, ...
+
+The embedded catalog (`mmt_jax/data/tfds_catalog.EMBEDDED_DEFAULT`) lives under `default_data_dir()`
+and is generated there on first use (seconds). Images are prepared at 224 px with ViT statistics.
+
+For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR --name shop`:
+
+    tasks.register_catalog_tasks("shop", "DIR", "shop", attributes=("color", "size"))
+
+(tasks/catalog.py lists the tasks it makes.)
+"""
+import os
+
+from mmt_jax.data import tfds_catalog
+from tasks.catalog import DEFAULT_ATTRIBUTES, REMOVAL_SHARES, register_catalog_tasks
+
+__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "default_data_dir", "register_catalog_tasks"]
+
+
+def default_data_dir() -> str:
+    """$MMT_JAX_DATA_DIR, else ~/.cache/mmt_jax/tensorflow_datasets."""
+    return os.environ.get("MMT_JAX_DATA_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mmt_jax", "tensorflow_datasets")
+
+
+register_catalog_tasks("catalog", default_data_dir(), tfds_catalog.embedded_config().name)

@@ -1,0 +1,73 @@
+"""The multimodal feature converter: task examples -> the batch dict of shared/DESIGN.md.
+
+Task features (after `images.preprocess_images`):
+  inputs      int32 [Li]        text tokens (prompt, title ...) ending in EOS
+  targets     int32 [Lt]
+  image       float32 [S, S, 3] normalised pixels (zeros without an image)
+  image_mask  int32 []          1 if the product has an image
+
+Model features, for a batch of B:
+  encoder_input_tokens  [B, Li]        decoder_input_tokens   [B, Lt]  (targets shifted right, BOS 0)
+  encoder_images        [B, S, S, 3]   decoder_target_tokens  [B, Lt]
+  encoder_image_mask    [B]            decoder_loss_weights   [B, Lt]  (1 on real target tokens)
+
+`TASK_FEATURE_LENGTHS` needs only `inputs` and `targets`, as for a text task; the image side is taken
+from the examples' static shape. Packing is refused: packing would put several products' images into
+one row, which the fused encoder (one image per row, Eq. 2 of the MMT4 paper) does not model, so t5x
+runs must set `DatasetConfig.pack = False`.
+"""
+from typing import Mapping
+
+import seqio
+import tensorflow as tf
+
+FeatureSpec = seqio.FeatureConverter.FeatureSpec
+
+
+class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
+    """seqio.EncDecFeatureConverter plus one image per example; constructible as t5x does it."""
+
+    TASK_FEATURES = {
+        **seqio.EncDecFeatureConverter.TASK_FEATURES,
+        "image": FeatureSpec(dtype=tf.float32, rank=3),
+        "image_mask": FeatureSpec(dtype=tf.int32, rank=0),
+    }
+    MODEL_FEATURES = {
+        **seqio.EncDecFeatureConverter.MODEL_FEATURES,
+        "encoder_images": FeatureSpec(dtype=tf.float32, rank=3),
+        "encoder_image_mask": FeatureSpec(dtype=tf.int32, rank=0),
+    }
+
+    def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False, **kwargs):
+        if pack:
+            raise ValueError(
+                "MultimodalEncDecFeatureConverter cannot pack: each row holds one product's image, "
+                "and packing would put several images into one encoder row. Run with pack=False "
+                "(under t5x: `train/utils.DatasetConfig.pack = False`).")
+        super().__init__(pack=False, use_custom_packing_ops=use_custom_packing_ops, **kwargs)
+
+    def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        image_shape = ds.element_spec["image"].shape if "image" in ds.element_spec else None
+        if image_shape is None or not image_shape.is_fully_defined():
+            raise ValueError(
+                f"the dataset needs an `image` feature of static shape [size, size, 3] (add "
+                f"images.preprocess_images to the task's preprocessors); got {image_shape}")
+        lengths = {"image": image_shape[0], "image_mask": 0, **task_feature_lengths}
+        return super().__call__(ds, lengths)
+
+    def _convert_features(self, ds: tf.data.Dataset,
+                          task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        text_lengths = {k: task_feature_lengths[k] for k in ("inputs", "targets")}
+        ds = self._pack_or_pad(ds, text_lengths)
+
+        def convert(features):
+            converted = dict(self._convert_example(features))
+            converted["encoder_images"] = features["image"]
+            converted["encoder_image_mask"] = features["image_mask"]
+            return converted
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        return {**super().get_model_feature_lengths(task_feature_lengths),
+                "encoder_images": task_feature_lengths["image"], "encoder_image_mask": 0}

@@ -1,0 +1,97 @@
+"""Image preprocessing in the input pipeline: decode, resize, normalise, optionally augment.
+
+The stored image is encoded bytes (`tfds_catalog.FEATURES["image"]`, b"" for a product without one);
+the model gets `image` float32 `[size, size, 3]` and `image_mask` int32 `[]` (0 when there was no
+image; the pixels are then zeros and the encoder masks the image vectors out).
+
+Normalisation is `(pixel - mean) / std` on [0, 255] values, with the statistics the representator was
+trained with: `VIT_STATS` for Hugging Face ViT checkpoints, `EFFICIENTNET_LITE_STATS` for
+EfficientNet-Lite (`vision/efficientnet.py`); raw patches use the ViT statistics (values in [-1, 1]).
+"""
+import dataclasses
+
+import seqio
+import tensorflow as tf
+
+VIT_STATS = ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+EFFICIENTNET_LITE_STATS = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
+RESIZE_METHODS = ("stretch", "center_crop")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocessing:
+    """How stored images become model inputs.
+
+    Attributes:
+      size: side of the square image the representator takes (e.g. 224 for ViT-B/32).
+      resize: "stretch" resizes the whole image to size x size (products are centred on a plain
+        background, so nothing is cut off); "center_crop" keeps the aspect ratio, resizes the shorter
+        side to size / crop_fraction and takes the central size x size square (ImageNet-style).
+      crop_fraction: see `resize`.
+      mean, std: per-channel normalisation on [0, 255] values.
+      augment: in training, a random crop of 80-100% of the area (same aspect ratio) and a random
+        horizontal flip, drawn from seqio's per-example seed. No colour jitter: colour is a label.
+    """
+    size: int = 224
+    resize: str = "stretch"
+    crop_fraction: float = 0.875
+    mean: tuple[float, float, float] = VIT_STATS[0]
+    std: tuple[float, float, float] = VIT_STATS[1]
+    augment: bool = False
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
+        if self.size <= 0 or not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"bad image preprocessing {self}")
+
+
+def decode_and_resize(image_bytes: tf.Tensor, options: ImagePreprocessing,
+                      seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Encoded bytes `[]` -> (float32 `[size, size, 3]` normalised, int32 `[]` 1 if there was an image)."""
+    has_image = tf.strings.length(image_bytes) > 0
+
+    def present():
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        image = tf.cast(image, tf.float32)
+        if options.augment:
+            image = _random_crop_and_flip(image, seed)
+        if options.resize == "center_crop":
+            image = _center_crop(image, options.size, options.crop_fraction)
+        image = tf.image.resize(image, (options.size, options.size), method="bilinear",
+                                antialias=True)
+        image = (image - tf.constant(options.mean)) / tf.constant(options.std)
+        return tf.ensure_shape(image, (options.size, options.size, 3))
+
+    image = tf.cond(has_image, present, lambda: tf.zeros((options.size, options.size, 3)))
+    return image, tf.cast(has_image, tf.int32)
+
+
+def _center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+    """Resize the shorter side to size / crop_fraction, then the central size x size square."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size / crop_fraction) / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+    top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def _random_crop_and_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    shape = tf.shape(image)[:2]
+    side = tf.sqrt(tf.random.stateless_uniform([], seeds[0], 0.8, 1.0))
+    crop = tf.cast(tf.cast(shape, tf.float32) * side, tf.int32)
+    image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seeds[1])
+    return tf.image.stateless_random_flip_left_right(image, seeds[2])
+
+
+def preprocess_images(dataset: tf.data.Dataset, options: ImagePreprocessing) -> tf.data.Dataset:
+    """A seqio preprocessor: the stored `image` bytes -> `image` (float32) and `image_mask`."""
+
+    @seqio.map_over_dataset(num_seeds=1 if options.augment else None)
+    def fn(example, seed=None):
+        image, mask = decode_and_resize(example["image"], options, seed)
+        return {**example, "image": image, "image_mask": mask}
+
+    return fn(dataset)

@@ -1,0 +1,116 @@
+"""Stored products -> the text examples of each task (before tokenisation), as seqio preprocessors.
+
+Each function maps a dataset of stored products (`tfds_catalog.FEATURES`) to examples with string
+`inputs` and `targets` (plus `question`/`context` for multi-source QA), keeping `id` and `image`. The
+prompts follow the MMT4 paper (section 4): the attribute name and a colon after the title (`... color:`
+-> `red`), `title:` for title generation from the image, `match:` -> `yes`/`no` for image-text matching.
+"""
+import tensorflow as tf
+
+KEEP = ("id", "image")
+
+
+def _keep(example: dict, **features) -> dict:
+    return {**{k: example[k] for k in KEEP}, **features}
+
+
+def attribute_value(example: dict, attribute: str) -> tf.Tensor:
+    """The product's value of `attribute`, or "" when it has none. `[]` string."""
+    found = tf.equal(example["attribute_names"], attribute)
+    values = tf.boolean_mask(example["attribute_values"], found)
+    return tf.cond(tf.size(values) > 0, lambda: values[0], lambda: tf.constant(""))
+
+
+def remove_words(text: tf.Tensor, words: tf.Tensor) -> tf.Tensor:
+    """`text` with every case-insensitive occurrence of the phrase `words` that stands between
+    non-word characters (or the ends) removed, and the spaces left behind collapsed. Regex
+    metacharacters in `words` are taken literally."""
+    escaped = tf.strings.regex_replace(words, r"([\\.^$|?*+()\[\]{}])", r"\\\1")
+    pattern = tf.strings.join([r"(?i)(^|\W)", escaped, r"(\W|$)"])
+    for _ in range(2):  # a second pass catches a repeat that shared its separator with the first
+        text = tf.strings.regex_replace(text, pattern, r"\1\2")
+    text = tf.strings.regex_replace(text, r"\s+", " ")
+    return tf.strings.strip(text)
+
+
+def removal_drawn(product_id: tf.Tensor, attribute: str, share: float) -> tf.Tensor:
+    """Whether this product's title loses its `attribute` value: a fixed draw from the id, so a share
+    of 0.2 always strips the same 20% of titles, in every epoch and run (Table 2 of the paper)."""
+    bucket = tf.strings.to_hash_bucket_fast(tf.strings.join([product_id, attribute], "/"), 1_000_000)
+    return bucket < int(round(share * 1_000_000))
+
+
+def attribute_examples(dataset: tf.data.Dataset, attribute: str, removal_share: float,
+                       with_description: bool = False) -> tf.data.Dataset:
+    """Products that have `attribute` -> `inputs` "<title> <attribute>:", `targets` the value.
+
+    `removal_share` of the titles (by id, see `removal_drawn`) have the value's words removed, so the
+    image is the only place left to read it from. `with_description` appends the description.
+    """
+    def has_value(example):
+        return tf.strings.length(attribute_value(example, attribute)) > 0
+
+    def to_example(example):
+        value = attribute_value(example, attribute)
+        title = example["title"]
+        title = tf.cond(removal_drawn(example["id"], attribute, removal_share),
+                        lambda: remove_words(title, value), lambda: title)
+        text = tf.strings.join([title, example["description"]], " ") if with_description else title
+        return _keep(example, inputs=tf.strings.join([text, f"{attribute}:"], " "), targets=value)
+
+    return dataset.filter(has_value).map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def title_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Title generation from the image alone: `inputs` "title:", `targets` the title."""
+    return dataset.map(lambda ex: _keep(ex, inputs=tf.constant("title:"), targets=ex["title"]),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def pretraining_text(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """The text span corruption and MLM corrupt: title, then description, in `targets`."""
+    def to_example(example):
+        text = tf.strings.strip(tf.strings.join([example["title"], example["description"]], " "))
+        return _keep(example, targets=text)
+    return dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Image-text matching, exactly balanced: consecutive products a, b give four examples,
+    (image a, title a) -> yes, (image a, title b) -> no, (image b, title b) -> yes, (image b, title a)
+    -> no. A pair whose titles are equal is dropped (its negatives would be false), as is a last odd
+    product. Stored catalogs are shuffled at write time, so neighbours are random products.
+    """
+    def four(pair):
+        def example(i, j, answer):
+            return {"id": pair["id"][i], "image": pair["image"][i],
+                    "inputs": tf.strings.join([pair["title"][j], "match:"], " "),
+                    "targets": tf.constant(answer)}
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
+            lambda *xs: tf.stack(xs),
+            example(0, 0, "yes"), example(0, 1, "no"), example(1, 1, "yes"), example(1, 0, "no")))
+
+    pairs = dataset.map(lambda ex: {k: ex[k] for k in ("id", "image", "title")})
+    pairs = pairs.batch(2, drop_remainder=True)
+    pairs = pairs.filter(lambda p: tf.not_equal(tf.strings.lower(p["title"][0]),
+                                                tf.strings.lower(p["title"][1])))
+    return pairs.flat_map(four)
+
+
+def question_answering_examples(dataset: tf.data.Dataset, attributes: tuple[str, ...]) -> tf.data.Dataset:
+    """Multi-source QA records for MoEMoE (paper section 4): for every attribute a product has,
+    `question` the attribute name, `context` title + description + bullet points + product type,
+    `targets` the value, and the image."""
+    def per_product(example):
+        context = tf.strings.join([example["title"], example["description"],
+                                   tf.strings.reduce_join(example["bullet_points"], separator=" "),
+                                   example["product_type"]], " ")
+        context = tf.strings.strip(tf.strings.regex_replace(context, r"\s+", " "))
+        wanted = tf.reduce_any(tf.equal(example["attribute_names"][:, None], list(attributes)), axis=1)
+        names = tf.boolean_mask(example["attribute_names"], wanted)
+        values = tf.boolean_mask(example["attribute_values"], wanted)
+        n = tf.size(names)
+        return tf.data.Dataset.from_tensor_slices({
+            "id": tf.fill([n], example["id"]), "image": tf.fill([n], example["image"]),
+            "question": names, "context": tf.fill([n], context), "targets": values})
+    return dataset.flat_map(per_product)

@@ -1,0 +1,124 @@
+"""SeqIO tasks and mixtures over one product catalog; `register_catalog_tasks` makes them.
+
+For a catalog written by `mmt-jax data convert ... --out DIR --name NAME` (or the embedded one), one
+call registers, with `P` the prefix:
+
+  pretraining (Eq. 4: the two losses weighted equally, i.e. a mixture at equal rates)
+    P_span_corruption    title + description, noise density 0.2, mean span 2, <extra_id_0..98>
+    P_mlm                same text, 30% of tokens -> <extra_id_99>, target the full text
+    P_pretrain           mixture of the two
+  fine-tuning (MMT4 paper, section 4)
+    P_<attribute>_removed<R>     "<title> <attribute>:" -> value, R% of titles without the value
+    P_attributes_removed<R>      mixture over the attributes
+    P_title              "title:" + image -> title
+    P_match              "<title> match:" + image -> yes/no, balanced negatives
+    P_qa                 MoEMoE multi-source records: question, context, image -> value
+  and `_text` variants of the pretraining, attribute and title tasks without the image, for the
+  text-only T5 baseline (matching needs the image, and MoEMoE QA its own converter).
+
+Image tasks emit `image` and `image_mask` for `MultimodalEncDecFeatureConverter`; text tasks emit
+only tokens, for `seqio.EncDecFeatureConverter`.
+"""
+import functools
+from typing import Sequence
+
+import seqio
+import tensorflow as tf
+
+from mmt_jax import metrics
+from mmt_jax.data import images, preprocessors, prompts, tfds_catalog
+from mmt_jax.data import vocabulary as vocab_lib
+
+DEFAULT_ATTRIBUTES = ("color", "pattern", "sleeve_type", "brand", "material")
+REMOVAL_SHARES = (1.0, 0.2, 0.0)
+
+
+def truncate_text(dataset: tf.data.Dataset, sequence_length: Sequence[int] | None,
+                  feature: str = "targets", keys: tuple[str, ...] = ("inputs", "targets")):
+    """Cuts the tokenised `feature` to the shortest of `sequence_length[keys]` minus one (room for
+    EOS), so that corruption never produces inputs or targets that the feature lengths would cut."""
+    if not sequence_length:
+        return dataset
+    limit = min(sequence_length[k] for k in keys if k in sequence_length) - 1
+
+    @seqio.map_over_dataset
+    def fn(example):
+        return {**example, feature: example[feature][:limit]}
+    return fn(dataset)
+
+
+def drop_image(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return dataset.map(lambda ex: {k: v for k, v in ex.items() if k != "image"})
+
+
+def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
+                           vocabulary: seqio.Vocabulary | str | None = None,
+                           attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
+                           image: images.ImagePreprocessing = images.ImagePreprocessing(),
+                           removal_shares: Sequence[float] = REMOVAL_SHARES) -> list[str]:
+    """Registers the tasks above for the catalog `product_catalog/<catalog>` under `data_dir`.
+
+    Args:
+      prefix: task name prefix (e.g. "catalog").
+      data_dir, catalog: where the catalog is (the converter's --out and --name).
+      vocabulary: a seqio vocabulary or the path of a T5 SentencePiece model (default: the catalog
+        vocabulary shipped with the package).
+      attributes: the attributes to make generation tasks for.
+      image: how images are decoded and resized for the representator.
+      removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
+    Returns:
+      the names of the tasks and mixtures registered.
+    """
+    if not isinstance(vocabulary, seqio.Vocabulary):
+        vocabulary = vocab_lib.vocabulary(vocabulary)
+    source = seqio.TfdsDataSource(tfds_name=tfds_catalog.tfds_name(catalog), tfds_data_dir=data_dir)
+    text_features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
+                     "targets": seqio.Feature(vocabulary, add_eos=True)}
+    tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+    with_image = [functools.partial(images.preprocess_images, options=image)]
+    names = []
+
+    def add(name, steps, metric_fns=(), features=text_features, modalities=("image", "text")):
+        for modality in modalities:
+            task = name if modality == "image" else f"{name}_text"
+            seqio.TaskRegistry.add(
+                task, source=source, output_features=features, metric_fns=list(metric_fns),
+                preprocessors=steps + (with_image if modality == "image" else [drop_image]))
+            names.append(task)
+
+    pretrain_text = [prompts.pretraining_text, seqio.preprocessors.tokenize, truncate_text]
+    add(f"{prefix}_span_corruption", pretrain_text + [
+        functools.partial(preprocessors.span_corruption, vocabulary=vocabulary),
+        seqio.preprocessors.append_eos_after_trim])
+    add(f"{prefix}_mlm", pretrain_text + [
+        functools.partial(preprocessors.mlm, vocabulary=vocabulary),
+        seqio.preprocessors.append_eos_after_trim])
+    for suffix in ("", "_text"):
+        _add_mixture(f"{prefix}_pretrain{suffix}",
+                     [f"{prefix}_span_corruption{suffix}", f"{prefix}_mlm{suffix}"], names)
+
+    attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
+    for share in removal_shares:
+        removed = f"removed{round(share * 100)}"
+        for attribute in attributes:
+            add(f"{prefix}_{attribute}_{removed}", [functools.partial(
+                prompts.attribute_examples, attribute=attribute, removal_share=share)] + tokenize,
+                attribute_metrics)
+        for suffix in ("", "_text"):
+            _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
+                         [f"{prefix}_{a}_{removed}{suffix}" for a in attributes], names)
+    add(f"{prefix}_title", [prompts.title_examples] + tokenize, [metrics.title_rouge1])
+    add(f"{prefix}_match", [prompts.matching_examples] + tokenize, [metrics.matching_metrics],
+        modalities=("image",))
+    qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
+                   "context": seqio.Feature(vocabulary, add_eos=True),
+                   "targets": seqio.Feature(vocabulary, add_eos=True)}
+    add(f"{prefix}_qa", [functools.partial(prompts.question_answering_examples,
+                                           attributes=tuple(attributes))] + tokenize,
+        attribute_metrics, features=qa_features, modalities=("image",))
+    return names
+
+
+def _add_mixture(name: str, tasks: list[str], names: list[str]) -> None:
+    seqio.MixtureRegistry.add(name, [(task, 1.0) for task in tasks])
+    names.append(name)

@@ -1,0 +1,102 @@
+"""The registered SeqIO tasks over a small embedded catalog, run through the feature converters."""
+import numpy as np
+import pytest
+import seqio
+
+import tasks
+from mmt_jax.data import feature_converter, images, preprocessors, tfds_catalog
+from mmt_jax.data import vocabulary as vocab_lib
+
+LENGTHS = {"inputs": 48, "targets": 24}
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config = tfds_catalog.embedded_config(num_products=240, seed=3, image_size=64)
+    tfds_catalog.prepare(config, data_dir, num_shards=2)
+    names = tasks.register_catalog_tasks(
+        "test_catalog", data_dir, config.name,
+        image=images.ImagePreprocessing(size=32))
+    return names
+
+
+def _batch(task_name, converter_cls, split="train", n=8):
+    ds = seqio.get_dataset(task_name, LENGTHS, dataset_split=split, shuffle=False, seed=0,
+                           feature_converter=converter_cls(pack=False))
+    return next(ds.batch(n).as_numpy_iterator())
+
+
+def test_every_task_and_mixture_is_registered(registered):
+    for name in ("test_catalog_pretrain", "test_catalog_pretrain_text", "test_catalog_color_removed20",
+                 "test_catalog_attributes_removed100_text", "test_catalog_title", "test_catalog_match",
+                 "test_catalog_qa", "test_catalog_sleeve_type_removed0"):
+        assert name in registered
+        assert seqio.get_mixture_or_task(name)
+    assert "test_catalog_match_text" not in registered
+
+
+def test_multimodal_tasks_give_the_model_batch(registered):
+    vocab = vocab_lib.vocabulary()
+    batch = _batch("test_catalog_color_removed100", feature_converter.MultimodalEncDecFeatureConverter)
+    assert batch["encoder_input_tokens"].shape == (8, 48)
+    assert batch["encoder_images"].shape == (8, 32, 32, 3)
+    assert batch["encoder_images"].min() >= -1 and batch["encoder_images"].max() <= 1
+    assert (batch["encoder_image_mask"] == 1).all()
+    prompt = vocab.decode(batch["encoder_input_tokens"][0].tolist())
+    answer = vocab.decode(batch["decoder_target_tokens"][0].tolist())
+    assert prompt.endswith("color:") and answer and answer not in prompt.lower().split()
+    text = _batch("test_catalog_color_removed0_text", seqio.EncDecFeatureConverter)
+    assert "encoder_images" not in text
+    # Title generation sees only the prompt and the image.
+    title = _batch("test_catalog_title", feature_converter.MultimodalEncDecFeatureConverter)
+    assert vocab.decode(title["encoder_input_tokens"][0].tolist()) == "title:"
+
+
+def test_pretraining_tasks_corrupt_the_text(registered):
+    vocab = vocab_lib.vocabulary()
+    mask_id = preprocessors.extra_id(vocab.vocab_size, preprocessors.MASK_EXTRA_ID)
+    mlm = _batch("test_catalog_mlm", feature_converter.MultimodalEncDecFeatureConverter)
+    targets = mlm["decoder_target_tokens"]
+    inputs = mlm["encoder_input_tokens"][:, :targets.shape[1]]  # the text was cut to fit both
+    assert not mlm["encoder_input_tokens"][:, targets.shape[1]:].any()
+    real = targets > 0
+    assert ((inputs == mask_id) == (real & (inputs != targets))).all()
+    text_tokens = real.sum(1) - 1  # without EOS
+    np.testing.assert_array_equal((inputs == mask_id).sum(1), np.round(text_tokens * 0.3))
+    span = _batch("test_catalog_span_corruption", feature_converter.MultimodalEncDecFeatureConverter)
+    for inputs, targets in zip(span["encoder_input_tokens"], span["decoder_target_tokens"]):
+        inputs, targets = inputs[inputs > 0][:-1], targets[targets > 0][:-1]  # drop pad and EOS
+        text = vocab.decode(preprocessors.reconstruct_span_corruption(
+            inputs, targets, vocab.vocab_size).tolist())
+        assert len(text.split()) > 3
+
+
+def test_matching_task_is_balanced(registered):
+    vocab = vocab_lib.vocabulary()
+    ds = seqio.get_mixture_or_task("test_catalog_match").get_dataset(
+        LENGTHS, split="train", shuffle=False)
+    answers = [vocab.decode(ex["targets"].tolist()) for ex in ds.as_numpy_iterator()]
+    assert set(answers) == {"yes", "no"} and answers.count("yes") == answers.count("no")
+
+
+def test_question_answering_records_carry_question_context_and_image(registered):
+    vocab = vocab_lib.vocabulary()
+    ds = seqio.get_mixture_or_task("test_catalog_qa").get_dataset(LENGTHS, split="train", shuffle=False)
+    ex = next(ds.as_numpy_iterator())
+    assert vocab.decode(ex["question"].tolist()) in tasks.DEFAULT_ATTRIBUTES
+    assert ex["image"].shape == (32, 32, 3) and ex["image_mask"] == 1
+    assert len(vocab.decode(ex["context"].tolist()).split()) > 5
+
+
+def test_pipeline_is_deterministic_given_a_seed(registered):
+    def first(seed):
+        ds = seqio.get_mixture_or_task("test_catalog_span_corruption").get_dataset(
+            LENGTHS, split="train", shuffle=True, seed=seed)
+        return [ex["inputs"].tolist() for ex in ds.take(5).as_numpy_iterator()]
+    assert first(1) == first(1)
+    assert first(1) != first(2)
+    batches = [_batch("test_catalog_match", feature_converter.MultimodalEncDecFeatureConverter)
+               for _ in range(2)]
+    for key in batches[0]:
+        np.testing.assert_array_equal(batches[0][key], batches[1][key])
