@@ -9,14 +9,21 @@ For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR
 
     tasks.register_catalog_tasks("shop", "DIR", "shop", attributes=("color", "size"))
 
-(tasks/catalog.py lists the tasks it makes.)
+(tasks/catalog.py lists the tasks it makes), or in gin, by naming the task through `catalog_task`:
+
+    MIXTURE_OR_TASK_NAME = @tasks.catalog_task()
+    tasks.catalog_task.task = "attributes_removed100"
+    tasks.catalog_task.prefix = "shop"
+    tasks.catalog_task.data_dir = "DIR"
+    tasks.catalog_task.catalog = "shop"
 """
 import os
 
 from mmt_jax.data import tfds_catalog
-from tasks.catalog import DEFAULT_ATTRIBUTES, REMOVAL_SHARES, register_catalog_tasks
+from tasks.catalog import DEFAULT_ATTRIBUTES, REMOVAL_SHARES, catalog_task, register_catalog_tasks
 
-__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "default_data_dir", "register_catalog_tasks"]
+__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "catalog_task", "default_data_dir",
+           "register_catalog_tasks"]
 
 
 def default_data_dir() -> str:

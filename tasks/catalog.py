@@ -20,6 +20,7 @@ Image tasks emit `image` and `image_mask` for `MultimodalEncDecFeatureConverter`
 only tokens, for `seqio.EncDecFeatureConverter`.
 """
 import functools
+import inspect
 from typing import Sequence
 
 import seqio
@@ -69,6 +70,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     Returns:
       the names of the tasks and mixtures registered.
     """
+    vocabulary_arg = vocabulary
     if not isinstance(vocabulary, seqio.Vocabulary):
         vocabulary = vocab_lib.vocabulary(vocabulary)
     source = seqio.TfdsDataSource(tfds_name=tfds_catalog.tfds_name(catalog), tfds_data_dir=data_dir)
@@ -116,7 +118,45 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     add(f"{prefix}_qa", [functools.partial(prompts.question_answering_examples,
                                            attributes=tuple(attributes))] + tokenize,
         attribute_metrics, features=qa_features, modalities=("image",))
+    _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
+                                          attributes=attributes, image=image,
+                                          removal_shares=removal_shares)
     return names
+
+
+_REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered with
+
+
+def _full_arguments(*args, **kwargs) -> dict:
+    bound = inspect.signature(register_catalog_tasks).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in bound.arguments.items()}
+
+
+def catalog_task(task: str, prefix: str, data_dir: str, catalog: str, **kwargs) -> str:
+    """The name of `<prefix>_<task>`, registering the catalog's tasks on first use; for gin, where a
+    run names its task as `MIXTURE_OR_TASK_NAME = @tasks.catalog_task()` with the catalog bound:
+
+        tasks.catalog_task.task = "attributes_removed100"
+        tasks.catalog_task.prefix = "shop"
+        tasks.catalog_task.data_dir = "/data/tfds"
+        tasks.catalog_task.catalog = "shop"
+
+    `kwargs` go to `register_catalog_tasks`. Raises ValueError if the prefix was registered with other
+    arguments, or names no such task.
+    """
+    if prefix not in _REGISTERED:
+        register_catalog_tasks(prefix, data_dir, catalog, **kwargs)
+    elif _REGISTERED[prefix] != (arguments := _full_arguments(prefix, data_dir, catalog, **kwargs)):
+        raise ValueError(f"catalog tasks {prefix!r} are registered with {_REGISTERED[prefix]}, "
+                         f"not {arguments}")
+    name = f"{prefix}_{task}"
+    if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+        known = sorted(n.removeprefix(f"{prefix}_") for registry in (seqio.TaskRegistry,
+                                                                     seqio.MixtureRegistry)
+                       for n in registry.names() if n.startswith(f"{prefix}_"))
+        raise ValueError(f"no catalog task {task!r}; {prefix!r} has {', '.join(known)}")
+    return name
 
 
 def _add_mixture(name: str, tasks: list[str], names: list[str]) -> None:

@@ -100,3 +100,41 @@ def test_pipeline_is_deterministic_given_a_seed(registered):
                for _ in range(2)]
     for key in batches[0]:
         np.testing.assert_array_equal(batches[0][key], batches[1][key])
+
+
+def train_stand_in(mixture_or_task_name):
+    """What a train binary does with the gin-bound task name (here: return it)."""
+    return mixture_or_task_name
+
+
+def test_gin_names_a_user_catalog_task_and_registers_it_once(tmp_path):
+    import gin
+    from mmt_jax import main
+    out = str(tmp_path / "tfds")
+    assert main.run(["data", "generate", "--out", out, "--num-products", "40", "--image-size", "32",
+                     "--num-shards", "1"]) == 0
+    config = f"""
+from __gin__ import dynamic_registration
+import tasks
+import tests.test_tasks as this_test
+this_test.train_stand_in.mixture_or_task_name = @tasks.catalog_task()
+tasks.catalog_task.task = "attributes_removed20"
+tasks.catalog_task.prefix = "gin_shop"
+tasks.catalog_task.data_dir = "{out}"
+tasks.catalog_task.catalog = "embedded-n40-s0-px32"
+"""
+    with gin.unlock_config():
+        gin.parse_config(config)
+        try:
+            configured = gin.get_configurable(train_stand_in)
+            assert configured() == "gin_shop_attributes_removed20"
+            assert seqio.get_mixture_or_task("gin_shop_attributes_removed20").get_dataset(
+                LENGTHS, split="train", shuffle=False).take(1).cardinality() != 0
+            # Registered once: asking again is fine, asking with other arguments is an error.
+            assert tasks.catalog_task("title", "gin_shop", out, "embedded-n40-s0-px32") == "gin_shop_title"
+            with pytest.raises(ValueError, match="registered with"):
+                tasks.catalog_task("title", "gin_shop", out, "another")
+            with pytest.raises(ValueError, match="no catalog task 'colour_removed20'"):
+                tasks.catalog_task("colour_removed20", "gin_shop", out, "embedded-n40-s0-px32")
+        finally:
+            gin.clear_config()

@@ -31,3 +31,12 @@ def test_rebuilding_gives_the_shipped_model(tmp_path):
     rebuilt = vocabulary.train_catalog_vocabulary(str(tmp_path / "catalog_spm.model"))
     with open(rebuilt, "rb") as a, open(vocabulary.DEFAULT_PATH, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_vocab_command_writes_a_loadable_model(tmp_path, capsys):
+    from mmt_jax import main
+    out = str(tmp_path / "small.model")
+    assert main.run(["data", "vocab", "--out", out, "--num-products", "200", "--vocab-size", "400"]) == 0
+    assert out in capsys.readouterr().out
+    vocab = vocabulary.vocabulary(out)
+    assert vocab.vocab_size == 500 and vocab.decode(vocab.encode("navy blue shirt")) == "navy blue shirt"
