@@ -76,25 +76,32 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     source = seqio.TfdsDataSource(tfds_name=tfds_catalog.tfds_name(catalog), tfds_data_dir=data_dir)
     text_features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
                      "targets": seqio.Feature(vocabulary, add_eos=True)}
+    # Declared as output features so that mixtures, which keep only those, keep the image too.
+    image_features = {
+        "image": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.float32, rank=3),
+        "image_mask": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
+                                    rank=0)}
     tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
-    with_image = [functools.partial(images.preprocess_images, options=image)]
     names = []
 
-    def add(name, steps, metric_fns=(), features=text_features, modalities=("image", "text")):
+    def add(name, make_examples, metric_fns=(), then=tokenize, features=text_features,
+            modalities=("image", "text")):
+        """Registers `name` (with the image) and `name`_text (without): make the examples, decode
+        the image or drop it, then tokenise (and whatever else `then` does)."""
         for modality in modalities:
-            task = name if modality == "image" else f"{name}_text"
+            with_image = modality == "image"
             seqio.TaskRegistry.add(
-                task, source=source, output_features=features, metric_fns=list(metric_fns),
-                preprocessors=steps + (with_image if modality == "image" else [drop_image]))
-            names.append(task)
+                name if with_image else f"{name}_text", source=source, metric_fns=list(metric_fns),
+                output_features={**features, **(image_features if with_image else {})},
+                preprocessors=[make_examples, functools.partial(images.preprocess_images, options=image)
+                               if with_image else drop_image] + then)
+            names.append(name if with_image else f"{name}_text")
 
-    pretrain_text = [prompts.pretraining_text, seqio.preprocessors.tokenize, truncate_text]
-    add(f"{prefix}_span_corruption", pretrain_text + [
-        functools.partial(preprocessors.span_corruption, vocabulary=vocabulary),
-        seqio.preprocessors.append_eos_after_trim])
-    add(f"{prefix}_mlm", pretrain_text + [
-        functools.partial(preprocessors.mlm, vocabulary=vocabulary),
-        seqio.preprocessors.append_eos_after_trim])
+    for objective in (preprocessors.span_corruption, preprocessors.mlm):
+        add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, then=[
+            seqio.preprocessors.tokenize, truncate_text,
+            functools.partial(objective, vocabulary=vocabulary),
+            seqio.preprocessors.append_eos_after_trim])
     for suffix in ("", "_text"):
         _add_mixture(f"{prefix}_pretrain{suffix}",
                      [f"{prefix}_span_corruption{suffix}", f"{prefix}_mlm{suffix}"], names)
@@ -103,20 +110,20 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     for share in removal_shares:
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
-            add(f"{prefix}_{attribute}_{removed}", [functools.partial(
-                prompts.attribute_examples, attribute=attribute, removal_share=share)] + tokenize,
+            add(f"{prefix}_{attribute}_{removed}", functools.partial(
+                prompts.attribute_examples, attribute=attribute, removal_share=share),
                 attribute_metrics)
         for suffix in ("", "_text"):
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
                          [f"{prefix}_{a}_{removed}{suffix}" for a in attributes], names)
-    add(f"{prefix}_title", [prompts.title_examples] + tokenize, [metrics.title_rouge1])
-    add(f"{prefix}_match", [prompts.matching_examples] + tokenize, [metrics.matching_metrics],
+    add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
+    add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
         modalities=("image",))
     qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
                    "context": seqio.Feature(vocabulary, add_eos=True),
                    "targets": seqio.Feature(vocabulary, add_eos=True)}
-    add(f"{prefix}_qa", [functools.partial(prompts.question_answering_examples,
-                                           attributes=tuple(attributes))] + tokenize,
+    add(f"{prefix}_qa", functools.partial(prompts.question_answering_examples,
+                                          attributes=tuple(attributes)),
         attribute_metrics, features=qa_features, modalities=("image",))
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
                                           attributes=attributes, image=image,

@@ -138,3 +138,10 @@ tasks.catalog_task.catalog = "embedded-n40-s0-px32"
                 tasks.catalog_task("colour_removed20", "gin_shop", out, "embedded-n40-s0-px32")
         finally:
             gin.clear_config()
+
+
+def test_mixtures_keep_the_image(registered):
+    batch = _batch("test_catalog_attributes_removed20", feature_converter.MultimodalEncDecFeatureConverter)
+    assert batch["encoder_images"].shape == (8, 32, 32, 3) and batch["encoder_images"].any()
+    pretrain = _batch("test_catalog_pretrain", feature_converter.MultimodalEncDecFeatureConverter)
+    assert (pretrain["encoder_image_mask"] == 1).all()
