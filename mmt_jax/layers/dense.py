@@ -73,18 +73,24 @@ class DenseGeneral(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding table `[vocab, embed]`; `attend` gives logits against the same table (tied heads)."""
+    """Token embedding table `[vocab, embed]`; `attend` gives logits against the same table (tied heads).
+
+    `axes` names the table's logical axes: ("vocab", "embed") for words (the vocabulary split over
+    `model`); a small table such as MMT4's two segment embeddings names its rows otherwise
+    ("segments", replicated), as 2 rows cannot be split over a larger model axis.
+    """
 
     num_embeddings: int
     features: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+    axes: tuple[str, str] = ("vocab", "embed")
 
     def setup(self):
         self.embedding = partitioning.param_with_axes(
             "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype,
-            axes=("vocab", "embed"))
+            axes=self.axes)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens `[...]` (any integer or float dtype) -> `[..., embed]`."""

@@ -84,7 +84,7 @@ class ImageFusion(nn.Module):
         self.projection_norm = LayerNorm(self.fusion.layer_norm_epsilon, dtype=self.dtype)
         # Zero-initialised, so that MMT4 built on a text-only T5 checkpoint starts as that T5 on text.
         self.segment_embedder = Embed(2, self.emb_dim, dtype=self.dtype,
-                                      embedding_init=nn.initializers.zeros)
+                                      embedding_init=nn.initializers.zeros, axes=("segments", "embed"))
         network = {"vit": VisionTransformer, "efficientnet": EfficientNet}.get(self.fusion.representator)
         if network is not None:
             self.representator = network(self.fusion.network)

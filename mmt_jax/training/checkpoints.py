@@ -1,7 +1,8 @@
 """Model checkpoints on disk with orbax: parameters plus the model config that built them.
 
 A checkpoint directory holds two orbax items, `params` (the parameter tree, tensorstore/OCDBT) and
-`model_config` (JSON). orbax writes into a temporary directory and renames it when complete, so a
+`model_config` (`models.config.ModelConfig` as JSON); the trainer's `checkpoint_<step>` directories
+hold the same two items beside the optimizer state, so every reader here reads those too. orbax writes into a temporary directory and renames it when complete, so a
 reader never sees a half-written checkpoint and an interrupted save leaves the previous one intact.
 """
 import os
@@ -11,14 +12,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mmt_jax.models.t5 import T5Config
+from mmt_jax.models.config import ModelConfig
 
 
 def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def save_checkpoint(directory: str, params, config: T5Config, *, force: bool = False) -> str:
+def save_checkpoint(directory: str, params, config: ModelConfig, *, force: bool = False) -> str:
     """Writes `params` and `config` to `directory` (absolute path) atomically; returns the path."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not force:
@@ -29,7 +30,7 @@ def save_checkpoint(directory: str, params, config: T5Config, *, force: bool = F
     return directory
 
 
-def load_checkpoint(directory: str) -> tuple[T5Config, dict]:
+def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     """Reads `(config, params)` back (params as numpy arrays on the host)."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
@@ -40,7 +41,7 @@ def load_checkpoint(directory: str) -> tuple[T5Config, dict]:
     restored = _checkpointer().restore(directory, ocp.args.Composite(
         params=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()))
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
-    return T5Config.from_json_dict(restored["model_config"]), params
+    return ModelConfig.from_json_dict(restored["model_config"]), params
 
 
 def initialize_from(fresh_params, pretrained_params):

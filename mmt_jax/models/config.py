@@ -1,0 +1,77 @@
+"""ModelConfig: everything that builds a model, stored as JSON beside its checkpoints.
+
+`ModelConfig(t5=..., fusion=None)` is the text-only T5; with a `FusionConfig` it is MMT4. The JSON
+form names the representator network's type (`ViTConfig`, `EfficientNetConfig`), so a checkpoint
+rebuilds its own model with nothing but its directory.
+"""
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from mmt_jax.models.mmt4 import FusionConfig
+from mmt_jax.models.t5 import EncoderDecoder, T5Config
+from mmt_jax.vision.efficientnet import EfficientNetConfig
+from mmt_jax.vision.vit import ViTConfig
+
+_NETWORKS = {cls.__name__: cls for cls in (ViTConfig, EfficientNetConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """t5: the transformer; fusion: the image branch (None: text only); vocabulary: the SentencePiece
+    model the token ids belong to (None: the catalog vocabulary shipped with the package)."""
+    t5: T5Config
+    fusion: FusionConfig | None = None
+    vocabulary: str | None = None
+
+    def module(self) -> EncoderDecoder:
+        return EncoderDecoder(self.t5, self.fusion)
+
+    def to_json_dict(self) -> dict:
+        return {"t5": self.t5.to_json_dict(), "fusion": _fusion_to_json(self.fusion),
+                "vocabulary": self.vocabulary}
+
+    @classmethod
+    def from_json_dict(cls, fields: dict) -> "ModelConfig":
+        if "t5" not in fields:  # a checkpoint written before ModelConfig: the T5 fields alone
+            return cls(T5Config.from_json_dict(fields))
+        return cls(T5Config.from_json_dict(fields["t5"]), _fusion_from_json(fields.get("fusion")),
+                   fields.get("vocabulary"))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.dtype, type)):  # np.dtype('float32') or jnp.float32
+        return jnp.dtype(value).name
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _fusion_to_json(fusion: FusionConfig | None) -> dict | None:
+    if fusion is None:
+        return None
+    fields = {f.name: _plain(getattr(fusion, f.name)) for f in dataclasses.fields(fusion)}
+    if fusion.network is not None:
+        network = fusion.network
+        fields["network"] = {"type": type(network).__name__, **{
+            f.name: _plain(getattr(network, f.name)) for f in dataclasses.fields(network)}}
+    return fields
+
+
+def _fusion_from_json(fields: dict | None) -> FusionConfig | None:
+    if fields is None:
+        return None
+    fields = dict(fields)
+    if fields.get("network") is not None:
+        network = dict(fields["network"])
+        cls = _NETWORKS.get(network.pop("type", None))
+        if cls is None:
+            raise ValueError(f"unknown representator network {fields['network'].get('type')!r}; "
+                             f"known: {sorted(_NETWORKS)}")
+        for f in dataclasses.fields(cls):
+            if "dtype" in f.name and f.name in network:
+                network[f.name] = jnp.dtype(network[f.name])
+        fields["network"] = cls(**network)
+    return FusionConfig(**fields)
