@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mmt_jax.model import NUM_REAL_TARGET_TOKENS
+
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array
@@ -26,13 +28,44 @@ class TrainState(struct.PyTreeNode):
         return self.replace(step=replicated, params=params_shardings, opt_state=opt_state)
 
 
-def train_step(model, state: TrainState, batch, dropout_rng):
-    """One gradient step of `model.loss_fn`; returns `(new_state, metrics)`.
+def train_step(model, state: TrainState, batch, dropout_rng, num_microbatches: int = 1):
+    """One optimizer step of `model.loss_fn`; returns `(new_state, metrics)`.
 
-    The dropout rng is folded with the step so that a resumed run draws the same masks.
+    With `num_microbatches` > 1 the batch `[B, ...]` is cut into that many `[B / n, ...]` slices whose
+    gradients are summed in a `lax.scan` before one update (gradient accumulation: the memory of a
+    microbatch, the update of the whole batch). With the token-mean loss each microbatch's gradient
+    is weighted by its share of the target tokens, so the update equals the whole batch's.
+    The dropout rng is folded with the step (and microbatch), so a resumed run draws the same masks.
     """
     rng = jax.random.fold_in(dropout_rng, state.step) if dropout_rng is not None else None
-    (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(state.params, batch, rng)
+    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        (_, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+        token_mean = getattr(model, "loss_normalizing_factor", None) == NUM_REAL_TARGET_TOKENS
+        grads, metrics = _accumulate(grad_fn, state.params, batch, rng, num_microbatches, token_mean)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _accumulate(grad_fn, params, batch, rng, n: int, token_mean: bool):
+    size = next(iter(batch.values())).shape[0]
+    if size % n:
+        raise ValueError(f"batch size {size} is not divisible by num_microbatches={n}")
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((n, size // n) + x.shape[1:]), batch)
+    weights = jnp.sum(jnp.asarray(micro["decoder_loss_weights"], jnp.float32),
+                      axis=tuple(range(1, micro["decoder_loss_weights"].ndim)))
+    shares = weights / jnp.maximum(jnp.sum(weights), 1.0) if token_mean else jnp.ones(n)
+
+    def body(total, inputs):
+        index, piece, share = inputs
+        piece_rng = jax.random.fold_in(rng, index) if rng is not None else None
+        (_, metrics), grads = grad_fn(params, piece, piece_rng)
+        total = jax.tree_util.tree_map(lambda t, g: t + share * g, total, grads)
+        return total, metrics
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(body, zeros, (jnp.arange(n), micro, shares))
+    # Each metric is an Average over its microbatch; merging them is summing their totals and counts.
+    return grads, jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0), metrics)
