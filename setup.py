@@ -38,6 +38,8 @@ INSTALL_REQUIRES = [
     # and their areas, rather than our own versions of either.
     "rouge-score>=0.1.2",
     "scikit-learn>=1.3",
+    # clu's metric writers write TensorBoard summaries through it (tensorflow 2.21 no longer pulls it).
+    "tensorboard>=2.20",
     # Reads Hugging Face `model.safetensors` files with numpy, so importing HF checkpoints needs no torch.
     "safetensors>=0.4",
     # The real ImageNet weights of EfficientNet-Lite0 (MMT4's CNN representator), a 17 MB PyTorch

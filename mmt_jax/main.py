@@ -7,18 +7,24 @@
                                               a JSONL catalog (+ images) -> TFDS catalog under DIR
   data generate --out DIR [--num-products N]  the embedded synthetic catalog -> TFDS catalog under DIR
   data vocab --out FILE                       retrains the catalog SentencePiece vocabulary
-  demo [--steps N] [--workdir DIR]            trains the tiny T5 to sort generated token sequences,
-                                              then decodes held-out ones and saves a checkpoint
+  train --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]
+                                              trains as the gin files say (gin/runs/*.gin)
+  demo [--workdir DIR]                        the main job: pretrains and fine-tunes a tiny MMT4 and
+                                              a text-only T5 on the embedded catalog, then prints
+                                              their per-attribute accuracy (Table 2's shape)
 """
 import argparse
+import logging
 import os
 import sys
 
 from mmt_jax.data.records import ConversionError
+from mmt_jax.errors import GinError, TrainingError, UnknownTaskError
 from mmt_jax.training.hf_t5 import CheckpointFormatError
 
 
 def _convert(args) -> None:
+    from mmt_jax.models.config import ModelConfig
     from mmt_jax.training import checkpoints, hf_t5, t5x_checkpoint
     if args.from_hf or args.from_t5x:
         if not args.to:
@@ -27,12 +33,17 @@ def _convert(args) -> None:
             config, params = hf_t5.load_hf_t5(args.from_hf)
         else:
             config, params = t5x_checkpoint.load_t5x(args.from_t5x, args.num_heads)
-        path = checkpoints.save_checkpoint(args.to, params, config, force=args.force)
+        path = checkpoints.save_checkpoint(args.to, params, ModelConfig(config), force=args.force)
         print(f"converted {args.from_hf or args.from_t5x} -> {path} ({_describe(config, params)})")
     elif args.from_checkpoint:
         if not args.to_hf:
             raise SystemExit("convert --from-checkpoint needs --to-hf DIR")
-        config, params = checkpoints.load_checkpoint(args.from_checkpoint)
+        model_config, params = checkpoints.load_checkpoint(args.from_checkpoint)
+        if model_config.fusion is not None:
+            raise CheckpointFormatError(f"{args.from_checkpoint} is an MMT4 checkpoint; only its text "
+                                        "part has a Hugging Face T5 form, and exporting it is not "
+                                        "supported yet")
+        config = model_config.t5
         hf_t5.save_hf_t5(params, config, args.to_hf)
         print(f"exported {args.from_checkpoint} -> {args.to_hf} ({_describe(config, params)})")
     else:
@@ -74,9 +85,42 @@ def _data_vocab(args) -> None:
     print(f"wrote {path}")
 
 
+def _train(args) -> None:
+    import gin
+    from mmt_jax import gin_search_path, train
+    _initialize_distributed(args)
+    # gin logs an error for each search path a file is not in before it finds it; they are noise.
+    logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
+    gin.clear_config()
+    for path in [gin_search_path(), *args.gin_search_path]:
+        gin.add_config_file_search_path(path)
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+        run_train = gin.get_configurable(train.train)
+    except (ValueError, KeyError, ImportError, OSError, NameError, SyntaxError) as e:
+        raise GinError(f"gin: {e}") from None
+    try:
+        result = run_train()
+    finally:
+        gin.clear_config()  # a later run in the same process starts from its own files only
+    print(f"finished at step {result.step}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in {**result.train_metrics,
+                                    **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}.items()))
+
+
+def _initialize_distributed(args) -> None:
+    """Multi-host: `jax.distributed.initialize` from the flags, or from the environment (TPU pods,
+    SLURM, ...) when `--multihost` is given without them."""
+    import jax
+    if args.coordinator_address or args.multihost:
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+
+
 def _demo(args) -> None:
-    from mmt_jax.training import sort_demo
-    sort_demo.run(steps=args.steps, workdir=args.workdir, seed=args.seed)
+    from mmt_jax import demo
+    demo.run(workdir=args.workdir, pretrain_steps=args.pretrain_steps,
+             finetune_steps=args.finetune_steps, num_products=args.num_products)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,19 +168,39 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--num-products", type=int, default=None, help="default: as shipped")
     vocab.add_argument("--vocab-size", type=int, default=None, help="default: as shipped")
     vocab.set_defaults(run=_data_vocab)
-    demo = commands.add_parser("demo", help="train the tiny T5 on generated text for a few steps")
-    demo.add_argument("--steps", type=int, default=600)
+    train = commands.add_parser("train", help="train a model as gin files say",
+                                description="Bindings are --gin.NAME=VALUE (strings in quotes: "
+                                            "--gin.MODEL_DIR=\\\"runs/x\\\").")
+    train.add_argument("--gin_file", action="append", default=[], required=True,
+                       help="gin file (searched in the package's gin/ and --gin_search_path)")
+    train.add_argument("--gin_search_path", action="append", default=[])
+    train.add_argument("--multihost", action="store_true",
+                       help="call jax.distributed.initialize() (settings from the environment)")
+    train.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    train.add_argument("--num_processes", type=int, default=None)
+    train.add_argument("--process_id", type=int, default=None)
+    train.set_defaults(run=_train)
+    demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
+                                             "catalog (Table 2's shape), ~10 min on 2 cores")
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--pretrain-steps", type=int, default=300)
+    demo.add_argument("--finetune-steps", type=int, default=1000)
+    demo.add_argument("--num-products", type=int, default=3000)
     demo.set_defaults(run=_demo)
     return parser
 
 
 def run(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    args.gin_bindings = [a[len("--gin."):] for a in unknown if a.startswith("--gin.")]
+    others = [a for a in unknown if not a.startswith("--gin.")]
+    if others or (args.gin_bindings and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(others or unknown)}")
     try:
         args.run(args)
-    except (FileNotFoundError, FileExistsError, CheckpointFormatError, ConversionError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointFormatError, ConversionError, GinError,
+            TrainingError, UnknownTaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

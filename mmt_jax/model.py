@@ -30,6 +30,8 @@ class EncoderDecoderModel:
       module: the Flax module (e.g. `models.t5.EncoderDecoder`).
       input_vocabulary, output_vocabulary: seqio vocabularies (checked by t5x against the task's).
       optimizer_def: whatever the trainer in use expects (t5x: an `OptimizerDef`); unused here.
+      feature_converter_cls: the seqio converter of its batches; default: seqio's
+        EncDecFeatureConverter, or the multimodal one when the module has an image branch.
       decode_fn: `decoding.greedy`, `decoding.beam_search` or `decoding.temperature_sample` (other
         keywords bound with functools.partial or gin); `num_decodes` of `predict_batch_with_aux` is
         the beam size or the number of samples.
@@ -41,10 +43,18 @@ class EncoderDecoderModel:
     FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
 
     def __init__(self, module, input_vocabulary=None, output_vocabulary=None, optimizer_def=None,
+                 feature_converter_cls=None,
                  decode_fn: Callable = decoding.greedy, label_smoothing: float = 0.0,
                  z_loss: float = 1e-4, loss_normalizing_factor: Any = NUM_REAL_TARGET_TOKENS,
                  eos_id: int = 1):
         self.module = module
+        # A module with an image branch (MMT4) reads images: its batches come from the multimodal
+        # converter. t5x reads this instance attribute as it reads its own models' (models.py:386).
+        if feature_converter_cls is None and getattr(module, "fusion", None) is not None:
+            from mmt_jax.data.feature_converter import MultimodalEncDecFeatureConverter
+            feature_converter_cls = MultimodalEncDecFeatureConverter
+        if feature_converter_cls is not None:
+            self.FEATURE_CONVERTER_CLS = feature_converter_cls
         self._input_vocabulary = input_vocabulary
         self._output_vocabulary = output_vocabulary
         self.optimizer_def = optimizer_def

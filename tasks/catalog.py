@@ -27,6 +27,7 @@ import seqio
 import tensorflow as tf
 
 from mmt_jax import metrics
+from mmt_jax.errors import UnknownTaskError
 from mmt_jax.data import images, preprocessors, prompts, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib
 
@@ -48,6 +49,25 @@ def truncate_text(dataset: tf.data.Dataset, sequence_length: Sequence[int] | Non
     return fn(dataset)
 
 
+class CatalogSource(seqio.TfdsDataSource):
+    """The catalog `product_catalog/<catalog>` under `data_dir`; an embedded catalog (a name like
+    "embedded-n3000-s0-px128") is generated there the first time it is read. (Several processes
+    starting on a catalog that is not there yet would each write it: generate it first,
+    `mmt-jax data generate`, for multi-host runs.)"""
+
+    def __init__(self, data_dir: str, catalog: str):
+        super().__init__(tfds_name=tfds_catalog.tfds_name(catalog), tfds_data_dir=data_dir)
+        self._to_generate = tfds_catalog.embedded_config_from_name(catalog)
+        self._catalog_dir = data_dir
+
+    @property
+    def tfds_dataset(self):
+        if self._to_generate is not None:
+            tfds_catalog.prepare(self._to_generate, self._catalog_dir, num_shards=4)
+            self._to_generate = None
+        return super().tfds_dataset
+
+
 def drop_image(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.map(lambda ex: {k: v for k, v in ex.items() if k != "image"})
 
@@ -56,7 +76,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                            vocabulary: seqio.Vocabulary | str | None = None,
                            attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
                            image: images.ImagePreprocessing = images.ImagePreprocessing(),
-                           removal_shares: Sequence[float] = REMOVAL_SHARES) -> list[str]:
+                           removal_shares: Sequence[float] = REMOVAL_SHARES,
+                           with_description: bool = False) -> list[str]:
     """Registers the tasks above for the catalog `product_catalog/<catalog>` under `data_dir`.
 
     Args:
@@ -67,13 +88,15 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
       attributes: the attributes to make generation tasks for.
       image: how images are decoded and resized for the representator.
       removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
+      with_description: attribute prompts read the description after the title (the paper: title
+        only).
     Returns:
       the names of the tasks and mixtures registered.
     """
     vocabulary_arg = vocabulary
     if not isinstance(vocabulary, seqio.Vocabulary):
         vocabulary = vocab_lib.vocabulary(vocabulary)
-    source = seqio.TfdsDataSource(tfds_name=tfds_catalog.tfds_name(catalog), tfds_data_dir=data_dir)
+    source = CatalogSource(data_dir, catalog)
     text_features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
                      "targets": seqio.Feature(vocabulary, add_eos=True)}
     # Declared as output features so that mixtures, which keep only those, keep the image too.
@@ -111,7 +134,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
             add(f"{prefix}_{attribute}_{removed}", functools.partial(
-                prompts.attribute_examples, attribute=attribute, removal_share=share),
+                prompts.attribute_examples, attribute=attribute, removal_share=share,
+                with_description=with_description),
                 attribute_metrics)
         for suffix in ("", "_text"):
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
@@ -127,7 +151,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         attribute_metrics, features=qa_features, modalities=("image",))
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
                                           attributes=attributes, image=image,
-                                          removal_shares=removal_shares)
+                                          removal_shares=removal_shares,
+                                          with_description=with_description)
     return names
 
 
@@ -150,7 +175,7 @@ def catalog_task(task: str, prefix: str, data_dir: str, catalog: str, **kwargs) 
         tasks.catalog_task.catalog = "shop"
 
     `kwargs` go to `register_catalog_tasks`. Raises ValueError if the prefix was registered with other
-    arguments, or names no such task.
+    arguments, UnknownTaskError if it has no such task.
     """
     if prefix not in _REGISTERED:
         register_catalog_tasks(prefix, data_dir, catalog, **kwargs)
@@ -162,7 +187,7 @@ def catalog_task(task: str, prefix: str, data_dir: str, catalog: str, **kwargs) 
         known = sorted(n.removeprefix(f"{prefix}_") for registry in (seqio.TaskRegistry,
                                                                      seqio.MixtureRegistry)
                        for n in registry.names() if n.startswith(f"{prefix}_"))
-        raise ValueError(f"no catalog task {task!r}; {prefix!r} has {', '.join(known)}")
+        raise UnknownTaskError(f"no catalog task {task!r}; {prefix!r} has {', '.join(known)}")
     return name
 
 

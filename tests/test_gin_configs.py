@@ -1,6 +1,8 @@
-"""The model gin files parse and build exactly the published sizes."""
+"""The model gin files parse and build exactly the published sizes; the catalog models build MMT4
+and its text-only twin."""
 import glob
 import os
+import re
 
 import gin
 import pytest
@@ -8,7 +10,8 @@ import pytest
 import mmt_jax
 from mmt_jax.models.t5 import t5_config
 
-GIN_FILES = sorted(glob.glob(os.path.join(mmt_jax.gin_search_path(), "models", "*.gin")))
+GIN_FILES = sorted(path for path in glob.glob(os.path.join(mmt_jax.gin_search_path(), "models", "*.gin"))
+                   if re.fullmatch(r"(t5|t5_1_1)_(tiny|small|base|large)\.gin", os.path.basename(path)))
 
 
 def test_gin_files_are_installed():
@@ -28,3 +31,23 @@ def test_model_gin_builds_its_size(path):
     finally:
         gin.clear_config()
     assert config == t5_config(size, variant, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("name, fusion", [("mmt4_tiny", True), ("t5_tiny_catalog", False)])
+def test_catalog_model_gins_build_mmt4_and_its_text_only_twin(name, fusion):
+    from mmt_jax.data import vocabulary
+    from mmt_jax.models import config as config_lib
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(mmt_jax.gin_search_path())
+        # runs/train.gin makes this binding for every model file
+        gin.parse_config_files_and_bindings([f"models/{name}.gin"],
+                                            ["config.ModelConfig.t5 = %MODEL_CONFIG"])
+        model_config = gin.get_configurable(config_lib.ModelConfig)()
+    finally:
+        gin.clear_config()
+    assert model_config.t5 == t5_config("tiny", vocab_size=896)
+    assert model_config.t5.vocab_size >= vocabulary.vocabulary().vocab_size
+    assert (model_config.fusion is not None) == fusion
+    if fusion:
+        assert model_config.fusion.representator == "patches" and model_config.fusion.patch_size == 8

@@ -4,6 +4,7 @@ import pytest
 import seqio
 
 import tasks
+from mmt_jax.errors import UnknownTaskError
 from mmt_jax.data import feature_converter, images, preprocessors, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib
 
@@ -123,6 +124,7 @@ tasks.catalog_task.prefix = "gin_shop"
 tasks.catalog_task.data_dir = "{out}"
 tasks.catalog_task.catalog = "embedded-n40-s0-px32"
 """
+    gin.clear_config()
     with gin.unlock_config():
         gin.parse_config(config)
         try:
@@ -134,7 +136,7 @@ tasks.catalog_task.catalog = "embedded-n40-s0-px32"
             assert tasks.catalog_task("title", "gin_shop", out, "embedded-n40-s0-px32") == "gin_shop_title"
             with pytest.raises(ValueError, match="registered with"):
                 tasks.catalog_task("title", "gin_shop", out, "another")
-            with pytest.raises(ValueError, match="no catalog task 'colour_removed20'"):
+            with pytest.raises(UnknownTaskError, match="no catalog task 'colour_removed20'"):
                 tasks.catalog_task("colour_removed20", "gin_shop", out, "embedded-n40-s0-px32")
         finally:
             gin.clear_config()

@@ -19,8 +19,8 @@ catalog's `metadata.json`.
 """
 import collections
 import dataclasses
-import json
 import os
+import re
 from typing import Iterator
 
 import tensorflow as tf
@@ -66,6 +66,12 @@ def embedded_config(num_products: int = EMBEDDED_DEFAULT["num_products"],
         num_products=num_products, seed=seed, image_size=image_size)
 
 
+def embedded_config_from_name(name: str) -> ProductCatalogConfig | None:
+    """The embedded catalog config a name like "embedded-n3000-s0-px128" stands for, else None."""
+    match = re.fullmatch(r"embedded-n(\d+)-s(\d+)-px(\d+)", name)
+    return embedded_config(*map(int, match.groups())) if match else None
+
+
 def jsonl_config(name: str, jsonl: str, images_dir: str | None = None, *,
                  validation_fraction: float = 0.05, test_fraction: float = 0.05,
                  on_error: str = "fail") -> ProductCatalogConfig:
@@ -94,7 +100,8 @@ FEATURES = tfds.features.FeaturesDict({
 class ProductCatalog(tfds.core.GeneratorBasedBuilder):
     """Products with an image, a title, texts, a type and named attributes (see records.py)."""
     VERSION = tfds.core.Version(VERSION)
-    BUILDER_CONFIGS = [embedded_config()]
+    # No registered configs: every catalog is written with its own config object (`prepare`) and
+    # read back by name from its directory.
     BUILDER_CONFIG_CLS = ProductCatalogConfig
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -106,14 +113,9 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         if config.jsonl is None:
             from mmt_jax.data import catalog
-            indices_by_split = collections.defaultdict(list)
-            for index in range(config.num_products):
-                split = records.split_of(catalog.product_id(index, config.seed),
-                                         config.validation_fraction, config.test_fraction)
-                indices_by_split[split].append(index)
             return {split: self._generate_examples(
                         catalog.make_product(i, config.seed, config.image_size) for i in indices)
-                    for split, indices in indices_by_split.items()}
+                    for split, indices in _embedded_indices_by_split(config).items()}
         lines_by_split, skipped = _validate_jsonl(config)
         self.info.metadata["skipped_records"] = skipped
         self.info.metadata["source"] = os.path.abspath(config.jsonl)
@@ -173,13 +175,29 @@ def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]],
 
 def prepare(config: ProductCatalogConfig, data_dir: str, *, num_shards: int | None = None,
             overwrite: bool = False) -> tfds.core.DatasetBuilder:
-    """Writes the catalog under `data_dir` (reusing a finished one unless `overwrite`); no network."""
+    """Writes the catalog under `data_dir` (reusing a finished one unless `overwrite`); no network.
+
+    `num_shards` files per split (None: by size); for the embedded catalog it is capped at the
+    smallest split's size, as TFDS cannot write an empty file.
+    """
+    if num_shards and config.jsonl is None:
+        num_shards = max(1, min(num_shards, *map(len, _embedded_indices_by_split(config).values())))
     builder = ProductCatalog(config=config, data_dir=data_dir)
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=mode, try_download_gcs=False, num_shards=num_shards))
     return builder
+
+
+def _embedded_indices_by_split(config: ProductCatalogConfig) -> dict[str, list[int]]:
+    """Which products of the embedded catalog go to which split (from their ids' hashes)."""
+    from mmt_jax.data import catalog
+    indices = collections.defaultdict(list)
+    for index in range(config.num_products):
+        indices[records.split_of(catalog.product_id(index, config.seed), config.validation_fraction,
+                                 config.test_fraction)].append(index)
+    return indices
 
 
 def prepare_embedded(data_dir: str, num_shards: int | None = 4, **kwargs) -> tfds.core.DatasetBuilder:
@@ -205,7 +223,3 @@ def tfds_name(config_name: str) -> str:
     return f"{NAME}/{config_name}:{VERSION}"
 
 
-def read_metadata(data_dir: str, config_name: str) -> dict:
-    path = os.path.join(data_dir, NAME, config_name, VERSION, "metadata.json")
-    with open(path) as f:
-        return json.load(f)

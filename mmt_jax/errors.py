@@ -1,0 +1,16 @@
+"""Errors the command line reports as one line (exit status 2) instead of a traceback."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: vocabulary mismatch, batch vs mesh, non-finite loss."""
+
+
+class GinError(ValueError):
+    """A gin file or binding that does not parse or names nothing."""
+
+
+class UnknownTaskError(KeyError):
+    """A task or mixture name that is not registered."""
+
+    def __str__(self):
+        return str(self.args[0])

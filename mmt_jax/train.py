@@ -1,0 +1,242 @@
+"""The train binary's body: `train()` is what `mmt-jax train --gin_file=...` runs, configured by gin.
+
+    mmt-jax train --gin_file=runs/pretrain_tiny.gin --gin.MODEL_DIR=\\"runs/mmt4\\" --gin.TRAIN_STEPS=300
+
+A run reads its task through seqio (each process its own shard of the data), builds the sharded train
+state on the mesh, restores `model_dir`'s latest checkpoint if there is one (resuming at the same data
+position, so the loss curve continues as if never stopped), and trains with periodic checkpoints,
+evaluation and metric logs (TensorBoard under `model_dir/train` and `model_dir/eval`). A non-finite
+loss stops the run naming the step and the last good checkpoint; SIGTERM saves and exits cleanly.
+"""
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+import optax
+import seqio
+from clu import metric_writers
+from tqdm.auto import tqdm
+
+from mmt_jax.data import vocabulary as vocab_lib
+from mmt_jax.errors import TrainingError, UnknownTaskError
+from mmt_jax.model import EncoderDecoderModel
+from mmt_jax.models.config import ModelConfig
+from mmt_jax.partitioning import Partitioner
+from mmt_jax.training.checkpointer import Checkpointer
+from mmt_jax.training.trainer import Trainer
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    train_metrics: dict
+    eval_metrics: dict
+    stopped_by_signal: bool = False
+
+
+def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
+    """The Model for a config; `kwargs` (label_smoothing, z_loss, decode_fn ...) are gin-bindable."""
+    vocabulary = vocab_lib.vocabulary(model_config.vocabulary)
+    if vocabulary.vocab_size > model_config.t5.vocab_size:
+        raise TrainingError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's "
+                            f"embedding only {model_config.t5.vocab_size} (set t5.vocab_size)")
+    return EncoderDecoderModel(model_config.module(), input_vocabulary=vocabulary,
+                               output_vocabulary=vocabulary, **kwargs)
+
+
+def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: str,
+                task_feature_lengths: Mapping[str, int], batch_size: int, seed: int,
+                shuffle: bool = True, num_epochs: int | None = None):
+    """This process's share of the global batch, as a batched tf.data.Dataset of numpy dicts."""
+    provider = get_task(mixture_or_task_name)
+    task_vocab = provider.output_features["targets"].vocabulary
+    if getattr(task_vocab, "sentencepiece_model_file", None) != getattr(
+            model.output_vocabulary, "sentencepiece_model_file", None):
+        raise TrainingError(f"task {mixture_or_task_name!r} tokenises with "
+                            f"{getattr(task_vocab, 'sentencepiece_model_file', task_vocab)}, the model "
+                            f"with {model.output_vocabulary.sentencepiece_model_file}")
+    processes = jax.process_count()
+    if batch_size % processes:
+        raise TrainingError(f"batch size {batch_size} does not divide over {processes} processes")
+    ds = seqio.get_dataset(
+        mixture_or_task_name, task_feature_lengths, dataset_split=split, shuffle=shuffle,
+        num_epochs=num_epochs, seed=seed, use_cached=False,
+        shard_info=seqio.ShardInfo(jax.process_index(), processes) if processes > 1 else None,
+        feature_converter=model.FEATURE_CONVERTER_CLS(pack=False))
+    return ds.batch(batch_size // processes, drop_remainder=True)
+
+
+def get_task(name: str):
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        import difflib
+        known = sorted(seqio.TaskRegistry.names() | seqio.MixtureRegistry.names())
+        close = difflib.get_close_matches(name, known, n=5)
+        raise UnknownTaskError(f"no task or mixture {name!r}"
+                            + (f"; did you mean {', '.join(close)}?" if close else
+                               f"; {len(known)} are registered (import tasks?)")) from None
+
+
+def train(*, model_config: ModelConfig, mixture_or_task_name: str,
+          task_feature_lengths: Mapping[str, int], batch_size: int, total_steps: int,
+          model_dir: str, optimizer: optax.GradientTransformation,
+          mesh_shape=(-1, 1, 1), logical_axis_rules=None, num_microbatches: int = 1,
+          checkpoint_period: int = 1000, keep_checkpoints: int | None = 3,
+          log_period: int = 50, eval_period: int = 0, eval_batches: int = 8,
+          eval_split: str = "validation", initial_checkpoint: str | None = None,
+          dropout: bool = True, seed: int = 0, model_kwargs: Mapping | None = None) -> RunResult:
+    """Trains `model_config` on a seqio task to `total_steps`; see the module docstring.
+
+    Args:
+      batch_size: the global batch (all processes together).
+      mesh_shape: sizes of the (data, expert, model) mesh axes; -1 takes the remaining devices.
+      num_microbatches: gradient accumulation within one step.
+      checkpoint_period, keep_checkpoints: save every N steps (and at the end), keep the newest K.
+      log_period: steps between metric logs (and the non-finite loss check).
+      eval_period, eval_batches, eval_split: validation loss every N steps over that many batches
+        (0: never).
+      initial_checkpoint: an mmt_jax checkpoint whose matching parameters start this run (e.g. a
+        converted T5, or the pretrained MMT4), ignored when `model_dir` already has a checkpoint.
+      dropout: apply the model's dropout rate in training.
+      model_kwargs: passed to the Model (label_smoothing, z_loss, ...).
+    """
+    model = build_model(model_config, **dict(model_kwargs or {}))
+    try:
+        partitioner = Partitioner(mesh_shape, logical_axis_rules)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    train_ds = get_dataset(model, mixture_or_task_name, "train", task_feature_lengths, batch_size,
+                           seed)
+    local_shapes = {k: tuple(v.shape) for k, v in train_ds.element_spec.items()}
+    input_shapes = {k: (batch_size,) + s[1:] for k, s in local_shapes.items()}
+    input_types = {k: v.dtype.as_numpy_dtype for k, v in train_ds.element_spec.items()}
+    trainer = Trainer(model, partitioner, optimizer, input_shapes, input_types, num_microbatches)
+    checkpointer = Checkpointer(model_dir, model_config, checkpoint_period, keep_checkpoints)
+    is_chief = jax.process_index() == 0
+    say = print if is_chief else (lambda *a, **k: None)
+
+    if checkpointer.latest_step() is not None:
+        state, progress = checkpointer.restore(trainer.abstract_state, trainer.state_shardings)
+        batches_read = progress["batches_read"]
+        say(f"resumed from {checkpointer.path(progress['step'])} (step {progress['step']})")
+    else:
+        state, fresh = trainer.initial_state(seed, initial_checkpoint)
+        batches_read = 0
+        if initial_checkpoint:
+            say(f"initialised from {initial_checkpoint}; fresh: {', '.join(fresh) or 'nothing'}")
+    start_step = int(jax.device_get(state.step))
+    batches = train_ds.skip(batches_read).prefetch(2).as_numpy_iterator()
+    eval_ds = (get_dataset(model, mixture_or_task_name, eval_split, task_feature_lengths,
+                           batch_size, seed, shuffle=False, num_epochs=1).take(eval_batches).cache()
+               if eval_period else None)
+    writer = metric_writers.create_default_writer(os.path.join(model_dir, "train"),
+                                                  just_logging=not is_chief)
+    eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
+                                                       just_logging=not is_chief)
+    dropout_rng = jax.random.key(seed + 1) if dropout else None
+    say(f"{mixture_or_task_name}: steps {start_step}..{total_steps}, global batch {batch_size}, "
+        f"mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s), {jax.process_count()} process(es)")
+
+    stop = _StopSignal()
+    pending_losses, window_metrics, last_good = [], None, _last_checkpoint(checkpointer)
+    eval_metrics, train_metrics = {}, {}
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (
+        is_chief and sys.stderr.isatty()), dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step  # counted on the host: reading state.step would wait for every step
+    with stop:
+        while step < total_steps:
+            step += 1
+            state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)),
+                                                dropout_rng)
+            batches_read += 1
+            window_steps += 1
+            pending_losses.append((step, metrics["loss"]))
+            window_metrics = metrics if window_metrics is None else {
+                k: window_metrics[k].merge(v) for k, v in metrics.items()}
+            bar.update(1)
+            due_checkpoint = step % checkpoint_period == 0 or step == total_steps or stop.received
+            if step % log_period == 0 or due_checkpoint:
+                _check_finite(pending_losses, last_good, model_dir)
+                pending_losses = []
+                elapsed = time.perf_counter() - window_start
+                train_metrics = {k: float(v.compute()) for k, v in window_metrics.items()}
+                train_metrics["examples_per_second"] = window_steps * batch_size / elapsed
+                writer.write_scalars(step, train_metrics)
+                bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
+                                ex_s=f"{train_metrics['examples_per_second']:.0f}")
+                if bar.disable:
+                    say(f"step {step}/{total_steps}  loss {train_metrics['loss']:.4f}  accuracy "
+                        f"{train_metrics['accuracy']:.3f}  {train_metrics['examples_per_second']:.0f}"
+                        f" examples/s", flush=True)
+                window_metrics, window_start, window_steps = None, time.perf_counter(), 0
+            if eval_ds is not None and (step % eval_period == 0 or step == total_steps):
+                eval_metrics = _evaluate(trainer, state.params, eval_ds)
+                eval_writer.write_scalars(step, eval_metrics)
+                say(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            if due_checkpoint and checkpointer.save(state, batches_read, force=True):
+                last_good = checkpointer.path(step)
+            if stop.received:
+                break
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.flush()
+    eval_writer.flush()
+    if stop.received:
+        say(f"stopped by signal at step {step}; saved {checkpointer.path(step)}")
+    return RunResult(step, train_metrics, eval_metrics, stop.received)
+
+
+def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
+    merged = None
+    for batch in eval_ds.as_numpy_iterator():
+        metrics = trainer.eval_step(params, trainer.global_batch(batch))
+        merged = metrics if merged is None else {k: merged[k].merge(v) for k, v in metrics.items()}
+    return {k: float(v.compute()) for k, v in (merged or {}).items()}
+
+
+def _check_finite(pending, last_good: str | None, model_dir: str) -> None:
+    for step, loss in pending:
+        loss = float(loss.compute())
+        if not np.isfinite(loss):
+            back = (f"the last good checkpoint is {last_good}" if last_good
+                    else f"no checkpoint was written to {model_dir}")
+            raise TrainingError(f"loss is {loss} at step {step}; stopped before saving it. "
+                                f"{back}: lower the learning rate or check the data, then resume.")
+
+
+def _last_checkpoint(checkpointer: Checkpointer) -> str | None:
+    step = checkpointer.latest_step()
+    return None if step is None else checkpointer.path(step)
+
+
+class _StopSignal:
+    """Within `with`, SIGTERM (and SIGINT) set `received` instead of killing the process, so the loop
+    can save a checkpoint and return; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = True
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

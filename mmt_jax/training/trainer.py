@@ -1,0 +1,97 @@
+"""The Trainer: a Model, a Partitioner and an optimizer -> a sharded train state and compiled steps.
+
+Shapes come first: `jax.eval_shape` of the model's initial variables gives the parameters, their
+logical axes (`params_axes`) and hence their shardings; the optimizer state follows its parameters.
+The train step is jit-compiled once with explicit in/out shardings for the state and the batch and
+donates the old state, so a step runs unchanged on 1 CPU device, 8 host devices or a pod slice.
+"""
+from typing import Mapping
+
+import jax
+import numpy as np
+import optax
+
+from mmt_jax.errors import TrainingError
+from mmt_jax.partitioning import Partitioner
+from mmt_jax.training import checkpoints
+from mmt_jax.training.train_state import TrainState, train_step
+
+
+class Trainer:
+    """Args:
+      model: an `EncoderDecoderModel`.
+      partitioner: the mesh and logical axis rules.
+      optimizer: an optax transformation (see `training/optimizers.py`).
+      input_shapes, input_types: the global batch's arrays (name -> shape / dtype).
+      num_microbatches: gradient accumulation (`train_state.train_step`).
+    """
+
+    def __init__(self, model, partitioner: Partitioner, optimizer: optax.GradientTransformation,
+                 input_shapes: Mapping[str, tuple], input_types: Mapping[str, np.dtype],
+                 num_microbatches: int = 1):
+        self.model, self.partitioner = model, partitioner
+        self.input_shapes, self.input_types = dict(input_shapes), dict(input_types)
+        batch_size = next(iter(input_shapes.values()))[0]
+        data_shards = int(np.prod([partitioner.mesh.shape[a] for a in
+                                   _axes(partitioner.data_partition_spec)]))
+        if batch_size % data_shards:
+            raise TrainingError(f"the global batch of {batch_size} does not divide over the "
+                             f"{data_shards} data-parallel shards of mesh {dict(partitioner.mesh.shape)}"
+                             f" (batch is split over {partitioner.data_partition_spec})")
+        if batch_size % (num_microbatches * data_shards):
+            raise TrainingError(f"batch {batch_size} / num_microbatches {num_microbatches} does not "
+                             f"divide over {data_shards} data-parallel shards")
+
+        def init_variables(key):
+            return model.get_initial_variables(key, self.input_shapes, self.input_types)
+
+        with partitioner.context():
+            variables = jax.eval_shape(init_variables, jax.random.key(0))
+        self.params_shardings = partitioner.params_shardings(variables["params_axes"])
+        self.abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer),
+                                             variables["params"])
+        self.state_shardings = self.abstract_state.shardings(self.params_shardings,
+                                                             partitioner.replicated())
+        self.batch_shardings = {k: partitioner.data_sharding(len(s)) for k, s in input_shapes.items()}
+        self._optimizer = optimizer
+        self._init_params = partitioner.partition(lambda key: init_variables(key)["params"], None,
+                                                  self.params_shardings)
+        self._create = partitioner.partition(lambda p: TrainState.create(p, optimizer),
+                                             (self.params_shardings,), self.state_shardings)
+        self._train = partitioner.partition(
+            lambda s, b, r: train_step(model, s, b, r, num_microbatches),
+            (self.state_shardings, self.batch_shardings, partitioner.replicated()),
+            (self.state_shardings, None), donate_argnums=(0,))
+        self._eval = partitioner.partition(lambda p, b: model.eval_fn(p, b)[1],
+                                           (self.params_shardings, self.batch_shardings), None)
+
+    def initial_state(self, seed: int, initial_checkpoint: str | None = None) -> tuple[TrainState, list]:
+        """A fresh state; with `initial_checkpoint` (an mmt_jax checkpoint directory) its parameters
+        replace the fresh ones wherever the path and shape match. Returns `(state, fresh_paths)`."""
+        params = self._init_params(jax.random.key(seed))
+        fresh_paths = []
+        if initial_checkpoint:
+            _, pretrained = checkpoints.load_checkpoint(initial_checkpoint)
+            merged, fresh_paths = checkpoints.initialize_from(jax.device_get(params), pretrained)
+            params = jax.device_put(merged, self.params_shardings)
+        return self._create(params), fresh_paths
+
+    def train_step(self, state: TrainState, batch, dropout_rng) -> tuple[TrainState, dict]:
+        return self._train(state, batch, dropout_rng)
+
+    def eval_step(self, params, batch) -> dict:
+        return self._eval(params, batch)
+
+    def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
+        """This process's rows of the batch -> global arrays on the mesh (every process calls it)."""
+        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(v))
+                for k, v in local_batch.items()}
+
+
+def _axes(spec) -> list[str]:
+    axes = []
+    for entry in spec:
+        if entry is None:
+            continue
+        axes += list(entry) if isinstance(entry, tuple) else [entry]
+    return axes
