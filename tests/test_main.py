@@ -24,7 +24,7 @@ def test_convert_from_hf_and_back(hf_dir, tmp_path, capsys):
     assert "T5.1.1" in capsys.readouterr().out
     config, params = checkpoints.load_checkpoint(ckpt)
     ref_config, ref_params = hf_t5.load_hf_t5(hf_dir)
-    assert config == ref_config
+    assert config.t5 == ref_config and config.fusion is None
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
     # Refuses to overwrite, then exports back to the same tensors.
     assert main.run(["convert", "--from-hf", hf_dir, "--to", ckpt]) == 2
@@ -91,11 +91,14 @@ def test_convert_errors_name_the_culprit(hf_dir, tmp_path, capsys, case, expecte
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
 
 
-def test_demo_trains_and_saves(tmp_path, capsys):
-    assert main.run(["demo", "--steps", "30", "--workdir", str(tmp_path)]) == 0
+def test_demo_runs_the_main_job_and_prints_the_table(tmp_path, capsys):
+    from mmt_jax import demo
+    accuracy = demo.run(workdir=str(tmp_path), pretrain_steps=2, finetune_steps=2, num_products=48,
+                        batch_size=8, examples=2)
     out = capsys.readouterr().out
-    losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines()
-              if line.startswith("step")]
-    assert losses[-1] < losses[0] - 0.5, out
-    config, params = checkpoints.load_checkpoint(str(tmp_path / "checkpoint_30"))
-    assert config.num_encoder_layers == 2 and "logits_dense" in params["decoder"]
+    assert set(accuracy) == {"T5", "MMT4"}
+    assert all(0 <= a <= 1 for model in accuracy.values() for a in model.values())
+    assert "| color |" in out and "| sleeve_type |" in out and "Examples (" in out
+    assert "$ mmt-jax train --gin_file=runs/catalog.gin --gin_file=models/mmt4_tiny.gin" in out
+    config, params = checkpoints.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
+    assert config.fusion is not None and "image_fusion" in params
