@@ -103,7 +103,8 @@ def test_dropout_is_active_only_with_an_rng():
 
 def test_package_never_imports_torch_or_transformers():
     code = ("import sys, mmt_jax.main, mmt_jax.model, mmt_jax.decoding, mmt_jax.partitioning, "
-            "mmt_jax.training.hf_t5, mmt_jax.training.checkpoints, mmt_jax.training.sort_demo; "
+            "mmt_jax.training.hf_t5, mmt_jax.training.checkpoints, mmt_jax.train, mmt_jax.demo, "
+            "mmt_jax.evaluate, tasks; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
