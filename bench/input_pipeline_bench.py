@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 import optax
 import seqio
 

@@ -90,7 +90,7 @@ def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: i
 def _print_table(accuracy, attributes) -> None:
     print("\nAttribute generation, every attribute value removed from the titles (validation split)"
           "\n(cf. Table 2 of the MMT4 paper, row '100%'):\n")
-    print(f"| attribute | T5 accuracy | MMT4 accuracy | only in |\n|---|---:|---:|---|")
+    print("| attribute | T5 accuracy | MMT4 accuracy | only in |\n|---|---:|---:|---|")
     for attribute in attributes:
         where = "image" if attribute in IMAGE_ATTRIBUTES else "text"
         print(f"| {attribute} | {accuracy['T5'][attribute]:.1%} | {accuracy['MMT4'][attribute]:.1%} "

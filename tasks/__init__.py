@@ -2,7 +2,7 @@
 
     import tasks   # registers catalog_pretrain, catalog_color_removed100, catalog_match, ...
 
-The embedded catalog (`mmt_jax/data/tfds_catalog.EMBEDDED_DEFAULT`) lives under `default_data_dir()`
+The embedded catalog (`mmt_jax/data/tfds_catalog.embedded_config()`) lives under `default_data_dir()`
 and is generated there on first use (seconds). Images are prepared at 224 px with ViT statistics.
 
 For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR --name shop`:

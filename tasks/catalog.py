@@ -35,17 +35,17 @@ DEFAULT_ATTRIBUTES = ("color", "pattern", "sleeve_type", "brand", "material")
 REMOVAL_SHARES = (1.0, 0.2, 0.0)
 
 
-def truncate_text(dataset: tf.data.Dataset, sequence_length: Sequence[int] | None,
-                  feature: str = "targets", keys: tuple[str, ...] = ("inputs", "targets")):
-    """Cuts the tokenised `feature` to the shortest of `sequence_length[keys]` minus one (room for
-    EOS), so that corruption never produces inputs or targets that the feature lengths would cut."""
+def truncate_text(dataset: tf.data.Dataset, sequence_length: Sequence[int] | None):
+    """Cuts the tokenised `targets` (the text to corrupt) to the shorter of the inputs and targets
+    lengths minus one (room for EOS), so that corruption never produces inputs or targets that the
+    feature lengths would cut."""
     if not sequence_length:
         return dataset
-    limit = min(sequence_length[k] for k in keys if k in sequence_length) - 1
+    limit = min(sequence_length[k] for k in ("inputs", "targets") if k in sequence_length) - 1
 
     @seqio.map_over_dataset
     def fn(example):
-        return {**example, feature: example[feature][:limit]}
+        return {**example, "targets": example["targets"][:limit]}
     return fn(dataset)
 
 

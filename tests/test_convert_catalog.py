@@ -2,7 +2,6 @@
 every kind of bad record is named with its line, id, field and reason, and nothing partial is left."""
 import base64
 import json
-import os
 
 import numpy as np
 import pytest

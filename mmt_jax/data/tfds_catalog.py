@@ -31,7 +31,6 @@ from mmt_jax.data import records
 NAME = "product_catalog"
 VERSION = "1.0.0"
 ON_ERROR = ("fail", "skip")
-EMBEDDED_DEFAULT = dict(num_products=3000, seed=0, image_size=128)
 
 
 @dataclasses.dataclass
@@ -56,9 +55,8 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
     on_error: str = "fail"
 
 
-def embedded_config(num_products: int = EMBEDDED_DEFAULT["num_products"],
-                    seed: int = EMBEDDED_DEFAULT["seed"],
-                    image_size: int = EMBEDDED_DEFAULT["image_size"]) -> ProductCatalogConfig:
+def embedded_config(num_products: int = 3000, seed: int = 0,
+                    image_size: int = 128) -> ProductCatalogConfig:
     """The embedded catalog of a given size; its name says what it holds, so sizes never collide."""
     return ProductCatalogConfig(
         name=f"embedded-n{num_products}-s{seed}-px{image_size}",
@@ -198,11 +196,6 @@ def _embedded_indices_by_split(config: ProductCatalogConfig) -> dict[str, list[i
         indices[records.split_of(catalog.product_id(index, config.seed), config.validation_fraction,
                                  config.test_fraction)].append(index)
     return indices
-
-
-def prepare_embedded(data_dir: str, num_shards: int | None = 4, **kwargs) -> tfds.core.DatasetBuilder:
-    """The embedded catalog under `data_dir`, written on first use (seconds for a few thousand)."""
-    return prepare(embedded_config(**kwargs), data_dir, num_shards=num_shards)
 
 
 def summary(builder: tfds.core.DatasetBuilder) -> str:

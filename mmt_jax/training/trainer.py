@@ -53,7 +53,6 @@ class Trainer:
         self.state_shardings = self.abstract_state.shardings(self.params_shardings,
                                                              partitioner.replicated())
         self.batch_shardings = {k: partitioner.data_sharding(len(s)) for k, s in input_shapes.items()}
-        self._optimizer = optimizer
         self._init_params = partitioner.partition(lambda key: init_variables(key)["params"], None,
                                                   self.params_shardings)
         self._create = partitioner.partition(lambda p: TrainState.create(p, optimizer),
