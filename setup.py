@@ -38,6 +38,8 @@ INSTALL_REQUIRES = [
     # and their areas, rather than our own versions of either.
     "rouge-score>=0.1.2",
     "scikit-learn>=1.3",
+    # The eval binary's ROC/PR curves, confusion matrices and accuracy bars (mmt_jax/eval_plots.py).
+    "matplotlib>=3.8",
     # clu's metric writers write TensorBoard summaries through it (tensorflow 2.21 no longer pulls it).
     "tensorboard>=2.20",
     # Reads Hugging Face `model.safetensors` files with numpy, so importing HF checkpoints needs no torch.

@@ -14,3 +14,8 @@ class UnknownTaskError(KeyError):
 
     def __str__(self):
         return str(self.args[0])
+
+
+class InputError(ValueError):
+    """Inputs a model cannot take (a too-long text, an unreadable image, images preprocessed unlike
+    the checkpoint's training); the message names the record and the field."""

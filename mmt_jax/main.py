@@ -1,4 +1,4 @@
-"""Command-line entry points: `mmt-jax convert ...` and `mmt-jax demo` (also `python -m mmt_jax.main`).
+"""Command-line entry points: `mmt-jax <command>` (also `python -m mmt_jax.main <command>`).
 
   convert --from-hf DIR --to CHECKPOINT       Hugging Face T5 (config.json + model.safetensors) -> ours
   convert --from-t5x DIR --to CHECKPOINT      t5x checkpoint (orbax or legacy tensorstore) -> ours
@@ -9,6 +9,10 @@
   data vocab --out FILE                       retrains the catalog SentencePiece vocabulary
   train --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]
                                               trains as the gin files say (gin/runs/*.gin)
+  eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=... --gin.TASK=... --gin.EVAL_OUTPUT_DIR=...
+                                              a checkpoint's task metrics: report.json + plots
+  infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F
+                                              products -> JSONL of predictions with scores
   demo [--workdir DIR]                        the main job: pretrains and fine-tunes a tiny MMT4 and
                                               a text-only T5 on the embedded catalog, then prints
                                               their per-attribute accuracy (Table 2's shape)
@@ -18,8 +22,8 @@ import logging
 import os
 import sys
 
-from mmt_jax.data.records import ConversionError
-from mmt_jax.errors import GinError, TrainingError, UnknownTaskError
+from mmt_jax.data.records import ConversionError, RecordError
+from mmt_jax.errors import GinError, InputError, TrainingError, UnknownTaskError
 from mmt_jax.training.hf_t5 import CheckpointFormatError
 
 
@@ -85,10 +89,10 @@ def _data_vocab(args) -> None:
     print(f"wrote {path}")
 
 
-def _train(args) -> None:
+def _run_gin(args, configurable):
+    """Parses the gin files and bindings, then calls `configurable` as they configure it."""
     import gin
-    from mmt_jax import gin_search_path, train
-    _initialize_distributed(args)
+    from mmt_jax import gin_search_path
     # gin logs an error for each search path a file is not in before it finds it; they are noise.
     logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
     gin.clear_config()
@@ -96,16 +100,43 @@ def _train(args) -> None:
         gin.add_config_file_search_path(path)
     try:
         gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
-        run_train = gin.get_configurable(train.train)
+        run = gin.get_configurable(configurable)
     except (ValueError, KeyError, ImportError, OSError, NameError, SyntaxError) as e:
         raise GinError(f"gin: {e}") from None
     try:
-        result = run_train()
+        return run()
     finally:
         gin.clear_config()  # a later run in the same process starts from its own files only
+
+
+def _train(args) -> None:
+    from mmt_jax import train
+    _initialize_distributed(args)
+    result = _run_gin(args, train.train)
+    import jax
+    if jax.process_index() != 0:
+        return  # the chief reports for all
     print(f"finished at step {result.step}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in {**result.train_metrics,
                                     **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}.items()))
+
+
+def _eval(args) -> None:
+    from mmt_jax import evaluate
+    report = _run_gin(args, evaluate.evaluate)
+    print(f"wrote the report of {len(report['tasks'])} task(s) and {len(report['plots'])} plot(s) to "
+          f"{report['output_dir']}")
+
+
+def _infer(args) -> None:
+    from mmt_jax import infer
+    from mmt_jax.predictor import Predictor
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, input_length=args.input_length, target_length=args.target_length,
+        batch_size=args.batch_size, num_beams=args.num_beams)
+    count = infer.infer(predictor, args.input, args.out, args.prompt, images_dir=args.images,
+                        with_description=args.with_description, on_error=args.on_error)
+    print(f"wrote {count} predictions to {args.out}")
 
 
 def _initialize_distributed(args) -> None:
@@ -168,18 +199,40 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--num-products", type=int, default=None, help="default: as shipped")
     vocab.add_argument("--vocab-size", type=int, default=None, help="default: as shipped")
     vocab.set_defaults(run=_data_vocab)
-    train = commands.add_parser("train", help="train a model as gin files say",
+    gin_search = argparse.ArgumentParser(add_help=False)
+    gin_search.add_argument("--gin_file", action="append", default=[], required=True,
+                            help="gin file (searched in the package's gin/ and --gin_search_path)")
+    gin_search.add_argument("--gin_search_path", action="append", default=[])
+    train = commands.add_parser("train", parents=[gin_search], help="train a model as gin files say",
                                 description="Bindings are --gin.NAME=VALUE (strings in quotes: "
                                             "--gin.MODEL_DIR=\\\"runs/x\\\").")
-    train.add_argument("--gin_file", action="append", default=[], required=True,
-                       help="gin file (searched in the package's gin/ and --gin_search_path)")
-    train.add_argument("--gin_search_path", action="append", default=[])
     train.add_argument("--multihost", action="store_true",
                        help="call jax.distributed.initialize() (settings from the environment)")
     train.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     train.add_argument("--num_processes", type=int, default=None)
     train.add_argument("--process_id", type=int, default=None)
     train.set_defaults(run=_train)
+    evaluate = commands.add_parser(
+        "eval", parents=[gin_search], help="a checkpoint on its tasks' metrics: JSON report + plots",
+        description="gin/runs/eval.gin: --gin.CHECKPOINT_PATH, --gin.TASK, --gin.EVAL_OUTPUT_DIR.")
+    evaluate.set_defaults(run=_eval)
+    infer = commands.add_parser("infer", help="products (JSONL or TFRecord) -> JSONL of predictions")
+    infer.add_argument("--checkpoint", required=True, help="a checkpoint, or a model dir (newest)")
+    infer.add_argument("--input", required=True,
+                       help="catalog .jsonl, or a glob of TFRecord files from `data convert`")
+    infer.add_argument("--images", default=None, help="directory of the JSONL's relative image paths")
+    infer.add_argument("--prompt", action="append", default=[], required=True,
+                       help="e.g. color: (repeat for several; each product gets each prompt)")
+    infer.add_argument("--out", required=True, help="JSONL of {id, prompt, prediction, score}")
+    infer.add_argument("--with-description", action="store_true",
+                       help="append the description to the title (if the model was trained so)")
+    infer.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
+    infer.add_argument("--batch-size", type=int, default=16)
+    infer.add_argument("--input-length", type=int, default=128, help="tokens; longer is an error")
+    infer.add_argument("--target-length", type=int, default=16, help="most tokens generated")
+    infer.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                       help="a bad JSONL record stops the run (default) or is skipped and reported")
+    infer.set_defaults(run=_infer)
     demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
                                              "catalog (Table 2's shape), ~10 min on 2 cores")
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
@@ -195,12 +248,12 @@ def run(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     args.gin_bindings = [a[len("--gin."):] for a in unknown if a.startswith("--gin.")]
     others = [a for a in unknown if not a.startswith("--gin.")]
-    if others or (args.gin_bindings and args.command != "train"):
+    if others or (args.gin_bindings and args.command not in ("train", "eval")):
         parser.error(f"unrecognized arguments: {' '.join(others or unknown)}")
     try:
         args.run(args)
     except (FileNotFoundError, FileExistsError, CheckpointFormatError, ConversionError, GinError,
-            TrainingError, UnknownTaskError) as e:
+            TrainingError, UnknownTaskError, InputError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,11 +1,12 @@
 """The train binary's body: `train()` is what `mmt-jax train --gin_file=...` runs, configured by gin.
 
-    mmt-jax train --gin_file=runs/pretrain_tiny.gin --gin.MODEL_DIR=\\"runs/mmt4\\" --gin.TRAIN_STEPS=300
+    mmt-jax train --gin_file=runs/pretrain.gin --gin_file=models/mmt4_tiny.gin --gin.MODEL_DIR=\\"runs/mmt4\\" --gin.TRAIN_STEPS=300
 
 A run reads its task through seqio (each process its own shard of the data), builds the sharded train
 state on the mesh, restores `model_dir`'s latest checkpoint if there is one (resuming at the same data
 position, so the loss curve continues as if never stopped), and trains with periodic checkpoints,
-evaluation and metric logs (TensorBoard under `model_dir/train` and `model_dir/eval`). A non-finite
+evaluation (held-out loss, and the tasks' inference metrics on decoded examples) and metric logs
+(TensorBoard under `model_dir/train` and `model_dir/eval`). A non-finite
 loss stops the run naming the step and the last good checkpoint; SIGTERM saves and exits cleanly.
 """
 import dataclasses
@@ -22,6 +23,7 @@ import seqio
 from clu import metric_writers
 from tqdm.auto import tqdm
 
+from mmt_jax import evaluate
 from mmt_jax.data import vocabulary as vocab_lib
 from mmt_jax.errors import TrainingError, UnknownTaskError
 from mmt_jax.model import EncoderDecoderModel
@@ -51,8 +53,12 @@ def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
 
 def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: str,
                 task_feature_lengths: Mapping[str, int], batch_size: int, seed: int,
-                shuffle: bool = True, num_epochs: int | None = None):
-    """This process's share of the global batch, as a batched tf.data.Dataset of numpy dicts."""
+                shuffle: bool = True, num_epochs: int | None = None,
+                shard: tuple[int, int] | None = None):
+    """This process's share of the global batch, as a batched tf.data.Dataset of numpy dicts.
+
+    `shard` = (index, count) of the data shard and of the processes sharing the global batch;
+    default: this process's (`jax.process_index()`, `jax.process_count()`)."""
     provider = get_task(mixture_or_task_name)
     task_vocab = provider.output_features["targets"].vocabulary
     if getattr(task_vocab, "sentencepiece_model_file", None) != getattr(
@@ -60,13 +66,13 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
         raise TrainingError(f"task {mixture_or_task_name!r} tokenises with "
                             f"{getattr(task_vocab, 'sentencepiece_model_file', task_vocab)}, the model "
                             f"with {model.output_vocabulary.sentencepiece_model_file}")
-    processes = jax.process_count()
+    index, processes = shard or (jax.process_index(), jax.process_count())
     if batch_size % processes:
         raise TrainingError(f"batch size {batch_size} does not divide over {processes} processes")
     ds = seqio.get_dataset(
         mixture_or_task_name, task_feature_lengths, dataset_split=split, shuffle=shuffle,
         num_epochs=num_epochs, seed=seed, use_cached=False,
-        shard_info=seqio.ShardInfo(jax.process_index(), processes) if processes > 1 else None,
+        shard_info=seqio.ShardInfo(index, processes) if processes > 1 else None,
         feature_converter=model.FEATURE_CONVERTER_CLS(pack=False))
     return ds.batch(batch_size // processes, drop_remainder=True)
 
@@ -89,7 +95,7 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
           mesh_shape=(-1, 1, 1), logical_axis_rules=None, num_microbatches: int = 1,
           checkpoint_period: int = 1000, keep_checkpoints: int | None = 3,
           log_period: int = 50, eval_period: int = 0, eval_batches: int = 8,
-          eval_split: str = "validation", initial_checkpoint: str | None = None,
+          eval_split: str = "validation", infer_eval_examples: int = 0, initial_checkpoint: str | None = None,
           dropout: bool = True, seed: int = 0, model_kwargs: Mapping | None = None) -> RunResult:
     """Trains `model_config` on a seqio task to `total_steps`; see the module docstring.
 
@@ -101,6 +107,9 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
       log_period: steps between metric logs (and the non-finite loss check).
       eval_period, eval_batches, eval_split: validation loss every N steps over that many batches
         (0: never).
+      infer_eval_examples: also decode that many examples of each task of the mixture that has
+        inference metrics, at the same steps, and log the tasks' metrics as `<task>/<metric>`
+        (0: loss only).
       initial_checkpoint: an mmt_jax checkpoint whose matching parameters start this run (e.g. a
         converted T5, or the pretrained MMT4), ignored when `model_dir` already has a checkpoint.
       dropout: apply the model's dropout rate in training.
@@ -162,7 +171,11 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
             window_metrics = metrics if window_metrics is None else {
                 k: window_metrics[k].merge(v) for k, v in metrics.items()}
             bar.update(1)
-            due_checkpoint = step % checkpoint_period == 0 or step == total_steps or stop.received
+            # Every process must stop at the same step (the save is collective): with several, they
+            # compare notes at each log step; a signal to any of them stops them all.
+            stopping = stop.received if jax.process_count() == 1 else (
+                step % log_period == 0 and _any_process(stop.received))
+            due_checkpoint = step % checkpoint_period == 0 or step == total_steps or stopping
             if step % log_period == 0 or due_checkpoint:
                 _check_finite(pending_losses, last_good, model_dir)
                 pending_losses = []
@@ -179,20 +192,25 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                 window_metrics, window_start, window_steps = None, time.perf_counter(), 0
             if eval_ds is not None and (step % eval_period == 0 or step == total_steps):
                 eval_metrics = _evaluate(trainer, state.params, eval_ds)
+                if infer_eval_examples:
+                    eval_metrics.update(_inference_metrics(
+                        model, state.params, mixture_or_task_name, eval_split,
+                        task_feature_lengths, batch_size, infer_eval_examples))
                 eval_writer.write_scalars(step, eval_metrics)
                 say(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
             if due_checkpoint and checkpointer.save(state, batches_read, force=True):
                 last_good = checkpointer.path(step)
-            if stop.received:
+            if stopping:
                 break
     bar.close()
     checkpointer.wait()
     checkpointer.close()
     writer.flush()
     eval_writer.flush()
-    if stop.received:
+    stopped = step < total_steps
+    if stopped:
         say(f"stopped by signal at step {step}; saved {checkpointer.path(step)}")
-    return RunResult(step, train_metrics, eval_metrics, stop.received)
+    return RunResult(step, train_metrics, eval_metrics, stopped)
 
 
 def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
@@ -201,6 +219,22 @@ def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
         metrics = trainer.eval_step(params, trainer.global_batch(batch))
         merged = metrics if merged is None else {k: merged[k].merge(v) for k, v in metrics.items()}
     return {k: float(v.compute()) for k, v in (merged or {}).items()}
+
+
+def _inference_metrics(model, params, mixture_or_task_name: str, split: str, task_feature_lengths,
+                       batch_size: int, max_examples: int) -> dict:
+    metrics = {}
+    for task in evaluate.leaf_tasks(mixture_or_task_name):
+        rows = evaluate.predict_task(model, params, task.name, split, task_feature_lengths,
+                                     batch_size, max_examples)
+        metrics.update({f"{task.name}/{k}": v
+                        for k, v in evaluate.evaluate_task(task.name, rows).items()})
+    return metrics
+
+
+def _any_process(flag: bool) -> bool:
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
 def _check_finite(pending, last_good: str | None, model_dir: str) -> None:

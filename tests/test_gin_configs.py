@@ -51,3 +51,25 @@ def test_catalog_model_gins_build_mmt4_and_its_text_only_twin(name, fusion):
     assert (model_config.fusion is not None) == fusion
     if fusion:
         assert model_config.fusion.representator == "patches" and model_config.fusion.patch_size == 8
+
+
+@pytest.mark.parametrize("run, task, lengths, extra", [
+    ("pretrain", "pretrain", {"inputs": 48, "targets": 48}, []),
+    ("finetune", "attributes_removed100", {"inputs": 64, "targets": 8},
+     ["INITIAL_CHECKPOINT_PATH = '/pretrained/checkpoint_300'"]),
+])
+def test_run_gins_set_their_task_and_lengths(run, task, lengths, extra):
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(mmt_jax.gin_search_path())
+        gin.parse_config_files_and_bindings(
+            [f"runs/{run}.gin", "models/mmt4_tiny.gin"],
+            ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10", *extra])
+        assert gin.query_parameter("%TASK") == task
+        assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == lengths
+        image = gin.query_parameter("config.ModelConfig.image")  # stored with the checkpoints
+        assert image.selector == gin.query_parameter("tasks.catalog_task.image").selector
+        if run == "finetune":
+            assert gin.query_parameter("train.train.infer_eval_examples") == 64
+    finally:
+        gin.clear_config()

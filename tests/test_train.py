@@ -1,7 +1,11 @@
-"""The train binary end to end on a tiny MMT4 and catalog (flax examples' train_test pattern):
-train -> checkpoint -> SIGTERM -> resume equals uninterrupted; restore onto another mesh; clear
-errors for a non-finite loss, a gin typo, an unknown task, a missing checkpoint and a batch the mesh
-cannot split."""
+"""The binaries end to end on a tiny MMT4 and catalog (flax examples' train_test pattern):
+train -> checkpoint -> SIGTERM -> resume equals uninterrupted; restore onto another mesh; eval ->
+report and plots; infer and the Predictor give the eval pipeline's predictions; clear errors for a
+non-finite loss, a gin typo, an unknown task, a missing checkpoint, a batch the mesh cannot split,
+a too-long text, a corrupt image and a bad input record."""
+import contextlib
+import io
+import json
 import os
 import signal
 
@@ -43,19 +47,26 @@ def _losses(out: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
+    """Six steps with evaluation (loss, and decoded accuracy on 4 products per task) every 3:
+    `(model_dir, data_dir, stdout)`."""
     model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    return model_dir, data_dir
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main.run(_args(data_dir, model_dir, 6, "--gin.train.train.eval_period=3",
+                              "--gin.train.train.eval_batches=1",
+                              "--gin.train.train.infer_eval_examples=4")) == 0
+    return model_dir, data_dir, out.getvalue()
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, capsys,
                                                           monkeypatch):
-    model_dir, data_dir = uninterrupted
-    assert main.run(_args(data_dir, model_dir, 6, "--gin.train.train.eval_period=3",
-                          "--gin.train.train.eval_batches=1")) == 0
-    out = capsys.readouterr().out
+    model_dir, data_dir, out = uninterrupted
     straight = _losses(out)
     assert len(straight) == 6 and straight[-1] < straight[0]
     assert "step 3: eval accuracy" in out and "finished at step 6" in out and "eval_loss" in out
+    # the inference metrics of every attribute task of the mixture, at both evaluations
+    for attribute in ("color", "pattern", "sleeve_type", "brand", "material"):
+        assert out.count(f"train_test_{attribute}_removed100/attribute_accuracy") == 3  # + summary
     assert sorted(os.listdir(model_dir))[:2] == ["checkpoint_3", "checkpoint_6"]
 
     # The same run, sent SIGTERM during step 2: it saves step 2 and stops; a rerun resumes there.
@@ -86,7 +97,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
 
 
 def test_checkpoint_restores_onto_another_mesh(uninterrupted):
-    model_dir, _ = uninterrupted
+    model_dir, _, _ = uninterrupted
     config, saved = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
     from mmt_jax.data import vocabulary
     from mmt_jax.model import EncoderDecoderModel
@@ -133,7 +144,7 @@ def test_predictions_of_a_trained_checkpoint_and_their_metrics(uninterrupted):
     import seqio
     from mmt_jax import evaluate
     from mmt_jax.train import build_model
-    model_dir, _ = uninterrupted
+    model_dir, _, _ = uninterrupted
     config, params = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
     model = build_model(config)
     lengths = {"inputs": 24, "targets": 8}
@@ -149,3 +160,116 @@ def test_predictions_of_a_trained_checkpoint_and_their_metrics(uninterrupted):
     exact = np.mean([r.prediction.strip().lower() == r.target.lower() for r in rows])
     assert metrics["attribute_accuracy"] == pytest.approx(exact)
     assert 0 <= metrics["attribute_recall_at_precision_0.9"] <= metrics["attribute_accuracy"]
+
+
+def _eval_args(data_dir, checkpoint, output_dir, task, *extra):
+    return ["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+            f"--gin.EVAL_OUTPUT_DIR='{output_dir}'", f"--gin.TASK='{task}'",
+            "--gin.CATALOG_PREFIX='train_test'", f"--gin.DATA_DIR='{data_dir}'",
+            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16", "--gin.BATCH_SIZE=8",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", *extra]
+
+
+def test_eval_binary_writes_the_report_predictions_and_plots(uninterrupted, tmp_path, capsys):
+    model_dir, data_dir, _ = uninterrupted
+    out = tmp_path / "eval"
+    assert main.run(_eval_args(data_dir, model_dir, out, "attributes_removed100")) == 0
+    assert "wrote the report of 5 task(s) and 1 plot(s)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoint"] == os.path.join(model_dir, "checkpoint_6")  # the newest
+    assert len(report["tasks"]) == 5
+    for task, result in report["tasks"].items():
+        rows = [json.loads(line) for line in (out / "predictions" / f"{task}.jsonl").open()]
+        assert len(rows) == result["num_examples"] > 0 and all(r["id"] for r in rows)
+        exact = np.mean([r["prediction"].strip().lower() == r["target"].lower() for r in rows])
+        assert result["metrics"]["attribute_accuracy"] == pytest.approx(exact)
+    assert (out / "attribute_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main.run(_eval_args(data_dir, model_dir, tmp_path / "match", "match")) == 0
+    report = json.loads((tmp_path / "match" / "report.json").read_text())
+    metrics = report["tasks"]["train_test_match"]["metrics"]
+    assert {"match_accuracy", "match_roc_auc", "match_pr_auc"} <= set(metrics)
+    assert report["plots"] == [f"train_test_match_{kind}.png" for kind in ("roc", "pr", "confusion")]
+    for name in report["plots"]:
+        assert (tmp_path / "match" / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gin.IMAGE_SIZE=32", "--gin.CATALOG_PREFIX='train_test_px32'"], "preprocesses images as"),
+    (["--gin.CHECKPOINT_PATH='/nowhere'"], "no such checkpoint directory"),
+    (["--gin.TASK='pretrain'"], "has no task with inference metrics"),
+])
+def test_eval_clear_errors(uninterrupted, tmp_path, capsys, extra, message):
+    model_dir, data_dir, _ = uninterrupted
+    assert main.run(_eval_args(data_dir, model_dir, tmp_path, "color_removed100", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterrupted, tmp_path):
+    from mmt_jax import evaluate, infer
+    from mmt_jax.predictor import Predictor, Query
+    from mmt_jax.train import build_model
+    model_dir, data_dir, _ = uninterrupted
+    config, params = checkpoints.load_checkpoint(model_dir)
+    rows = evaluate.predict_task(build_model(config), params, "train_test_color_removed100",
+                                 "validation", {"inputs": 24, "targets": 8}, batch_size=4)
+    # the stored validation products, read back from the TFRecord files as the infer binary does
+    pattern = os.path.join(data_dir, "product_catalog", "embedded-n96-s0-px32", "*",
+                           "product_catalog-validation.tfrecord*")
+    products = {p.id: p for p in infer.read_products(pattern)}
+    assert {r.id for r in rows} == set(products)
+    predictor = Predictor.from_checkpoint(model_dir, input_length=24, target_length=8,
+                                          batch_size=4)
+    queries = [Query(r.id, "", r.inputs, image=products[r.id].image) for r in rows]
+    for row, (query, prediction) in zip(rows, predictor.predict_queries(queries)):
+        assert query.record == row.id and prediction.text == row.prediction
+        assert prediction.score == pytest.approx(row.score, abs=1e-4)
+
+    # The infer binary on a JSONL catalog with image files: one line per product and prompt.
+    from mmt_jax.data import catalog
+    jsonl, images = tmp_path / "products.jsonl", tmp_path / "images"
+    catalog.write_jsonl(catalog.generate_catalog(3, seed=7, image_size=32), str(jsonl), str(images))
+    out = tmp_path / "predictions.jsonl"
+    args = ["infer", "--checkpoint", model_dir, "--input", str(jsonl), "--images", str(images),
+            "--prompt", "color:", "--prompt", "pattern:", "--out", str(out), "--input-length", "24",
+            "--target-length", "8", "--batch-size", "4"]
+    assert main.run(args) == 0
+    lines = [json.loads(line) for line in out.open()]
+    assert [(r["id"], r["prompt"]) for r in lines] == [
+        (p.id, prompt) for p in catalog.generate_catalog(3, seed=7, image_size=32)
+        for prompt in ("color:", "pattern:")]
+    first = catalog.make_product(0, seed=7, image_size=32)
+    direct = predictor.predict(image=first.image, title=first.title, prompt="color:")
+    assert (lines[0]["prediction"], lines[0]["score"]) == pytest.approx((direct.text, direct.score))
+    # the same image as a file path, a PIL image and an array gives the same answer
+    from PIL import Image
+    picture = Image.open(io.BytesIO(first.image))
+    for image in (str(images / os.listdir(images)[0]), picture, np.asarray(picture.convert("RGB"))):
+        again = predictor.predict(image=image, title=first.title, prompt="color:")
+        assert again.text == direct.text
+    beams = Predictor.from_checkpoint(model_dir, input_length=24, target_length=8, batch_size=4,
+                                      num_beams=3)
+    assert beams.predict(image=first.image, title=first.title, prompt="color:").score <= 0
+
+
+def test_infer_clear_errors_and_no_half_written_output(uninterrupted, tmp_path, capsys):
+    from mmt_jax.errors import InputError
+    from mmt_jax.predictor import Predictor
+    model_dir, _, _ = uninterrupted
+    predictor = Predictor.from_checkpoint(model_dir, input_length=24, target_length=8)
+    with pytest.raises(InputError, match=r"record 'query'.*more than input_length=24"):
+        predictor.predict(title="long " * 40, prompt="color:")
+    with pytest.raises(InputError, match=r"record 'query': field 'image': corrupt"):
+        predictor.predict(image=b"\x89PNG not really", prompt="color:")
+
+    jsonl, out = tmp_path / "products.jsonl", tmp_path / "predictions.jsonl"
+    jsonl.write_text('{"id": "a", "title": "red shirt"}\n{"id": "b", "titel": "blue shirt"}\n')
+    out.write_text("earlier results\n")
+    args = ["infer", "--checkpoint", model_dir, "--input", str(jsonl), "--prompt", "color:",
+            "--out", str(out), "--input-length", "24", "--target-length", "8"]
+    assert main.run(args) == 2
+    assert "line 2, record 'b': field 'titel': unknown field" in capsys.readouterr().err
+    assert out.read_text() == "earlier results\n"  # untouched, and no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["predictions.jsonl", "products.jsonl"]
+    assert main.run(args + ["--on-error", "skip"]) == 0
+    assert [json.loads(line)["id"] for line in out.open()] == ["a"]

@@ -163,16 +163,26 @@ def _read_image(obj: dict, images_dir: str | None, fail) -> bytes:
     else:
         return b""
     try:
+        return stored_image(data)
+    except ValueError as e:
+        fail(field, str(e))
+
+
+def stored_image(data: bytes) -> bytes:
+    """Encoded image bytes of any format PIL reads -> JPEG/PNG bytes that `tf.io.decode_image` reads
+    (JPEG and PNG unchanged). Decodes the whole image, so a truncated or corrupt file raises
+    ValueError here rather than failing later inside the input pipeline."""
+    try:
         with Image.open(io.BytesIO(data)) as img:
             img_format = img.format
-            img.load()  # a truncated or corrupt file fails here, not in training
+            img.load()
             if img_format in STORED_IMAGE_FORMATS and img.mode in ("RGB", "L", "RGBA", "P"):
                 return data
             out = io.BytesIO()
             img.convert("RGB").save(out, format="PNG")
             return out.getvalue()
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
-        fail(field, f"corrupt or unreadable image ({e})")
+        raise ValueError(f"corrupt or unreadable image ({e})") from None
 
 
 def encode_image(pixels: np.ndarray, image_format: str = "JPEG", quality: int = 92) -> bytes:

@@ -2,7 +2,8 @@
 
 `ModelConfig(t5=..., fusion=None)` is the text-only T5; with a `FusionConfig` it is MMT4. The JSON
 form names the representator network's type (`ViTConfig`, `EfficientNetConfig`), so a checkpoint
-rebuilds its own model with nothing but its directory.
+rebuilds its own model with nothing but its directory, and records how its images were preprocessed,
+so the Predictor and the infer binary feed new images exactly as training did.
 """
 import dataclasses
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from mmt_jax.data.images import ImagePreprocessing
 from mmt_jax.models.mmt4 import FusionConfig
 from mmt_jax.models.t5 import EncoderDecoder, T5Config
 from mmt_jax.vision.efficientnet import EfficientNetConfig
@@ -21,24 +23,33 @@ _NETWORKS = {cls.__name__: cls for cls in (ViTConfig, EfficientNetConfig)}
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """t5: the transformer; fusion: the image branch (None: text only); vocabulary: the SentencePiece
-    model the token ids belong to (None: the catalog vocabulary shipped with the package)."""
+    model the token ids belong to (None: the catalog vocabulary shipped with the package); image: how
+    stored images became `encoder_images` in training (MMT4 only; gin binds the task's own, see
+    gin/runs/catalog.gin; None in checkpoints written before it was recorded)."""
     t5: T5Config
     fusion: FusionConfig | None = None
     vocabulary: str | None = None
+    image: ImagePreprocessing | None = None
 
     def module(self) -> EncoderDecoder:
         return EncoderDecoder(self.t5, self.fusion)
 
     def to_json_dict(self) -> dict:
+        image = None if self.image is None else {
+            f.name: _plain(getattr(self.image, f.name)) for f in dataclasses.fields(self.image)}
         return {"t5": self.t5.to_json_dict(), "fusion": _fusion_to_json(self.fusion),
-                "vocabulary": self.vocabulary}
+                "vocabulary": self.vocabulary, "image": image}
 
     @classmethod
     def from_json_dict(cls, fields: dict) -> "ModelConfig":
         if "t5" not in fields:  # a checkpoint written before ModelConfig: the T5 fields alone
             return cls(T5Config.from_json_dict(fields))
+        image = fields.get("image")
+        if image is not None:
+            image = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in image.items()})
         return cls(T5Config.from_json_dict(fields["t5"]), _fusion_from_json(fields.get("fusion")),
-                   fields.get("vocabulary"))
+                   fields.get("vocabulary"), image)
 
 
 def _plain(value: Any) -> Any:

@@ -30,16 +30,38 @@ def save_checkpoint(directory: str, params, config: ModelConfig, *, force: bool 
     return directory
 
 
-def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
-    """Reads `(config, params)` back (params as numpy arrays on the host)."""
+def resolve(directory: str) -> str:
+    """`directory` itself when it is a checkpoint, else the newest `checkpoint_<step>` in it (a
+    training run's model_dir); FileNotFoundError when it is neither."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    if os.path.exists(os.path.join(directory, "params")):
+        return directory
+    steps = [int(name.split("_")[1]) for name in os.listdir(directory)
+             if name.startswith("checkpoint_") and name.split("_")[1].isdigit()]
+    if not steps:
+        raise FileNotFoundError(f"{directory}: neither a checkpoint nor a model directory with "
+                                "checkpoint_<step> subdirectories")
+    return os.path.join(directory, f"checkpoint_{max(steps)}")
+
+
+def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
+    """Reads `(config, params)` back (params as numpy arrays on the host) from a checkpoint, or from
+    the newest one of a model directory (`resolve`)."""
+    directory = resolve(directory)
     for item in ("params", "model_config"):
         if not os.path.exists(os.path.join(directory, item)):
             raise FileNotFoundError(f"{directory}: not an mmt_jax checkpoint (no '{item}' item)")
+    # Read every array onto this host's first device whatever mesh wrote it (without a target,
+    # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, "params")).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        getattr(metadata, "tree", metadata))
     restored = _checkpointer().restore(directory, ocp.args.Composite(
-        params=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()))
+        params=ocp.args.StandardRestore(target), model_config=ocp.args.JsonRestore()))
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return ModelConfig.from_json_dict(restored["model_config"]), params
 

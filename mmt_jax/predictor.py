@@ -1,0 +1,171 @@
+"""Predictions for new products from a checkpoint: the Python API and the infer binary's engine.
+
+    from mmt_jax.predictor import Predictor
+    predictor = Predictor.from_checkpoint("runs/demo/mmt4")          # a checkpoint or a model dir
+    predictor.predict(image="shirt.jpg", title="Acme cotton shirt", prompt="color:")
+    # Prediction(text='red', score=-0.03)
+
+A query is one product asked one prompt. Its encoder text is built as the catalog tasks build theirs
+(`data/prompts.py`): "<title> <description> <prompt>" (empty parts left out), tokenised with the
+checkpoint's vocabulary and ending in EOS; its image is decoded and resized with the checkpoint's own
+`ImagePreprocessing` (augmentation off), and the batch comes from the model's feature converter, so a
+new product is seen exactly as the validation split was in training.
+
+`score` is the log-probability of the generated text: greedy decoding, or beam search without a
+length penalty, so `exp(score)` is the model's probability of its answer (what the recall-at-precision
+and matching metrics rank by).
+"""
+import dataclasses
+import functools
+import io
+import os
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from mmt_jax import decoding
+from mmt_jax.data import images as images_lib
+from mmt_jax.data import records
+from mmt_jax.errors import InputError
+from mmt_jax.evaluate import until_eos
+from mmt_jax.models.config import ModelConfig
+from mmt_jax.training import checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One product asked one prompt. `image`: encoded JPEG/PNG bytes, b"" for none."""
+    record: str
+    prompt: str
+    title: str = ""
+    description: str = ""
+    image: bytes = b""
+
+    @property
+    def text(self) -> str:
+        return " ".join(part for part in (self.title, self.description, self.prompt) if part)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    text: str
+    score: float
+
+
+class Predictor:
+    """Decodes queries in batches of `batch_size` (the last one padded, so one compiled program).
+
+    Args:
+      model, params, config: an `EncoderDecoderModel`, its parameters and the `ModelConfig` they
+        came from (`from_checkpoint` reads all three).
+      input_length: encoder text length in tokens; a longer query is an `InputError`.
+      target_length: the most tokens generated.
+      num_beams: 1 for greedy decoding, else beam search with that many beams.
+    """
+
+    def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
+                 target_length: int = 16, batch_size: int = 16, num_beams: int = 1):
+        if config.fusion is not None and config.image is None:
+            raise InputError("the checkpoint does not record its image preprocessing (written before "
+                             "ModelConfig.image existed); set config.image to the training run's "
+                             "ImagePreprocessing")
+        self.model, self.config = model, config
+        self.params = jax.device_put(params)
+        self.input_length, self.target_length = input_length, target_length
+        self.batch_size, self.num_beams = batch_size, num_beams
+        self.vocabulary = model.output_vocabulary
+        self._image = (None if config.fusion is None
+                       else dataclasses.replace(config.image, augment=False))
+        decode_fn = (decoding.greedy if num_beams == 1
+                     else functools.partial(decoding.beam_search, alpha=0.0))
+        self._predict = jax.jit(functools.partial(
+            model.predict_batch_with_aux, decode_fn=decode_fn, num_decodes=num_beams))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
+        """From a checkpoint directory, or the newest checkpoint of a training run's model_dir."""
+        from mmt_jax.train import build_model
+        config, params = checkpoints.load_checkpoint(path)
+        return cls(build_model(config), params, config, **kwargs)
+
+    @property
+    def uses_images(self) -> bool:
+        return self._image is not None
+
+    def predict(self, *, prompt: str, title: str = "", description: str = "",
+                image=None) -> Prediction:
+        """One product: `image` is a file path, encoded bytes, a PIL image, a uint8 `[H, W, 3]`
+        array, or None."""
+        query = Query("query", prompt, title, description, image_bytes(image, "query"))
+        return next(self.predict_queries([query]))[1]
+
+    def predict_queries(self, queries: Iterable[Query]) -> Iterator[tuple[Query, Prediction]]:
+        """Lazily decodes `queries`, yielding each with its prediction, in order."""
+        chunk = []
+        for query in queries:
+            chunk.append(query)
+            if len(chunk) == self.batch_size:
+                yield from zip(chunk, self._predict_chunk(chunk))
+                chunk = []
+        if chunk:
+            yield from zip(chunk, self._predict_chunk(chunk))
+
+    def _predict_chunk(self, queries: list[Query]) -> list[Prediction]:
+        n = len(queries)
+        padded = queries + [queries[-1]] * (self.batch_size - n)
+        tokens, aux = self._predict(self.params, self._batch(padded))
+        tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
+        eos = self.vocabulary.eos_id
+        return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score))
+                for row, score in zip(tokens, scores)]
+
+    def _batch(self, queries: list[Query]) -> dict:
+        examples = {"inputs": [self._tokens(q) for q in queries],
+                    "targets": [np.zeros(0, np.int32)] * len(queries)}
+        if self.uses_images:
+            decoded = [images_lib.decode_and_resize(tf.constant(q.image), self._image)
+                       for q in queries]
+            examples["image"] = np.stack([image.numpy() for image, _ in decoded])
+            examples["image_mask"] = np.array([int(mask) for _, mask in decoded], np.int32)
+        ds = tf.data.Dataset.from_tensor_slices({
+            **examples, "inputs": tf.ragged.constant(examples["inputs"], dtype=tf.int32),
+            "targets": tf.ragged.constant(examples["targets"], dtype=tf.int32, ragged_rank=1)})
+        ds = ds.map(lambda ex: {k: v.to_tensor() if isinstance(v, tf.RaggedTensor) else v
+                                for k, v in ex.items()})
+        converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
+        lengths = {"inputs": self.input_length, "targets": self.target_length}
+        return next(converter(ds, lengths).batch(len(queries)).as_numpy_iterator())
+
+    def _tokens(self, query: Query) -> np.ndarray:
+        ids = list(self.vocabulary.encode(query.text)) + [self.vocabulary.eos_id]
+        if len(ids) > self.input_length:
+            raise InputError(f"record {query.record!r}: title + description + prompt are {len(ids)} "
+                             f"tokens, more than input_length={self.input_length}; shorten the "
+                             "text or raise input_length")
+        return np.asarray(ids, np.int32)
+
+
+def image_bytes(image, record: str) -> bytes:
+    """Any image form `Predictor.predict` takes -> encoded bytes the input pipeline decodes."""
+    try:
+        if image is None:
+            return b""
+        if isinstance(image, (str, os.PathLike)):
+            with open(image, "rb") as f:
+                return records.stored_image(f.read())
+        if isinstance(image, bytes):
+            return records.stored_image(image)
+        if isinstance(image, Image.Image):
+            out = io.BytesIO()
+            image.convert("RGB").save(out, format="PNG")
+            return out.getvalue()
+        pixels = np.asarray(image)
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise ValueError(f"an image array must be uint8 [height, width, 3], got {pixels.dtype} "
+                             f"{list(pixels.shape)}")
+        return records.encode_image(pixels, "PNG")
+    except (OSError, ValueError) as e:
+        raise InputError(f"record {record!r}: field 'image': {e}") from None

@@ -1,0 +1,127 @@
+"""Multi-host training: two processes on localhost (CPU collectives through gloo), each with two
+devices and its own shard of the data, train in lockstep to the losses of one process fed the same
+global batches; a SIGTERM to one of them stops both at the same step with one checkpoint."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mmt_jax import main
+from mmt_jax.partitioning import Partitioner
+from mmt_jax.train import build_model, get_dataset
+from mmt_jax.training import checkpoints, optimizers
+from mmt_jax.training.trainer import Trainer
+
+STEPS, BATCH, LENGTHS = 4, 8, {"inputs": 24, "targets": 8}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tfds"))
+    assert main.run(["data", "generate", "--out", out, "--num-products", "96", "--image-size", "32",
+                     "--num-shards", "2"]) == 0
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(data_dir: str, model_dir: str, steps: int, log_period: int = 1):
+    """Starts both processes; returns them with the paths of their (stdout, stderr) files."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    args = [sys.executable, "-m", "mmt_jax.main", "train", "--gin_file=runs/catalog.gin",
+            "--gin_file=models/mmt4_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.TRAIN_STEPS={steps}", "--gin.TASK='attributes_removed100'",
+            "--gin.CATALOG_PREFIX='multihost'", f"--gin.DATA_DIR='{data_dir}'",
+            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16",
+            f"--gin.BATCH_SIZE={BATCH}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+            "--gin.t5.t5_config.num_encoder_layers=1", "--gin.t5.t5_config.num_decoder_layers=1",
+            "--gin.LEARNING_RATE=3e-3", f"--gin.train.train.log_period={log_period}",
+            "--gin.train.train.checkpoint_period=1000",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    started = []
+    for i in range(2):
+        logs = (f"{model_dir}.{i}.out", f"{model_dir}.{i}.err")
+        with open(logs[0], "w") as out, open(logs[1], "w") as err:
+            started.append((subprocess.Popen(args + [f"--process_id={i}"], env=env, stdout=out,
+                                             stderr=err), logs))
+    return started
+
+
+def _finish(started, timeout=400) -> list[str]:
+    outputs = []
+    for process, (out, err) in started:
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            for p, _ in started:
+                p.kill() if p.poll() is None else None
+        assert process.returncode == 0, open(err).read()[-3000:]
+        outputs.append(open(out).read())
+    return outputs
+
+
+def _losses(out: str) -> list[float]:
+    return [float(line.split("loss ")[1].split()[0]) for line in out.splitlines()
+            if line.startswith("step ") and "/" in line.split()[1]]
+
+
+def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
+    model_dir = str(tmp_path / "run")
+    chief, other = _finish(_start(data_dir, model_dir, STEPS))
+    assert "2 process(es)" in chief and "over 4 cpu device(s)" in chief
+    assert "step " not in other and "finished" not in other  # only the chief reports
+    two_process = _losses(chief)
+    assert len(two_process) == STEPS
+
+    # One process, eight devices, the same global batches: process 0's rows, then process 1's.
+    import tasks
+    from mmt_jax.data.images import ImagePreprocessing
+    task = tasks.catalog_task("attributes_removed100", "multihost", data_dir, "embedded-n96-s0-px32",
+                              image=ImagePreprocessing(size=16))
+    config, _ = checkpoints.load_checkpoint(model_dir)
+    model = build_model(config)
+    shards = [get_dataset(model, task, "train", LENGTHS, BATCH, seed=0,
+                          shard=(i, 2)).as_numpy_iterator() for i in range(2)]
+    first = [next(s) for s in shards]
+    shapes = {k: (BATCH,) + v.shape[1:] for k, v in first[0].items()}
+    types = {k: v.dtype for k, v in first[0].items()}
+    optimizer = optimizers.adamw(optimizers.linear_decay(3e-3, STEPS))  # runs/train.gin's
+    trainer = Trainer(model, Partitioner((-1, 1, 1)), optimizer, shapes, types)
+    state, _ = trainer.initial_state(seed=0)
+    one_process = []
+    for step in range(STEPS):
+        halves = first if step == 0 else [next(s) for s in shards]
+        batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch), jax.random.key(1))
+        one_process.append(float(metrics["loss"].compute()))
+    np.testing.assert_allclose(two_process, one_process, rtol=2e-5)
+    _, saved = checkpoints.load_checkpoint(model_dir)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+                           saved, jax.device_get(state.params))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
+    model_dir = str(tmp_path / "run")
+    started = _start(data_dir, model_dir, steps=100000, log_period=5)
+    chief_out = started[0][1][0]
+    deadline = time.time() + 300
+    while "step 5/" not in open(chief_out).read():  # training is under way
+        assert time.time() < deadline and all(p.poll() is None for p, _ in started)
+        time.sleep(1)
+    started[1][0].send_signal(signal.SIGTERM)
+    chief, _ = _finish(started)
+    step = int(chief.split("stopped by signal at step ")[1].split(";")[0])
+    assert step % 5 == 0 and step < 100000
+    assert checkpoints.resolve(model_dir).endswith(f"checkpoint_{step}")
