@@ -129,7 +129,7 @@ class Predictor:
             decoded = [images_lib.decode_and_resize(tf.constant(q.image), self._image)
                        for q in queries]
             examples["image"] = np.stack([image.numpy() for image, _ in decoded])
-            examples["image_mask"] = np.array([int(mask) for _, mask in decoded], np.int32)
+            examples["image_mask"] = np.array([[int(mask)] for _, mask in decoded], np.int32)
         ds = tf.data.Dataset.from_tensor_slices({
             **examples, "inputs": tf.ragged.constant(examples["inputs"], dtype=tf.int32),
             "targets": tf.ragged.constant(examples["targets"], dtype=tf.int32, ragged_rank=1)})

@@ -103,7 +103,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     image_features = {
         "image": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.float32, rank=3),
         "image_mask": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
-                                    rank=0)}
+                                    rank=1)}
     tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
     names = []
 

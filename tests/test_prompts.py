@@ -122,7 +122,7 @@ def test_image_preprocessing_resizes_normalises_and_marks_missing_images():
 def test_feature_converter_builds_the_multimodal_batch_and_refuses_packing():
     ds = tf.data.Dataset.from_tensor_slices({
         "inputs": tf.ragged.constant([[5, 6, 1], [7, 1]]), "targets": tf.ragged.constant([[8, 1], [9, 9, 1]]),
-        "image": tf.ones((2, 4, 4, 3)), "image_mask": [1, 0], "id": ["a", "b"]}).map(
+        "image": tf.ones((2, 4, 4, 3)), "image_mask": [[1], [0]], "id": ["a", "b"]}).map(
         lambda ex: {**ex, "inputs": ex["inputs"], "targets": ex["targets"]})
     converter = feature_converter.MultimodalEncDecFeatureConverter(pack=False)
     out = list(converter(ds, {"inputs": 4, "targets": 3}).as_numpy_iterator())

@@ -4,7 +4,8 @@ Task features (after `images.preprocess_images`):
   inputs      int32 [Li]        text tokens (prompt, title ...) ending in EOS
   targets     int32 [Lt]
   image       float32 [S, S, 3] normalised pixels (zeros without an image)
-  image_mask  int32 []          1 if the product has an image
+  image_mask  int32 [1]         1 if the product has an image (rank 1: seqio's evaluator measures
+                                a length along every task feature)
 
 Model features, for a batch of B:
   encoder_input_tokens  [B, Li]        decoder_input_tokens   [B, Lt]  (targets shifted right, BOS 0)
@@ -30,7 +31,7 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     TASK_FEATURES = {
         **seqio.EncDecFeatureConverter.TASK_FEATURES,
         "image": FeatureSpec(dtype=tf.float32, rank=3),
-        "image_mask": FeatureSpec(dtype=tf.int32, rank=0),
+        "image_mask": FeatureSpec(dtype=tf.int32, rank=1),
     }
     MODEL_FEATURES = {
         **seqio.EncDecFeatureConverter.MODEL_FEATURES,
@@ -52,7 +53,7 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
             raise ValueError(
                 f"the dataset needs an `image` feature of static shape [size, size, 3] (add "
                 f"images.preprocess_images to the task's preprocessors); got {image_shape}")
-        lengths = {"image": image_shape[0], "image_mask": 0, **task_feature_lengths}
+        lengths = {"image": image_shape[0], "image_mask": 1, **task_feature_lengths}
         return super().__call__(ds, lengths)
 
     def _convert_features(self, ds: tf.data.Dataset,
@@ -63,7 +64,7 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
         def convert(features):
             converted = dict(self._convert_example(features))
             converted["encoder_images"] = features["image"]
-            converted["encoder_image_mask"] = features["image_mask"]
+            converted["encoder_image_mask"] = features["image_mask"][0]
             return converted
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)

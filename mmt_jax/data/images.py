@@ -1,8 +1,8 @@
 """Image preprocessing in the input pipeline: decode, resize, normalise, optionally augment.
 
 The stored image is encoded bytes (`tfds_catalog.FEATURES["image"]`, b"" for a product without one);
-the model gets `image` float32 `[size, size, 3]` and `image_mask` int32 `[]` (0 when there was no
-image; the pixels are then zeros and the encoder masks the image vectors out).
+the model gets `image` float32 `[size, size, 3]` and `image_mask` int32 `[1]` (0 when there was no
+image; rank 1 because seqio's evaluator measures a length along every task feature; the pixels are then zeros and the encoder masks the image vectors out).
 
 Normalisation is `(pixel - mean) / std` on [0, 255] values, with the statistics the representator was
 trained with: `VIT_STATS` for Hugging Face ViT checkpoints, `EFFICIENTNET_LITE_STATS` for
@@ -92,6 +92,6 @@ def preprocess_images(dataset: tf.data.Dataset, options: ImagePreprocessing) -> 
     @seqio.map_over_dataset(num_seeds=1 if options.augment else None)
     def fn(example, seed=None):
         image, mask = decode_and_resize(example["image"], options, seed)
-        return {**example, "image": image, "image_mask": mask}
+        return {**example, "image": image, "image_mask": mask[tf.newaxis]}
 
     return fn(dataset)
