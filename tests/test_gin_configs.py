@@ -5,6 +5,7 @@ import os
 import re
 
 import gin
+import jax.numpy as jnp
 import pytest
 
 import mmt_jax
@@ -73,3 +74,15 @@ def test_run_gins_set_their_task_and_lengths(run, task, lengths, extra):
             assert gin.query_parameter("train.train.infer_eval_examples") == 64
     finally:
         gin.clear_config()
+
+
+def test_mixed_precision_is_a_gin_binding():
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(mmt_jax.gin_search_path())
+        gin.parse_config_files_and_bindings(["models/mmt4_tiny.gin"],
+                                            ["t5.t5_config.dtype = 'bfloat16'"])
+        config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+    finally:
+        gin.clear_config()
+    assert config.dtype == jnp.bfloat16  # activations; parameters stay float32 (test_layers.py)

@@ -101,6 +101,7 @@ def t5_config(size: str, variant: str = "t5_1_1", **overrides) -> T5Config:
     fields = dict(emb_dim=d_model, mlp_dim=d_ff, num_heads=heads, head_dim=d_kv,
                   num_encoder_layers=n_enc, num_decoder_layers=n_dec, **variant_fields)
     fields.update(overrides)
+    fields["dtype"] = jnp.dtype(fields.get("dtype", jnp.float32))  # gin may say "bfloat16"
     return T5Config(**fields)
 
 
