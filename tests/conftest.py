@@ -10,3 +10,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"mmt_jax_test_jit_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A TFDS data_dir with the embedded catalog `embedded-n96-s0-px32` (81/7/8 products, two files
+    per split so two processes can each read their own), shared by the binaries' tests."""
+    from mmt_jax import main
+    out = str(tmp_path_factory.mktemp("tfds"))
+    assert main.run(["data", "generate", "--out", out, "--num-products", "96", "--image-size", "32",
+                     "--num-shards", "2"]) == 0
+    return out

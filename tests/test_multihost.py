@@ -10,23 +10,13 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
-from mmt_jax import main
 from mmt_jax.partitioning import Partitioner
 from mmt_jax.train import build_model, get_dataset
 from mmt_jax.training import checkpoints, optimizers
 from mmt_jax.training.trainer import Trainer
 
 STEPS, BATCH, LENGTHS = 4, 8, {"inputs": 24, "targets": 8}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tfds"))
-    assert main.run(["data", "generate", "--out", out, "--num-products", "96", "--image-size", "32",
-                     "--num-shards", "2"]) == 0
-    return out
 
 
 def _free_port() -> int:

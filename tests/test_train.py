@@ -20,14 +20,6 @@ from mmt_jax.training.checkpointer import Checkpointer
 from mmt_jax.training.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tfds"))
-    assert main.run(["data", "generate", "--out", out, "--num-products", "96", "--image-size", "32",
-                     "--num-shards", "2"]) == 0
-    return out
-
-
 def _args(data_dir, model_dir, steps, *extra):
     return ["train", "--gin_file=runs/catalog.gin", "--gin_file=models/mmt4_tiny.gin",
             f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
