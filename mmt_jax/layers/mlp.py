@@ -23,7 +23,12 @@ ACTIVATIONS = {
 
 
 class MlpBlock(nn.Module):
-    """`[B, L, embed]` -> `[B, L, embed]` through a hidden `[B, L, mlp]`."""
+    """`[B, L, embed]` -> `[B, L, embed]` through a hidden `[B, L, mlp]`.
+
+    `activation_axes` names the two leading activation dimensions for the sharding constraints:
+    ("batch", "length") here; an MoE expert, vmapped over the `expert` mesh axis, sees its
+    `[groups, capacity]` slots as ("expert_replicas", "unmodeled").
+    """
 
     intermediate_dim: int
     activations: Sequence[str] = ("gelu", "linear")
@@ -31,9 +36,10 @@ class MlpBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = default_kernel_init
+    activation_axes: tuple[str, str] = ("batch", "length")
 
     @nn.compact
-    def __call__(self, inputs, *, enable_dropout=False):
+    def __call__(self, inputs, enable_dropout=False):  # positional too: MoE experts vmap it
         unknown = set(self.activations) - set(ACTIVATIONS)
         if unknown:
             raise ValueError(f"unknown activation(s) {sorted(unknown)}; known: {sorted(ACTIVATIONS)}")
@@ -45,10 +51,10 @@ class MlpBlock(nn.Module):
                              name=layer_name)(inputs)
             h = ACTIVATIONS[name](h)
             hidden = h if hidden is None else hidden * h
-        hidden = partitioning.with_sharding_constraint(hidden, ("batch", "length", "mlp"))
+        hidden = partitioning.with_sharding_constraint(hidden, (*self.activation_axes, "mlp"))
         hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
             hidden, deterministic=not enable_dropout)
         out = DenseGeneral(inputs.shape[-1], kernel_axes=("mlp", "embed"), dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                            name="wo")(hidden)
-        return partitioning.with_sharding_constraint(out, ("batch", "length", "embed"))
+        return partitioning.with_sharding_constraint(out, (*self.activation_axes, "embed"))
