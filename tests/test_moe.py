@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.linen import partitioning as flax_partitioning
 from jax.sharding import PartitionSpec as P
 
 from mmt_jax.layers import moe
