@@ -11,6 +11,7 @@ import clu.metrics
 import jax
 import jax.numpy as jnp
 import seqio
+from flax import traverse_util
 
 from mmt_jax import decoding
 from mmt_jax.losses import cross_entropy_with_logits
@@ -84,15 +85,45 @@ class EncoderDecoderModel:
     # ---- forward -----------------------------------------------------------------------------
     def _compute_logits(self, params, batch: Batch, dropout_rng=None):
         """Teacher-forced logits `[B, Ld, vocab]` (float32)."""
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        return self._forward(params, batch, dropout_rng)[0]
+
+    def _forward(self, params, batch: Batch, dropout_rng=None):
+        """`(logits, moe_statistics)`: the MoE layers' sown statistics, each averaged over the MoE
+        layers ({} for a dense model). In training the router noise has its own rng stream, derived
+        from the dropout rng (so it is folded with the step like dropout)."""
+        rngs = None
+        if dropout_rng is not None:
+            rngs = {"dropout": dropout_rng, "router_noise": jax.random.fold_in(dropout_rng, 1)}
         inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
-        return self.module.apply({"params": params}, **inputs, enable_dropout=rngs is not None,
-                                 rngs=rngs)
+        config = getattr(self.module, "config", None)
+        if not getattr(config, "has_moe", False):
+            return self.module.apply({"params": params}, **inputs, enable_dropout=rngs is not None,
+                                     rngs=rngs), {}
+        logits, state = self.module.apply({"params": params}, **inputs,
+                                          enable_dropout=rngs is not None, rngs=rngs,
+                                          mutable=["intermediates"])
+        sown = traverse_util.flatten_dict(state["intermediates"])
+        names = sorted({path[-1] for path in sown})
+        return logits, {name: jnp.mean(jnp.stack([jnp.mean(jnp.asarray(v[0])) for path, v in
+                                                  sown.items() if path[-1] == name]))
+                        for name in names}
 
     def loss_fn(self, params, batch: Batch, dropout_rng):
-        """`(scalar loss, {name: clu Metric})`; dropout is on iff `dropout_rng` is given."""
-        logits = self._compute_logits(params, batch, dropout_rng)
-        return self._loss_and_metrics(logits, batch)
+        """`(scalar loss, {name: clu Metric})`; dropout is on iff `dropout_rng` is given.
+
+        With MoE layers the loss adds `aux_loss_weight * L_aux + z_loss_weight * L_z` (MoEMoE's
+        `CE + lambda L_aux`, the losses averaged over MoE layers) and the metrics `moe/<statistic>`.
+        """
+        logits, moe_statistics = self._forward(params, batch, dropout_rng)
+        loss, metrics = self._loss_and_metrics(logits, batch)
+        if moe_statistics:
+            moe = self.module.config.moe
+            loss = (loss + moe.aux_loss_weight * moe_statistics["auxiliary_loss"]
+                    + moe.z_loss_weight * moe_statistics["router_z_loss"])
+            metrics = {**metrics, "loss": clu.metrics.Average.from_model_output(loss),
+                       **{f"moe/{name}": clu.metrics.Average.from_model_output(value)
+                          for name, value in moe_statistics.items()}}
+        return loss, metrics
 
     def _loss_and_metrics(self, logits, batch: Batch):
         targets = batch["decoder_target_tokens"]

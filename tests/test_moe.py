@@ -158,3 +158,75 @@ def test_expert_dropout_follows_enable_dropout():
     a = _run(block, params, x, enable_dropout=True, rngs=rngs(1))[0]
     b = _run(block, params, x, enable_dropout=True, rngs=rngs(2))[0]
     assert not np.allclose(a, b)
+
+
+# ---- MoE layers in the T5 stacks ----------------------------------------------------------------
+
+def test_placements():
+    from mmt_jax.models.t5 import moe_layers
+    assert moe_layers("odd", 6) == {1, 3, 5} and moe_layers("even", 6) == {0, 2, 4}
+    assert moe_layers("all", 3) == {0, 1, 2} and moe_layers("none", 3) == set()
+    assert moe_layers("last", 6) == {5} and moe_layers("last-2", 6) == {4, 5}
+    assert moe_layers((0, 2), 6) == {0, 2}
+    with pytest.raises(ValueError, match="outside"):
+        moe_layers((6,), 6)
+    with pytest.raises(ValueError, match="placement 'first'"):
+        moe_layers("first", 6)
+
+
+def _moe_config(**overrides):
+    return moe.MoeConfig(**{"num_experts": 4, "num_selected": 2, "eval_capacity_factor": 4.0,
+                            "min_capacity": 1, **overrides})
+
+
+def test_config_round_trips_and_the_tree_has_experts_where_placed():
+    from mmt_jax.models.t5 import EncoderDecoder, T5Config, t5_config
+    config = t5_config("tiny", vocab_size=64, moe=_moe_config(), decoder_moe_layers="odd",
+                       encoder_moe_layers=(0,))
+    assert T5Config.from_json_dict(config.to_json_dict()) == config
+    with pytest.raises(ValueError, match="moe is None"):
+        t5_config("tiny", decoder_moe_layers="all")
+    shapes = {"encoder_input_tokens": (2, 6), "decoder_input_tokens": (2, 4)}
+    params = jax.eval_shape(lambda: EncoderDecoder(config).init(
+        jax.random.key(0), jnp.ones(shapes["encoder_input_tokens"], jnp.int32),
+        jnp.ones(shapes["decoder_input_tokens"], jnp.int32)))["params"]
+    assert params["decoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"].shape == (4, 128, 512)
+    assert params["decoder"]["layers_1"]["mlp"]["router"]["kernel"].shape == (128, 4)
+    assert "expert" not in params["decoder"]["layers_0"]["mlp"]
+    assert "expert" in params["encoder"]["layers_0"]["mlp"]
+    assert "expert" not in params["encoder"]["layers_1"]["mlp"]
+
+
+def test_cached_decode_equals_full_forward_with_moe_layers():
+    from tests.test_decoding import batch_for, greedy_by_recompute, make_model
+    from tests.test_hf_parity import padded_tokens
+    model, params = make_model(moe=_moe_config(), decoder_moe_layers="odd")
+    assert "expert" in params["decoder"]["layers_1"]["mlp"]
+    enc = padded_tokens(np.random.default_rng(0), 3, 7, 64)
+    tokens, _ = model.predict_batch_with_aux(params, batch_for(enc, 8))
+    expected = greedy_by_recompute(model, params, enc, 8)
+    np.testing.assert_array_equal(np.asarray(tokens), expected)
+    assert len(np.unique(expected)) > 3
+
+
+def test_the_loss_adds_the_weighted_aux_loss_and_reports_the_statistics():
+    from tests.test_decoding import make_model
+    model, params = make_model(moe=_moe_config(aux_loss_weight=0.1, z_loss_weight=0.01),
+                               decoder_moe_layers="all")
+    rng = np.random.default_rng(0)
+    targets = rng.integers(2, 64, (2, 5)).astype(np.int32)
+    batch = {"encoder_input_tokens": rng.integers(2, 64, (2, 6)).astype(np.int32),
+             "decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), targets[:, :-1]], 1),
+             "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
+    loss, metrics = model.loss_fn(params, batch, None)
+    values = {k: float(v.compute()) for k, v in metrics.items()}
+    assert set(values) >= {f"moe/{n}" for n in ("auxiliary_loss", "router_z_loss",
+                                                "fraction_tokens_left_behind", "expert_usage",
+                                                "router_confidence")}
+    cross_entropy = values["cross_ent_loss"] + values["z_loss"]
+    np.testing.assert_allclose(float(loss), cross_entropy + 0.1 * values["moe/auxiliary_loss"]
+                               + 0.01 * values["moe/router_z_loss"], rtol=1e-5)
+    # training draws router noise from its own stream: two dropout keys, two losses
+    a, _ = model.loss_fn(params, batch, jax.random.key(1))
+    b, _ = model.loss_fn(params, batch, jax.random.key(2))
+    assert float(a) != float(b)

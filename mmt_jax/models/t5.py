@@ -13,6 +13,9 @@ without renaming):
   decoder/layers_{i}/{pre_self_attention, pre_cross_attention, pre_mlp}_layer_norm/scale
   decoder/layers_{i}/{self_attention, encoder_decoder_attention}/{query, key, value, out}/kernel
   decoder/layers_{i}/mlp/...,  decoder/decoder_norm/scale,  decoder/logits_dense/kernel (untied only)
+A layer placed as MoE (`T5Config.moe`, `decoder_moe_layers`, `encoder_moe_layers`) has instead
+  .../layers_{i}/mlp/router/kernel [embed, experts] and .../mlp/expert/{wi_0, wi_1, wo}/kernel
+  [experts, ...] (layers/moe.py).
 """
 import dataclasses
 from typing import Any, Sequence
@@ -27,6 +30,7 @@ from mmt_jax.layers.attention import (MultiHeadAttention, combine_masks, make_at
                                       make_causal_mask, make_segment_mask)
 from mmt_jax.layers.dense import DenseGeneral, Embed, RMSNorm
 from mmt_jax.layers.mlp import MlpBlock
+from mmt_jax.layers.moe import MoeBlock, MoeConfig
 from mmt_jax.layers.relative_position import RelativePositionBias, segment_positions
 from mmt_jax.models.mmt4 import IMAGE_TYPE, TEXT_TYPE, FusionConfig, ImageFusion
 
@@ -37,6 +41,10 @@ class T5Config:
 
     `mlp_activations=("gelu", "linear")` + `logits_via_embedding=False` is T5.1.1 (and Flan-T5);
     `("relu",)` + `logits_via_embedding=True` is the original T5.
+
+    MoE (MoEMoE sec. 4.4): with `moe` set, the MLP of the layers named by `decoder_moe_layers` and
+    `encoder_moe_layers` is a `MoeBlock`: "all", "odd", "even" (0-based layer indices), "last",
+    "last-2" (the last two), "none", or explicit indices. The paper's best: decoder only (Table 4).
     """
 
     vocab_size: int = 32128
@@ -53,11 +61,24 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     dtype: Any = jnp.float32  # activations; parameters are always float32
+    moe: MoeConfig | None = None
+    decoder_moe_layers: str | tuple[int, ...] = "none"
+    encoder_moe_layers: str | tuple[int, ...] = "none"
+
+    def __post_init__(self):
+        for stack in ("encoder", "decoder"):
+            layers = moe_layers(getattr(self, f"{stack}_moe_layers"),
+                                getattr(self, f"num_{stack}_layers"))
+            if layers and self.moe is None:
+                raise ValueError(f"{stack}_moe_layers places MoE layers but T5Config.moe is None")
 
     def to_json_dict(self) -> dict:
         fields = dataclasses.asdict(self)
         fields["mlp_activations"] = list(self.mlp_activations)
         fields["dtype"] = jnp.dtype(self.dtype).name
+        for stack in ("encoder", "decoder"):
+            spec = fields[f"{stack}_moe_layers"]
+            fields[f"{stack}_moe_layers"] = spec if isinstance(spec, str) else list(spec)
         return fields
 
     @classmethod
@@ -68,7 +89,32 @@ class T5Config:
             raise ValueError(f"unknown T5Config field(s) {sorted(unknown)}")
         fields["mlp_activations"] = tuple(fields.get("mlp_activations", ("gelu", "linear")))
         fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+        if fields.get("moe") is not None:
+            fields["moe"] = MoeConfig(**fields["moe"])
+        for stack in ("encoder", "decoder"):
+            spec = fields.get(f"{stack}_moe_layers", "none")
+            fields[f"{stack}_moe_layers"] = spec if isinstance(spec, str) else tuple(spec)
         return cls(**fields)
+
+    @property
+    def has_moe(self) -> bool:
+        return bool(moe_layers(self.encoder_moe_layers, self.num_encoder_layers) or
+                    moe_layers(self.decoder_moe_layers, self.num_decoder_layers))
+
+
+def moe_layers(spec: str | Sequence[int], num_layers: int) -> frozenset[int]:
+    """The layer indices a placement names (see `T5Config`)."""
+    named = {"none": (), "all": range(num_layers), "odd": range(1, num_layers, 2),
+             "even": range(0, num_layers, 2), "last": range(num_layers - 1, num_layers),
+             "last-2": range(max(0, num_layers - 2), num_layers)}
+    if isinstance(spec, str):
+        if spec not in named:
+            raise ValueError(f"MoE placement {spec!r}; use one of {sorted(named)} or layer indices")
+        return frozenset(named[spec])
+    bad = [i for i in spec if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"MoE layer indices {bad} outside 0..{num_layers - 1}")
+    return frozenset(spec)
 
 
 # d_model, d_ff, heads, d_kv, encoder layers, decoder layers
@@ -121,10 +167,19 @@ def _constrain(x):
     return partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))
 
 
+def _mlp(cfg: T5Config, use_moe: bool):
+    """The layer's feed-forward block, dense or MoE, always named `mlp`."""
+    if use_moe:
+        return MoeBlock(cfg.moe, cfg.mlp_dim, tuple(cfg.mlp_activations), cfg.dropout_rate,
+                        cfg.dtype, name="mlp")
+    return MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm self-attention + MLP block with residuals: `[B, L, E]` -> `[B, L, E]`."""
 
     config: T5Config
+    use_moe: bool = False
 
     @nn.compact
     def __call__(self, x, mask, bias, *, enable_dropout=False):
@@ -135,8 +190,7 @@ class EncoderLayer(nn.Module):
             h, h, mask, bias, enable_dropout=enable_dropout)
         x = _constrain(x + _dropout(cfg, h, enable_dropout))
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
-        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
-            h, enable_dropout=enable_dropout)
+        h = _mlp(cfg, self.use_moe)(h, enable_dropout=enable_dropout)
         return _constrain(x + _dropout(cfg, h, enable_dropout))
 
 
@@ -144,6 +198,7 @@ class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention over the encoder output, MLP: `[B, L, E]` -> `[B, L, E]`."""
 
     config: T5Config
+    use_moe: bool = False
 
     @nn.compact
     def __call__(self, y, encoded, decoder_mask, encoder_decoder_mask, bias, *, enable_dropout=False,
@@ -162,8 +217,7 @@ class DecoderLayer(nn.Module):
             h, encoded, encoder_decoder_mask, None, enable_dropout=enable_dropout, decode=decode)
         y = _constrain(y + _dropout(cfg, h, enable_dropout))
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
-        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
-            h, enable_dropout=enable_dropout)
+        h = _mlp(cfg, self.use_moe)(h, enable_dropout=enable_dropout)
         return _constrain(y + _dropout(cfg, h, enable_dropout))
 
 
@@ -203,8 +257,9 @@ class Encoder(nn.Module):
         bias = _relpos_bias(cfg, True, self.num_segments, self.cross_segment, self.grid_segment)(
             positions, positions, token_type_ids, token_type_ids, grid_positions, grid_positions)
         x = _constrain(_dropout(cfg, embedded.astype(cfg.dtype), enable_dropout))
+        placed = moe_layers(cfg.encoder_moe_layers, cfg.num_encoder_layers)
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(
+            x = EncoderLayer(cfg, i in placed, name=f"layers_{i}")(
                 x, attention_mask, bias, enable_dropout=enable_dropout)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
         return _dropout(cfg, x, enable_dropout)
@@ -227,8 +282,9 @@ class Decoder(nn.Module):
         bias = _relpos_bias(cfg, bidirectional=False)(positions, positions)
         y = _dropout(cfg, self.shared_embedding(tokens).astype(cfg.dtype), enable_dropout)
         y = _constrain(y)
+        placed = moe_layers(cfg.decoder_moe_layers, cfg.num_decoder_layers)
         for i in range(cfg.num_decoder_layers):
-            y = DecoderLayer(cfg, name=f"layers_{i}")(
+            y = DecoderLayer(cfg, i in placed, name=f"layers_{i}")(
                 y, encoded, decoder_mask, encoder_decoder_mask, bias, enable_dropout=enable_dropout,
                 decode=decode, max_decode_length=max_decode_length)
         y = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
