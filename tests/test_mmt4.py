@@ -74,7 +74,8 @@ def test_mmt4_from_text_only_t5_starts_as_that_t5():
     t5_model, t5_params = make(fusion=None, example={
         k: v for k, v in batch().items() if not k.startswith("encoder_image")})
     model, fresh = make(seed=1)
-    params, fresh_paths = initialize_from(fresh, t5_params)
+    params, fresh_paths, upcycled = initialize_from(fresh, t5_params)
+    assert upcycled == []
     assert fresh_paths == [
         "encoder/relpos_bias/cross_segment_embedding", "image_fusion/projection/kernel",
         "image_fusion/projection_norm/bias", "image_fusion/projection_norm/scale",

@@ -230,3 +230,70 @@ def test_the_loss_adds_the_weighted_aux_loss_and_reports_the_statistics():
     a, _ = model.loss_fn(params, batch, jax.random.key(1))
     b, _ = model.loss_fn(params, batch, jax.random.key(2))
     assert float(a) != float(b)
+
+
+# ---- training modes and sparse upcycling --------------------------------------------------------
+
+def _tiny_moe_model(**overrides):
+    from mmt_jax.model import EncoderDecoderModel
+    from mmt_jax.models.t5 import EncoderDecoder, t5_config
+    config = t5_config("tiny", vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
+                       **overrides)
+    return EncoderDecoderModel(EncoderDecoder(config))
+
+
+def _lm_batch(batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(2, 64, (batch, 5)).astype(np.int32)
+    return {"encoder_input_tokens": rng.integers(2, 64, (batch, 6)).astype(np.int32),
+            "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32),
+                                                    targets[:, :-1]], 1),
+            "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
+
+
+@pytest.mark.parametrize("mode", ["experts", "backbone"])
+def test_training_modes_freeze_and_frozen_parameters_have_no_optimizer_state(mode):
+    from flax import traverse_util
+    from mmt_jax.training import optimizers
+    from mmt_jax.training.trainer import Trainer
+    model = _tiny_moe_model(moe=_moe_config(), decoder_moe_layers="odd")
+    batch = _lm_batch()
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
+    tx = optimizers.train_only(optimizers.adamw(1e-2), mode)
+    trainer = Trainer(model, Partitioner((2, 4, 1)), tx, shapes, types)
+    state, _, _ = trainer.initial_state(seed=0)
+    before = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    state, _ = trainer.train_step(state, trainer.global_batch(batch), jax.random.key(0))
+    after = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    moe_paths = {p for p in before if "/mlp/expert/" in p or "/mlp/router/" in p}
+    assert moe_paths and all(p.startswith("decoder/layers_1/mlp/") for p in moe_paths)
+    trained = moe_paths if mode == "experts" else set(before) - moe_paths
+    for path in before:
+        assert np.array_equal(before[path], after[path]) == (path not in trained), path
+    # Adam's moments exist for the trained parameters only.
+    state_sizes = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
+    assert state_sizes == 2 * sum(before[p].size for p in trained)
+
+
+def test_sparse_upcycling_copies_the_dense_mlp_into_every_expert():
+    from flax import traverse_util
+    from mmt_jax.training.checkpoints import initialize_from
+    dense = _tiny_moe_model()
+    batch = _lm_batch(batch=2)
+    shapes = {k: v.shape for k, v in batch.items()}
+    dense_params = dense.get_initial_variables(jax.random.key(0), shapes)["params"]
+    sparse = _tiny_moe_model(moe=_moe_config(num_experts=3, num_selected=1), decoder_moe_layers="all")
+    fresh = sparse.get_initial_variables(jax.random.key(1), shapes)["params"]
+    params, fresh_paths, upcycled = initialize_from(fresh, dense_params)
+    assert fresh_paths == ["decoder/layers_0/mlp/router/kernel", "decoder/layers_1/mlp/router/kernel"]
+    assert upcycled == [f"decoder/layers_{i}/mlp/expert/{w}/kernel" for i in range(2)
+                        for w in ("wi_0", "wi_1", "wo")]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for path in upcycled:
+        dense_kernel = traverse_util.flatten_dict(dense_params, sep="/")[
+            path.replace("/mlp/expert/", "/mlp/")]
+        assert all(np.array_equal(expert, dense_kernel) for expert in flat[path])
+    # Every expert equal to the dense MLP and k=1 (weight 1): the upcycled model is the dense model.
+    np.testing.assert_allclose(sparse._compute_logits(params, batch),
+                               dense._compute_logits(dense_params, batch), atol=1e-5)

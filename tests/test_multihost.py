@@ -89,7 +89,7 @@ def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
     types = {k: v.dtype for k, v in first[0].items()}
     optimizer = optimizers.adamw(optimizers.linear_decay(3e-3, STEPS))  # runs/train.gin's
     trainer = Trainer(model, Partitioner((-1, 1, 1)), optimizer, shapes, types)
-    state, _ = trainer.initial_state(seed=0)
+    state, _, _ = trainer.initial_state(seed=0)
     one_process = []
     for step in range(STEPS):
         halves = first if step == 0 else [next(s) for s in shards]

@@ -70,18 +70,30 @@ def initialize_from(fresh_params, pretrained_params):
     """Takes every parameter the pretrained tree has (same path, same shape) and keeps the fresh
     initialisation for the rest, e.g. MMT4's image branch and cross-segment bias on a text-only T5.
 
-    Returns `(params, fresh_paths)`, the paths ('/'-joined) that start fresh. A path in both trees
-    with different shapes, or a pretrained path the model lacks, is an error naming it.
+    Sparse upcycling: an MoE expert kernel `.../mlp/expert/W` [experts, ...] whose dense
+    counterpart `.../mlp/W` is pretrained starts as that kernel in every expert; the router starts
+    fresh.
+
+    Returns `(params, fresh_paths, upcycled_paths)` ('/'-joined). A path in both trees with
+    different shapes, or a pretrained path the model lacks, is an error naming it.
     """
     fresh = traverse_util.flatten_dict(fresh_params, sep="/")
     pretrained = traverse_util.flatten_dict(pretrained_params, sep="/")
-    unused = sorted(set(pretrained) - set(fresh))
+    dense_of = {path: path.replace("/mlp/expert/", "/mlp/") for path in fresh
+                if "/mlp/expert/" in path and path.replace("/mlp/expert/", "/mlp/") in pretrained}
+    unused = sorted(set(pretrained) - set(fresh) - set(dense_of.values()))
     if unused:
         raise ValueError(f"pretrained parameter {unused[0]} (and {len(unused) - 1} more) has no "
                          "place in this model")
     merged, fresh_paths = {}, []
     for path, value in fresh.items():
-        if path in pretrained:
+        if path in dense_of:
+            dense = np.asarray(pretrained[dense_of[path]], np.asarray(value).dtype)
+            if dense.shape != np.shape(value)[1:]:
+                raise ValueError(f"pretrained parameter {dense_of[path]} has shape {dense.shape}; "
+                                 f"the experts of {path} need {np.shape(value)[1:]}")
+            merged[path] = np.broadcast_to(dense, np.shape(value)).copy()
+        elif path in pretrained:
             if np.shape(pretrained[path]) != np.shape(value):
                 raise ValueError(f"pretrained parameter {path} has shape "
                                  f"{np.shape(pretrained[path])}, the model needs {np.shape(value)}")
@@ -89,4 +101,4 @@ def initialize_from(fresh_params, pretrained_params):
         else:
             merged[path] = value
             fresh_paths.append(path)
-    return traverse_util.unflatten_dict(merged, sep="/"), sorted(fresh_paths)
+    return traverse_util.unflatten_dict(merged, sep="/"), sorted(fresh_paths), sorted(dense_of)

@@ -4,12 +4,16 @@
   MoEMoE (appendix F): 1e-3, x0.2 at given steps            -> adamw(step_decay(1e-3, (s1, s2)))
   T5 pretraining style                                      -> adafactor(rsqrt_decay(1e-2, 10000))
 
-Every optimizer clips the global gradient norm first when `clip_norm` is set.
+Every optimizer clips the global gradient norm first when `clip_norm` is set. `train_only` freezes
+part of an MoE model (MoEMoE Table 4).
 """
 from typing import Sequence
 
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
+
+TRAINING_MODES = ("full", "experts", "backbone")
 
 
 def linear_decay(peak: float, total_steps: int, warmup_steps: int = 0,
@@ -56,3 +60,26 @@ def adafactor(learning_rate: optax.ScalarOrSchedule, clip_norm: float | None = N
     return _clipped(optax.adafactor(learning_rate, decay_rate=decay_rate, momentum=momentum,
                                     multiply_by_parameter_scale=multiply_by_parameter_scale),
                     clip_norm)
+
+
+def train_only(tx: optax.GradientTransformation, mode: str = "full") -> optax.GradientTransformation:
+    """MoEMoE's training modes (Table 4): "full" trains everything; "experts" only the MoE experts and
+    routers (paths containing `mlp/expert/` or `mlp/router/`), everything else frozen (the paper's
+    best); "backbone" everything but them. Frozen parameters go through `optax.set_to_zero`, so they
+    never change and have no optimizer state (gin: `train.train.optimizer = @optimizers.train_only()`,
+    `optimizers.train_only.tx = @optimizers.adamw()`)."""
+    if mode not in TRAINING_MODES:
+        raise ValueError(f"training mode {mode!r}; choose from {TRAINING_MODES}")
+    if mode == "full":
+        return tx
+
+    def labels(params):
+        flat = traverse_util.flatten_dict(params, sep="/")
+        moe = {path: "/mlp/expert/" in f"/{path}" or "/mlp/router/" in f"/{path}" for path in flat}
+        if not any(moe.values()):
+            raise ValueError(f"training mode {mode!r} needs MoE layers, and the model has none")
+        return traverse_util.unflatten_dict(
+            {path: "train" if is_moe == (mode == "experts") else "frozen"
+             for path, is_moe in moe.items()}, sep="/")
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -20,12 +20,29 @@ class TrainState(struct.PyTreeNode):
         return cls(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
 
     def shardings(self, params_shardings, replicated):
-        """The same tree with shardings: optimizer slots shaped like a parameter follow it, scalars
-        (step, counts) are replicated. `self` may hold shapes only (`jax.eval_shape`)."""
-        opt_state = optax.tree_map_params(
-            self.tx, lambda _, sharding: sharding, self.opt_state, params_shardings,
-            transform_non_params=lambda _: replicated)
+        """The same tree with shardings: an optimizer slot whose tree path ends in a parameter's
+        path and has its shape (Adam's moments, also under `multi_transform` masks) follows that
+        parameter; everything else (step, counts, factored Adafactor rows) is replicated. `self` may
+        hold shapes only (`jax.eval_shape`)."""
+        params = {_keys(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(self.params),
+            jax.tree_util.tree_leaves(params_shardings))}
+        depths = sorted({len(path) for path in params})
+
+        def slot_sharding(path, leaf):
+            keys = _keys(path)
+            for depth in depths:
+                shape, sharding = params.get(keys[-depth:], (None, None))
+                if shape is not None and shape == getattr(leaf, "shape", None):
+                    return sharding
+            return replicated
+
+        opt_state = jax.tree_util.tree_map_with_path(slot_sharding, self.opt_state)
         return self.replace(step=replicated, params=params_shardings, opt_state=opt_state)
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
 
 def train_step(model, state: TrainState, batch, dropout_rng, num_microbatches: int = 1):

@@ -64,16 +64,20 @@ class Trainer:
         self._eval = partitioner.partition(lambda p, b: model.eval_fn(p, b)[1],
                                            (self.params_shardings, self.batch_shardings), None)
 
-    def initial_state(self, seed: int, initial_checkpoint: str | None = None) -> tuple[TrainState, list]:
+    def initial_state(self, seed: int, initial_checkpoint: str | None = None
+                      ) -> tuple[TrainState, list, list]:
         """A fresh state; with `initial_checkpoint` (an mmt_jax checkpoint directory) its parameters
-        replace the fresh ones wherever the path and shape match. Returns `(state, fresh_paths)`."""
+        replace the fresh ones wherever the path and shape match, and a dense checkpoint's MLPs
+        start every expert of an MoE model (`checkpoints.initialize_from`). Returns
+        `(state, fresh_paths, upcycled_paths)`."""
         params = self._init_params(jax.random.key(seed))
-        fresh_paths = []
+        fresh_paths, upcycled = [], []
         if initial_checkpoint:
             _, pretrained = checkpoints.load_checkpoint(initial_checkpoint)
-            merged, fresh_paths = checkpoints.initialize_from(jax.device_get(params), pretrained)
+            merged, fresh_paths, upcycled = checkpoints.initialize_from(jax.device_get(params),
+                                                                        pretrained)
             params = jax.device_put(merged, self.params_shardings)
-        return self._create(params), fresh_paths
+        return self._create(params), fresh_paths, upcycled
 
     def train_step(self, state: TrainState, batch, dropout_rng) -> tuple[TrainState, dict]:
         return self._train(state, batch, dropout_rng)
