@@ -86,3 +86,26 @@ def test_mixed_precision_is_a_gin_binding():
     finally:
         gin.clear_config()
     assert config.dtype == jnp.bfloat16  # activations; parameters stay float32 (test_layers.py)
+
+
+def test_moe_gin_builds_odd_decoder_moe_layers_and_trains_experts_only():
+    from mmt_jax.layers.moe import MoeConfig
+    from mmt_jax.models.t5 import moe_layers
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(mmt_jax.gin_search_path())
+        gin.parse_config_files_and_bindings(
+            ["runs/finetune.gin", "models/moe_tiny_catalog.gin"],
+            ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10", "INITIAL_CHECKPOINT_PATH = '/x'",
+             "train.train.optimizer = @optimizers.train_only()",
+             "optimizers.train_only.mode = 'experts'"])
+        config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+        # builds (train_only.tx is bound by the model file) and refuses a model without MoE layers
+        optimizer = gin.query_parameter("train.train.optimizer").scoped_configurable_fn()
+    finally:
+        gin.clear_config()
+    assert config.moe == MoeConfig(num_experts=8, num_selected=2, aux_loss_weight=0.1)
+    assert moe_layers(config.decoder_moe_layers, config.num_decoder_layers) == {1}
+    assert config.has_moe
+    with pytest.raises(ValueError, match="needs MoE layers"):
+        optimizer.init({"encoder": {"layers_0": {"mlp": {"wo": {"kernel": jnp.zeros((2, 2))}}}}})
