@@ -3,7 +3,7 @@
     mmt-jax demo                # about 10 minutes on 2 CPU cores
 
 1. Generates the embedded catalog (3000 garment-like products) under `workdir/tfds`.
-2. Pretrains a tiny MMT4 (T5.1.1 tiny + 16 px patches of 64 px images: 16 image vectors) for 300
+2. Pretrains a tiny MMT4 (T5.1.1 tiny + 8 px patches of 64 px images: 64 image vectors) for 300
    steps on span corruption + MLM, and the same T5 without the image branch on the same text
    (`gin/runs/catalog.gin`).
 3. Fine-tunes each from its pretrained checkpoint for 1000 steps on the attribute tasks with every
@@ -39,7 +39,7 @@ def _train(args: list[str]) -> None:
 
 
 def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: int = 1000,
-        num_products: int = 3000, image_size: int = 64, patch_size: int = 16, batch_size: int = 32,
+        num_products: int = 3000, image_size: int = 64, patch_size: int = 8, batch_size: int = 32,
         examples: int = 6) -> dict[str, dict[str, float]]:
     """Runs the comparison; returns {model: {attribute: accuracy}}."""
     start = time.time()
