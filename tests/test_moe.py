@@ -297,3 +297,26 @@ def test_sparse_upcycling_copies_the_dense_mlp_into_every_expert():
     # Every expert equal to the dense MLP and k=1 (weight 1): the upcycled model is the dense model.
     np.testing.assert_allclose(sparse._compute_logits(params, batch),
                                dense._compute_logits(dense_params, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 4, 1), (4, 1, 2)])
+def test_moe_model_loss_and_gradients_on_a_mesh_equal_one_device(mesh_shape):
+    model = _tiny_moe_model(moe=_moe_config(num_experts=8, eval_capacity_factor=1.0),
+                            decoder_moe_layers="odd")
+    batch = _lm_batch()
+    shapes = {k: v.shape for k, v in batch.items()}
+    variables = model.get_initial_variables(jax.random.key(0), shapes)
+    grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b, None)[0])
+    reference_loss, reference_grads = jax.jit(grad_fn)(variables["params"], batch)
+
+    partitioner = Partitioner(mesh_shape)
+    shardings = partitioner.params_shardings(variables["params_axes"])
+    params = jax.device_put(variables["params"], shardings)
+    expert = params["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
+    assert expert.sharding.spec == P("expert", "model", None)
+    step = partitioner.partition(grad_fn, (shardings, partitioner.batch_shardings(batch)),
+                                 (partitioner.replicated(), shardings))
+    loss, grads = step(params, partitioner.shard_batch(batch))
+    np.testing.assert_allclose(loss, reference_loss, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           jax.device_get(grads), reference_grads)
