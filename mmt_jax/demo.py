@@ -1,6 +1,6 @@
 """The README's main job: MMT4 against the text-only T5 on the embedded catalog (Table 2's shape).
 
-    mmt-jax demo                # about 10 minutes on 2 CPU cores
+    mmt-jax demo                # about 12 minutes on 2 CPU cores
 
 1. Generates the embedded catalog (3000 garment-like products) under `workdir/tfds`.
 2. Pretrains a tiny MMT4 (T5.1.1 tiny + 8 px patches of 64 px images: 64 image vectors) for 300

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a bad JSONL record stops the run (default) or is skipped and reported")
     infer.set_defaults(run=_infer)
     demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
-                                             "catalog (Table 2's shape), ~10 min on 2 cores")
+                                             "catalog (Table 2's shape), ~12 min on 2 cores")
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
     demo.add_argument("--pretrain-steps", type=int, default=300)
     demo.add_argument("--finetune-steps", type=int, default=1000)
