@@ -81,8 +81,8 @@ def test_dispatch_variants_agree_and_drops_are_counted():
         1 - np.mean(np.any(kept, -1)))
     assert stats["expert_usage"] == pytest.approx(np.sum(kept) / (2 * 4 * 2))
     # A capacity large enough for everything drops nothing; dropless likewise.
-    for kwargs in ({"eval_capacity_factor": 4.0}, {}):
-        _, stats = _run(_block(**kwargs), params, x, dropless=not kwargs)
+    for kwargs in ({"eval_capacity_factor": 4.0}, {"eval_capacity_factor": 0.5, "eval_dropless": True}):
+        _, stats = _run(_block(**kwargs), params, x)
         assert stats["fraction_tokens_left_behind"] == 0 and stats["router_confidence"] == (
             pytest.approx(1.0))
 

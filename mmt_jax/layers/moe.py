@@ -13,8 +13,8 @@ sequences), so the dispatch tensors grow with the group, not the batch. Each exp
 
 k enters the formula (each token makes k choices, so a balanced router sends `k * group / n` tokens
 to each expert); `min_capacity` keeps short groups (one-token decode steps) from dropping, and no
-expert needs more than `group` slots since a token picks an expert at most once, so `dropless=True`
-(capacity = group) never drops. Slots are filled by priority: every token's first choice before any
+expert needs more than `group` slots since a token picks an expert at most once, so
+`eval_dropless=True` (capacity = group outside training) never drops at inference. Slots are filled by priority: every token's first choice before any
 token's second choice, each in token order; a choice that finds its expert full is dropped (its weight
 lost; the residual connection around the block still carries the token).
 
@@ -50,7 +50,8 @@ DISPATCH = ("einsum", "gather")
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
     """num_experts n; num_selected k; capacity factors for training and evaluation; see the module
-    docstring for the rest. aux_loss_weight is the paper's lambda (0.1 was its best, Table 5)."""
+    docstring for the rest. aux_loss_weight is the paper's lambda (0.1 was its best, Table 5);
+    eval_dropless keeps every token outside training (capacity = group)."""
     num_experts: int = 8
     num_selected: int = 2
     group_size: int = 64
@@ -61,6 +62,7 @@ class MoeConfig:
     aux_loss_weight: float = 0.1
     z_loss_weight: float = 0.0
     dispatch: str = "gather"
+    eval_dropless: bool = False
 
     def __post_init__(self):
         if not 1 <= self.num_selected <= self.num_experts:
@@ -121,7 +123,7 @@ class MoeBlock(nn.Module):
     kernel_init: nn.initializers.Initializer = default_kernel_init
 
     @nn.compact
-    def __call__(self, inputs, *, enable_dropout: bool = False, dropless: bool = False):
+    def __call__(self, inputs, *, enable_dropout: bool = False):
         cfg = self.config
         batch, length, embed = inputs.shape
         group = min(cfg.group_size, length)
@@ -137,7 +139,7 @@ class MoeBlock(nn.Module):
             logits = logits + cfg.router_noise * jax.random.normal(
                 self.make_rng("router_noise"), logits.shape, jnp.float32)
         factor = cfg.train_capacity_factor if enable_dropout else cfg.eval_capacity_factor
-        slots = capacity(cfg, group, factor, dropless)
+        slots = capacity(cfg, group, factor, cfg.eval_dropless and not enable_dropout)
         experts, weights, slot, kept = route(logits, cfg.num_selected, slots)
 
         expert_mlp = partitioning.vmap_with_axes(
