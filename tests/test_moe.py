@@ -42,6 +42,17 @@ def test_route_keeps_first_choices_before_second_choices():
     np.testing.assert_allclose(weights[0, 0], e / e.sum(), rtol=1e-6)
 
 
+def test_routing_groups_tile_the_sequence():
+    x = _inputs(batch=1, length=12)
+    block = _block(group_size=8)  # 12 tokens: groups of 6
+    params = block.init(jax.random.key(0), x)["params"]
+    _, stats = _run(block, params, x)
+    expected_slots = moe.capacity(block.config, 6, block.config.eval_capacity_factor, False)
+    _, _, _, kept = moe.route(jnp.einsum("gsd,de->gse", x.reshape(2, 6, D),
+                                         params["router"]["kernel"]), 2, expected_slots)
+    assert stats["expert_usage"] == pytest.approx(np.sum(kept) / (2 * 4 * expected_slots))
+
+
 def test_capacity_formula():
     config = moe.MoeConfig(num_experts=8, num_selected=2, min_capacity=4)
     assert moe.capacity(config, 256, 1.25, False) == 80    # ceil(2 * 256 * 1.25 / 8)
@@ -314,9 +325,13 @@ def test_moe_model_loss_and_gradients_on_a_mesh_equal_one_device(mesh_shape):
     params = jax.device_put(variables["params"], shardings)
     expert = params["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
     assert expert.sharding.spec == P("expert", "model", None)
-    step = partitioner.partition(grad_fn, (shardings, partitioner.batch_shardings(batch)),
-                                 (partitioner.replicated(), shardings))
-    loss, grads = step(params, partitioner.shard_batch(batch))
+    step = jax.jit(grad_fn, in_shardings=(shardings, partitioner.batch_shardings(batch)),
+                   out_shardings=(partitioner.replicated(), shardings))
+    sharded_batch = partitioner.shard_batch(batch)
+    with partitioner.context():
+        loss, grads = step(params, sharded_batch)
+        hlo = step.lower(params, sharded_batch).compile().as_text()
+    assert ("all-to-all" in hlo) == (mesh_shape[1] > 1)
     np.testing.assert_allclose(loss, reference_loss, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            jax.device_get(grads), reference_grads)

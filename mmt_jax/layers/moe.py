@@ -5,8 +5,9 @@ The gate is the paper's `w(x) = softmax(top_k(W x + noise))`: router logits in f
 softmax over the k largest logits; every other expert gets weight 0. The block's output for a token is
 `sum_i w_i(x) f_i(x)` over its k experts `f_i`, each a T5 MLP (`MlpBlock`).
 
-Tokens are routed in groups of `group_size` consecutive tokens of one sequence (a group never spans two
-sequences), so the dispatch tensors grow with the group, not the batch. Each expert takes at most
+Tokens are routed in groups of at most `group_size` consecutive tokens of one sequence (the largest
+such group that tiles the sequence; a group never spans two sequences), so the dispatch tensors grow
+with the group, not the batch. Each expert takes at most
 `capacity` tokens per group:
 
     capacity = min(group, max(min_capacity, ceil(k * group * capacity_factor / num_experts)))
@@ -126,10 +127,8 @@ class MoeBlock(nn.Module):
     def __call__(self, inputs, *, enable_dropout: bool = False):
         cfg = self.config
         batch, length, embed = inputs.shape
-        group = min(cfg.group_size, length)
-        if length % group:
-            raise ValueError(f"sequence length {length} is not a multiple of the routing group "
-                             f"size {group} (MoeConfig.group_size)")
+        # The largest group of at most group_size tokens that tiles the sequence.
+        group = max(d for d in range(1, min(cfg.group_size, length) + 1) if length % d == 0)
         x = inputs.reshape(batch * length // group, group, embed)  # [G, S, D]
         x = partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))
 
