@@ -110,10 +110,10 @@ def _run_gin(args, configurable):
 
 
 def _train(args) -> None:
+    import jax
     from mmt_jax import train
     _initialize_distributed(args)
     result = _run_gin(args, train.train)
-    import jax
     if jax.process_index() != 0:
         return  # the chief reports for all
     print(f"finished at step {result.step}: " + ", ".join(

@@ -46,6 +46,8 @@ from mmt_jax.layers.dense import DenseGeneral, default_kernel_init
 from mmt_jax.layers.mlp import MlpBlock
 
 DISPATCH = ("einsum", "gather")
+# Expert-major tensors [experts, groups, capacity, embed]: experts over the `expert` mesh axis.
+EXPERT_MAJOR = ("expert", "expert_replicas", "unmodeled", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +150,14 @@ class MoeBlock(nn.Module):
                 self.intermediate_dim, tuple(self.activations), self.dropout_rate, self.dtype,
                 kernel_init=self.kernel_init, activation_axes=("expert_replicas", "unmodeled"),
                 name="expert")
-        if cfg.dispatch == "einsum":
-            output = self._einsum_dispatch(x, expert_mlp, experts, weights, slot, kept, slots,
-                                           enable_dropout)
-        else:
-            output = self._gather_dispatch(x, expert_mlp, experts, weights, slot, kept, slots,
-                                           enable_dropout)
+        def run_experts(expert_inputs):  # [E, G, C, D] -> [E, G, C, D], sharded over `expert`
+            expert_inputs = partitioning.with_sharding_constraint(expert_inputs, EXPERT_MAJOR)
+            return partitioning.with_sharding_constraint(
+                expert_mlp(expert_inputs, enable_dropout), EXPERT_MAJOR)
+
+        dispatch = self._einsum_dispatch if cfg.dispatch == "einsum" else self._gather_dispatch
+        output = dispatch(x, run_experts, experts, weights, slot, kept, slots)
+        output = partitioning.with_sharding_constraint(output, ("batch", "length", "embed"))
 
         gate = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts) * weights[..., None], axis=2)
         self.sow("intermediates", "auxiliary_loss", load_balancing_loss(experts[..., 0], gate))
@@ -167,23 +171,17 @@ class MoeBlock(nn.Module):
                  jnp.mean(jnp.sum(weights * kept, axis=-1)))
         return output.reshape(batch, length, embed).astype(inputs.dtype)
 
-    def _einsum_dispatch(self, x, expert_mlp, experts, weights, slot, kept, slots, enable_dropout):
+    def _einsum_dispatch(self, x, run_experts, experts, weights, slot, kept, slots):
         num_experts = self.config.num_experts
         # [G, S, k, E] x [G, S, k, C] -> [G, S, E, C]
         which = jax.nn.one_hot(experts, num_experts, dtype=x.dtype)
         where = jax.nn.one_hot(jnp.where(kept, slot, slots), slots, dtype=x.dtype)  # dropped: zeros
         dispatch = jnp.einsum("gske,gskc->gsec", which, where)
         combine = jnp.einsum("gske,gskc,gsk->gsec", which, where, weights.astype(x.dtype))
-        expert_inputs = jnp.einsum("gsec,gsd->egcd", dispatch, x)
-        expert_inputs = partitioning.with_sharding_constraint(
-            expert_inputs, ("expert", "expert_replicas", "unmodeled", "embed"))
-        expert_outputs = expert_mlp(expert_inputs, enable_dropout)
-        expert_outputs = partitioning.with_sharding_constraint(
-            expert_outputs, ("expert", "expert_replicas", "unmodeled", "embed"))
-        output = jnp.einsum("gsec,egcd->gsd", combine, expert_outputs)
-        return partitioning.with_sharding_constraint(output, ("batch", "length", "embed"))
+        expert_outputs = run_experts(jnp.einsum("gsec,gsd->egcd", dispatch, x))
+        return jnp.einsum("gsec,egcd->gsd", combine, expert_outputs)
 
-    def _gather_dispatch(self, x, expert_mlp, experts, weights, slot, kept, slots, enable_dropout):
+    def _gather_dispatch(self, x, run_experts, experts, weights, slot, kept, slots):
         num_experts = self.config.num_experts
         g, s, k = experts.shape
         # Which token fills each (expert, slot): scatter the kept choices' token index; empty slots
@@ -195,15 +193,10 @@ class MoeBlock(nn.Module):
             source, flat_slot, token)[:, :-1]
         padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # [G, S + 1, D]
         expert_inputs = jnp.take_along_axis(padded, source[..., None], axis=1)  # [G, E*C, D]
-        expert_inputs = expert_inputs.reshape(g, num_experts, slots, -1).transpose(1, 0, 2, 3)
-        expert_inputs = partitioning.with_sharding_constraint(
-            expert_inputs, ("expert", "expert_replicas", "unmodeled", "embed"))
-        expert_outputs = expert_mlp(expert_inputs, enable_dropout)
-        expert_outputs = partitioning.with_sharding_constraint(
-            expert_outputs, ("expert", "expert_replicas", "unmodeled", "embed"))
+        expert_outputs = run_experts(
+            expert_inputs.reshape(g, num_experts, slots, -1).transpose(1, 0, 2, 3))
         flat_outputs = expert_outputs.transpose(1, 0, 2, 3).reshape(g, num_experts * slots, -1)
         flat_outputs = jnp.concatenate([flat_outputs, jnp.zeros_like(flat_outputs[:, :1])], axis=1)
         picked = jnp.take_along_axis(flat_outputs, flat_slot.reshape(g, s * k)[..., None], axis=1)
         picked = picked.reshape(g, s, k, -1)
-        output = jnp.einsum("gskd,gsk->gsd", picked, (weights * kept).astype(x.dtype))
-        return partitioning.with_sharding_constraint(output, ("batch", "length", "embed"))
+        return jnp.einsum("gskd,gsk->gsd", picked, (weights * kept).astype(x.dtype))
