@@ -88,6 +88,21 @@ def test_lite0_matches_torch_reference(lite0, photos):
     np.testing.assert_allclose(np.asarray(logits(params, photos)), ref, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding", [
+    (8, 3, 1, "same"), (8, 3, 2, "same"), (7, 5, 2, "same"), (9, 5, 1, "symmetric"),
+    (8, 3, 2, "symmetric")])
+def test_depthwise_as_shifted_slices_equals_the_grouped_convolution(size, kernel, stride, padding):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 1, 6)), jnp.float32)
+    conv = en.Conv(6, kernel_size=kernel, stride=stride, groups=6, padding=padding)
+    params = conv.init(jax.random.PRNGKey(0), x)["params"]
+    params = {"kernel": nn.unbox(params["kernel"]), "bias": nn.unbox(params["bias"]) + 0.5}
+    pads = [en._pads(size, kernel, stride, padding), en._pads(size + 1, kernel, stride, padding)]
+    expected = jax.lax.conv_general_dilated(x, params["kernel"], (stride, stride), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=6) + params["bias"]
+    np.testing.assert_allclose(conv.apply({"params": params}, x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_b0_config_builds_and_runs():
     config = en.efficientnet_config("b0")
     assert not config.lite and config.blocks()[0]["se_filters"] == 8 and len(config.blocks()) == 16

@@ -159,10 +159,32 @@ class Conv(nn.Module):
         bias = partitioning.param_with_axes(
             "bias", nn.initializers.zeros, (self.features,), self.param_dtype, axes=(CONV_AXES[-1],))
         pads = [_pads(x.shape[1], k, s, self.padding), _pads(x.shape[2], k, s, self.padding)]
-        y = jax.lax.conv_general_dilated(
-            jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype), (s, s), pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+        x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
+        if self.groups == in_features == self.features and self.groups > 1:
+            y = _depthwise(x, kernel, s, pads)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (s, s), pads,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=self.groups)
         return y + jnp.asarray(bias, self.dtype)
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
+    """A depthwise convolution (`[B, H, W, C]`, kernel `[k, k, 1, C]`) as the sum of k*k strided,
+    shifted slices times one kernel tap each: the same arithmetic as `conv_general_dilated` with
+    `feature_group_count=C`, which XLA's CPU backend runs 5-40x slower (bench/README.md)."""
+    k = kernel.shape[0]
+    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h, out_w = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    y = None
+    for i in range(k):
+        for j in range(k):
+            tap = jax.lax.slice(x, (0, i, j, 0),
+                                (x.shape[0], i + (out_h - 1) * stride + 1,
+                                 j + (out_w - 1) * stride + 1, x.shape[3]),
+                                (1, stride, stride, 1)) * kernel[i, j, 0]
+            y = tap if y is None else y + tap
+    return y
 
 
 def _drop_connect(module: nn.Module, x: jax.Array, rate: float, enable_dropout: bool) -> jax.Array:
@@ -230,13 +252,15 @@ class EfficientNet(nn.Module):
                                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="classifier")
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def feature_map(self, images: jax.Array, *, enable_dropout: bool = False) -> jax.Array:
-        """`[B, H, W, 3]` -> `[B, h, w, C]`, the activated output of the 1x1 head conv."""
+    def feature_map(self, images: jax.Array, *, enable_dropout: bool = False,
+                    num_blocks: int | None = None) -> jax.Array:
+        """`[B, H, W, 3]` -> `[B, h, w, C]`, the activated output of the 1x1 head conv; with
+        `num_blocks`, the output of the first `num_blocks` MBConv blocks instead (a mid-level map)."""
         act = jax.nn.relu6 if self.config.lite else jax.nn.swish
         x = act(self.stem(images))
-        for block in self.blocks:
+        for block in self.blocks[:num_blocks]:
             x = block(x, enable_dropout)
-        return act(self.head(x))
+        return x if num_blocks is not None else act(self.head(x))
 
     def __call__(self, images: jax.Array, *, enable_dropout: bool = False) -> jax.Array:
         x = self.feature_map(images, enable_dropout=enable_dropout)
