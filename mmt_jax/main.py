@@ -4,8 +4,9 @@
   convert --from-t5x DIR --to CHECKPOINT      t5x checkpoint (orbax or legacy tensorstore) -> ours
   convert --from-checkpoint CHECKPOINT --to-hf DIR    ours -> Hugging Face T5
   data convert --jsonl F [--images DIR] --out DIR [--name NAME] [--on-error fail|skip]
-                                              a JSONL catalog (+ images) -> TFDS catalog under DIR
-  data generate --out DIR [--num-products N]  the embedded synthetic catalog -> TFDS catalog under DIR
+               [--image-features SPEC]        a JSONL catalog (+ images) -> TFDS catalog under DIR
+  data generate --out DIR [--num-products N] [--image-features SPEC]
+                                              the embedded synthetic catalog -> TFDS catalog under DIR
   data vocab --out FILE                       retrains the catalog SentencePiece vocabulary
   train --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]
                                               trains as the gin files say (gin/runs/*.gin)
@@ -67,7 +68,7 @@ def _data_convert(args) -> None:
     from mmt_jax.data import tfds_catalog
     config = tfds_catalog.jsonl_config(
         args.name, args.jsonl, args.images, validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction, on_error=args.on_error)
+        test_fraction=args.test_fraction, on_error=args.on_error, image_features=args.image_features)
     if not os.path.isfile(args.jsonl):
         raise FileNotFoundError(f"no catalog file {args.jsonl}")
     builder = tfds_catalog.prepare(config, args.out, num_shards=args.num_shards, overwrite=args.force)
@@ -77,7 +78,8 @@ def _data_convert(args) -> None:
 def _data_generate(args) -> None:
     from mmt_jax.data import tfds_catalog
     builder = tfds_catalog.prepare(
-        tfds_catalog.embedded_config(args.num_products, args.seed, args.image_size), args.out,
+        tfds_catalog.embedded_config(args.num_products, args.seed, args.image_size,
+                                     args.image_features), args.out,
         num_shards=args.num_shards, overwrite=args.force)
     print(tfds_catalog.summary(builder))
 
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert_data.add_argument("--num-shards", type=int, default=None,
                               help="TFRecord files per split (default: by size); multi-host "
                                    "training wants at least one per process")
+    features_help = ("also store each product's features from this frozen pretrained network, "
+                     "e.g. efficientnet-lite0-px128 (vision/extractors.py)")
+    convert_data.add_argument("--image-features", metavar="SPEC", default=None, help=features_help)
     convert_data.add_argument("--force", action="store_true", help="rewrite an existing catalog")
     convert_data.set_defaults(run=_data_convert)
     generate = data_commands.add_parser("generate", help="write the embedded synthetic catalog")
@@ -192,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--image-size", type=int, default=128)
     generate.add_argument("--num-shards", type=int, default=4)
+    generate.add_argument("--image-features", metavar="SPEC", default=None, help=features_help)
     generate.add_argument("--force", action="store_true", help="rewrite an existing catalog")
     generate.set_defaults(run=_data_generate)
     vocab = data_commands.add_parser("vocab", help="train the catalog SentencePiece vocabulary")

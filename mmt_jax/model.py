@@ -49,11 +49,16 @@ class EncoderDecoderModel:
                  z_loss: float = 1e-4, loss_normalizing_factor: Any = NUM_REAL_TARGET_TOKENS,
                  eos_id: int = 1):
         self.module = module
-        # A module with an image branch (MMT4) reads images: its batches come from the multimodal
-        # converter. t5x reads this instance attribute as it reads its own models' (models.py:386).
-        if feature_converter_cls is None and getattr(module, "fusion", None) is not None:
-            from mmt_jax.data.feature_converter import MultimodalEncDecFeatureConverter
-            feature_converter_cls = MultimodalEncDecFeatureConverter
+        # A module with an image branch (MMT4) reads images, or stored image features: its batches
+        # come from the multimodal converters. t5x reads this instance attribute as it reads its own
+        # models' (models.py:386).
+        fusion = getattr(module, "fusion", None)
+        if feature_converter_cls is None and fusion is not None:
+            from mmt_jax.data import feature_converter
+            feature_converter_cls = (
+                feature_converter.MultimodalFeaturesEncDecFeatureConverter
+                if fusion.representator == "precomputed"
+                else feature_converter.MultimodalEncDecFeatureConverter)
         if feature_converter_cls is not None:
             self.FEATURE_CONVERTER_CLS = feature_converter_cls
         self._input_vocabulary = input_vocabulary

@@ -8,8 +8,9 @@
 A query is one product asked one prompt. Its encoder text is built as the catalog tasks build theirs
 (`data/prompts.py`): "<title> <description> <prompt>" (empty parts left out), tokenised with the
 checkpoint's vocabulary and ending in EOS; its image is decoded and resized with the checkpoint's own
-`ImagePreprocessing` (augmentation off), and the batch comes from the model's feature converter, so a
-new product is seen exactly as the validation split was in training.
+`ImagePreprocessing` (augmentation off) and, for a checkpoint trained on stored image features, run
+through the frozen extractor that wrote them into the catalog; the batch comes from the model's
+feature converter. So a new product is seen exactly as the validation split was in training.
 
 `score` is the log-probability of the generated text: greedy decoding, or beam search without a
 length penalty, so `exp(score)` is the model's probability of its answer (what the recall-at-precision
@@ -33,6 +34,7 @@ from mmt_jax.errors import InputError
 from mmt_jax.evaluate import until_eos
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.training import checkpoints
+from mmt_jax.vision import extractors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +127,10 @@ class Predictor:
     def _batch(self, queries: list[Query]) -> dict:
         examples = {"inputs": [self._tokens(q) for q in queries],
                     "targets": [np.zeros(0, np.int32)] * len(queries)}
-        if self.uses_images:
+        if self.uses_images and self._image.extractor is not None:
+            features, mask = extractors.extract_from_bytes([q.image for q in queries], self._image)
+            examples["image_features"], examples["image_mask"] = features, mask[:, None]
+        elif self.uses_images:
             decoded = [images_lib.decode_and_resize(tf.constant(q.image), self._image)
                        for q in queries]
             examples["image"] = np.stack([image.numpy() for image, _ in decoded])

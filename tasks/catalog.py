@@ -16,8 +16,10 @@ call registers, with `P` the prefix:
   and `_text` variants of the pretraining, attribute and title tasks without the image, for the
   text-only T5 baseline (matching needs the image, and MoEMoE QA its own converter).
 
-Image tasks emit `image` and `image_mask` for `MultimodalEncDecFeatureConverter`; text tasks emit
-only tokens, for `seqio.EncDecFeatureConverter`.
+Image tasks emit `image` and `image_mask` for `MultimodalEncDecFeatureConverter` (or, when `image`
+names an extractor, the catalog's stored `image_features` and `image_mask` for
+`MultimodalFeaturesEncDecFeatureConverter`); text tasks emit only tokens, for
+`seqio.EncDecFeatureConverter`.
 """
 import functools
 import inspect
@@ -69,7 +71,8 @@ class CatalogSource(seqio.TfdsDataSource):
 
 
 def drop_image(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    return dataset.map(lambda ex: {k: v for k, v in ex.items() if k != "image"})
+    return dataset.map(lambda ex: {k: v for k, v in ex.items()
+                                   if k not in ("image", "image_features")})
 
 
 def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
@@ -86,7 +89,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
       vocabulary: a seqio vocabulary or the path of a T5 SentencePiece model (default: the catalog
         vocabulary shipped with the package).
       attributes: the attributes to make generation tasks for.
-      image: how images are decoded and resized for the representator.
+      image: how images are decoded and resized for the representator, or which stored features
+        the model reads (`vision.extractors.preprocessing(spec)`; the catalog must hold them).
       removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
       with_description: attribute prompts read the description after the title (the paper: title
         only).
@@ -100,8 +104,9 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     text_features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
                      "targets": seqio.Feature(vocabulary, add_eos=True)}
     # Declared as output features so that mixtures, which keep only those, keep the image too.
-    image_features = {
-        "image": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.float32, rank=3),
+    image_outputs = {
+        image.input_feature: seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
+                                           dtype=tf.float32, rank=3 if image.extractor is None else 2),
         "image_mask": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
                                     rank=1)}
     tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
@@ -115,7 +120,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
             with_image = modality == "image"
             seqio.TaskRegistry.add(
                 name if with_image else f"{name}_text", source=source, metric_fns=list(metric_fns),
-                output_features={**features, **(image_features if with_image else {})},
+                output_features={**features, **(image_outputs if with_image else {})},
                 preprocessors=[make_examples, functools.partial(images.preprocess_images, options=image)
                                if with_image else drop_image] + then)
             names.append(name if with_image else f"{name}_text")

@@ -12,6 +12,10 @@ Model features, for a batch of B:
   encoder_images        [B, S, S, 3]   decoder_target_tokens  [B, Lt]
   encoder_image_mask    [B]            decoder_loss_weights   [B, Lt]  (1 on real target tokens)
 
+`MultimodalFeaturesEncDecFeatureConverter` is the same with stored features in place of pixels
+(`representator="precomputed"`): task `image_features` float32 `[Lv, D]` -> `encoder_image_features`
+`[B, Lv, D]`.
+
 `TASK_FEATURE_LENGTHS` needs only `inputs` and `targets`, as for a text task; the image side is taken
 from the examples' static shape. Packing is refused: packing would put several products' images into
 one row, which the fused encoder (one image per row, Eq. 2 of the MMT4 paper) does not model, so t5x
@@ -25,19 +29,21 @@ import tensorflow as tf
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 
+def _with_image(task_feature: str, model_feature: str, rank: int):
+    """(TASK_FEATURES, MODEL_FEATURES) of seqio's converter plus one image input and its mask."""
+    return ({**seqio.EncDecFeatureConverter.TASK_FEATURES,
+             task_feature: FeatureSpec(dtype=tf.float32, rank=rank),
+             "image_mask": FeatureSpec(dtype=tf.int32, rank=1)},
+            {**seqio.EncDecFeatureConverter.MODEL_FEATURES,
+             model_feature: FeatureSpec(dtype=tf.float32, rank=rank),
+             "encoder_image_mask": FeatureSpec(dtype=tf.int32, rank=0)})
+
+
 class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     """seqio.EncDecFeatureConverter plus one image per example; constructible as t5x does it."""
 
-    TASK_FEATURES = {
-        **seqio.EncDecFeatureConverter.TASK_FEATURES,
-        "image": FeatureSpec(dtype=tf.float32, rank=3),
-        "image_mask": FeatureSpec(dtype=tf.int32, rank=1),
-    }
-    MODEL_FEATURES = {
-        **seqio.EncDecFeatureConverter.MODEL_FEATURES,
-        "encoder_images": FeatureSpec(dtype=tf.float32, rank=3),
-        "encoder_image_mask": FeatureSpec(dtype=tf.int32, rank=0),
-    }
+    IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK = "image", "encoder_images", 3
+    TASK_FEATURES, MODEL_FEATURES = _with_image(IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK)
 
     def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False, **kwargs):
         if pack:
@@ -48,12 +54,14 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
         super().__init__(pack=False, use_custom_packing_ops=use_custom_packing_ops, **kwargs)
 
     def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-        image_shape = ds.element_spec["image"].shape if "image" in ds.element_spec else None
+        name = self.IMAGE_FEATURE
+        image_shape = ds.element_spec[name].shape if name in ds.element_spec else None
         if image_shape is None or not image_shape.is_fully_defined():
             raise ValueError(
-                f"the dataset needs an `image` feature of static shape [size, size, 3] (add "
-                f"images.preprocess_images to the task's preprocessors); got {image_shape}")
-        lengths = {"image": image_shape[0], "image_mask": 1, **task_feature_lengths}
+                f"the dataset needs an `{name}` feature of static shape (add "
+                f"images.preprocess_images to the task's preprocessors, with the preprocessing the "
+                f"model was built for); got {image_shape}")
+        lengths = {name: image_shape[0], "image_mask": 1, **task_feature_lengths}
         return super().__call__(ds, lengths)
 
     def _convert_features(self, ds: tf.data.Dataset,
@@ -63,7 +71,7 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
         def convert(features):
             converted = dict(self._convert_example(features))
-            converted["encoder_images"] = features["image"]
+            converted[self.MODEL_IMAGE_FEATURE] = features[self.IMAGE_FEATURE]
             converted["encoder_image_mask"] = features["image_mask"][0]
             return converted
 
@@ -71,4 +79,12 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
         return {**super().get_model_feature_lengths(task_feature_lengths),
-                "encoder_images": task_feature_lengths["image"], "encoder_image_mask": 0}
+                self.MODEL_IMAGE_FEATURE: task_feature_lengths[self.IMAGE_FEATURE],
+                "encoder_image_mask": 0}
+
+
+class MultimodalFeaturesEncDecFeatureConverter(MultimodalEncDecFeatureConverter):
+    """The same with the catalog's stored image features (`representator="precomputed"`)."""
+
+    IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK = "image_features", "encoder_image_features", 2
+    TASK_FEATURES, MODEL_FEATURES = _with_image(IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK)

@@ -2,7 +2,12 @@
 
 The stored image is encoded bytes (`tfds_catalog.FEATURES["image"]`, b"" for a product without one);
 the model gets `image` float32 `[size, size, 3]` and `image_mask` int32 `[1]` (0 when there was no
-image; rank 1 because seqio's evaluator measures a length along every task feature; the pixels are then zeros and the encoder masks the image vectors out).
+image; rank 1 because seqio's evaluator measures a length along every task feature; the pixels are
+then zeros and the encoder masks the image vectors out).
+
+With an `extractor` (vision/extractors.py) the model gets `image_features` float32 `[Lv, D]` instead:
+the frozen network's output on the image preprocessed as above, computed when the catalog was written
+and stored in it (`tfds_catalog`), so the pixels are not decoded at all.
 
 Normalisation is `(pixel - mean) / std` on [0, 255] values, with the statistics the representator was
 trained with: `VIT_STATS` for Hugging Face ViT checkpoints, `EFFICIENTNET_LITE_STATS` for
@@ -31,6 +36,9 @@ class ImagePreprocessing:
       mean, std: per-channel normalisation on [0, 255] values.
       augment: in training, a random crop of 80-100% of the area (same aspect ratio) and a random
         horizontal flip, drawn from seqio's per-example seed. No colour jitter: colour is a label.
+      extractor: the frozen network (`vision.extractors.EXTRACTORS`) whose features of the image,
+        stored in the catalog, the model reads instead of pixels; None: pixels. Build the whole
+        preprocessing from a spec with `vision.extractors.preprocessing("efficientnet-lite0-px128")`.
     """
     size: int = 224
     resize: str = "stretch"
@@ -38,12 +46,21 @@ class ImagePreprocessing:
     mean: tuple[float, float, float] = VIT_STATS[0]
     std: tuple[float, float, float] = VIT_STATS[1]
     augment: bool = False
+    extractor: str | None = None
 
     def __post_init__(self):
         if self.resize not in RESIZE_METHODS:
             raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
         if self.size <= 0 or not 0 < self.crop_fraction <= 1:
             raise ValueError(f"bad image preprocessing {self}")
+        if self.extractor is not None and self.augment:
+            raise ValueError("stored image features are computed once per product, so they cannot "
+                             "be augmented: set augment=False or extractor=None")
+
+    @property
+    def input_feature(self) -> str:
+        """The task feature the model reads: "image" (pixels) or "image_features"."""
+        return "image" if self.extractor is None else "image_features"
 
 
 def decode_and_resize(image_bytes: tf.Tensor, options: ImagePreprocessing,
@@ -87,7 +104,10 @@ def _random_crop_and_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess_images(dataset: tf.data.Dataset, options: ImagePreprocessing) -> tf.data.Dataset:
-    """A seqio preprocessor: the stored `image` bytes -> `image` (float32) and `image_mask`."""
+    """A seqio preprocessor: the stored `image` bytes -> `image` (float32) and `image_mask`; with an
+    extractor, the stored `image_features` (float32) and `image_mask`, without the `image` bytes."""
+    if options.extractor is not None:
+        return _stored_features(dataset, options)
 
     @seqio.map_over_dataset(num_seeds=1 if options.augment else None)
     def fn(example, seed=None):
@@ -95,3 +115,24 @@ def preprocess_images(dataset: tf.data.Dataset, options: ImagePreprocessing) -> 
         return {**example, "image": image, "image_mask": mask[tf.newaxis]}
 
     return fn(dataset)
+
+
+def _stored_features(dataset: tf.data.Dataset, options: ImagePreprocessing) -> tf.data.Dataset:
+    from mmt_jax.vision import extractors
+    spec = extractors.spec(options)
+    stored = dataset.element_spec.get("image_features")
+    expected = extractors.feature_shape(options)
+    if stored is None or tuple(stored.shape) != expected:
+        found = "none" if stored is None else f"shape {list(stored.shape)}"
+        raise ValueError(f"the catalog has no image features of {spec!r} (expected shape "
+                         f"{list(expected)}, found {found}); write the catalog with them: "
+                         f"`mmt-jax data convert ... --image-features {spec}`, or for the embedded "
+                         f"catalog the name 'embedded-n<N>-s<seed>-px<size>-{spec}'")
+
+    def fn(example):
+        mask = tf.cast(tf.strings.length(example["image"]) > 0, tf.int32)
+        example = {k: v for k, v in example.items() if k != "image"}
+        return {**example, "image_features": tf.cast(example["image_features"], tf.float32),
+                "image_mask": mask[tf.newaxis]}
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,17 +1,18 @@
 """Stored products -> the text examples of each task (before tokenisation), as seqio preprocessors.
 
 Each function maps a dataset of stored products (`tfds_catalog.FEATURES`) to examples with string
-`inputs` and `targets` (plus `question`/`context` for multi-source QA), keeping `id` and `image`. The
+`inputs` and `targets` (plus `question`/`context` for multi-source QA), keeping `id`, `image` and,
+in a catalog written with them, the stored `image_features`. The
 prompts follow the MMT4 paper (section 4): the attribute name and a colon after the title (`... color:`
 -> `red`), `title:` for title generation from the image, `match:` -> `yes`/`no` for image-text matching.
 """
 import tensorflow as tf
 
-KEEP = ("id", "image")
+KEEP = ("id", "image", "image_features")
 
 
 def _keep(example: dict, **features) -> dict:
-    return {**{k: example[k] for k in KEEP}, **features}
+    return {**{k: example[k] for k in KEEP if k in example}, **features}
 
 
 def attribute_value(example: dict, attribute: str) -> tf.Tensor:
@@ -83,14 +84,14 @@ def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """
     def four(pair):
         def example(i, j, answer):
-            return {"id": pair["id"][i], "image": pair["image"][i],
+            return {**{k: pair[k][i] for k in KEEP if k in pair},
                     "inputs": tf.strings.join([pair["title"][j], "match:"], " "),
                     "targets": tf.constant(answer)}
         return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
             lambda *xs: tf.stack(xs),
             example(0, 0, "yes"), example(0, 1, "no"), example(1, 1, "yes"), example(1, 0, "no")))
 
-    pairs = dataset.map(lambda ex: {k: ex[k] for k in ("id", "image", "title")})
+    pairs = dataset.map(lambda ex: _keep(ex, title=ex["title"]))
     pairs = pairs.batch(2, drop_remainder=True)
     pairs = pairs.filter(lambda p: tf.not_equal(tf.strings.lower(p["title"][0]),
                                                 tf.strings.lower(p["title"][1])))
@@ -110,7 +111,7 @@ def question_answering_examples(dataset: tf.data.Dataset, attributes: tuple[str,
         names = tf.boolean_mask(example["attribute_names"], wanted)
         values = tf.boolean_mask(example["attribute_values"], wanted)
         n = tf.size(names)
+        repeated = {k: tf.repeat(example[k][tf.newaxis], n, axis=0) for k in KEEP if k in example}
         return tf.data.Dataset.from_tensor_slices({
-            "id": tf.fill([n], example["id"]), "image": tf.fill([n], example["image"]),
-            "question": names, "context": tf.fill([n], context), "targets": values})
+            **repeated, "question": names, "context": tf.fill([n], context), "targets": values})
     return dataset.flat_map(per_product)

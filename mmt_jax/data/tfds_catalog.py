@@ -11,6 +11,10 @@ needed):
     tfds.load("product_catalog/my_catalog", data_dir=DIR, split="train")
     seqio.TfdsDataSource(tfds_name="product_catalog/my_catalog:1.0.0", tfds_data_dir=DIR)
 
+A catalog may also store each product's image features from a frozen pretrained network
+(`image_features`, a spec such as "efficientnet-lite0-px128", see vision/extractors.py): computed once
+here, in batches, they spare training and evaluation the network's forward pass at every step.
+
 TFDS writes into an `incomplete.*` directory and renames it when every split is written, so a failed or
 interrupted conversion never leaves something that reads as a finished catalog. Records that fail
 validation stop the conversion (`on_error="fail"`, the default) or are skipped (`"skip"`); either way
@@ -44,6 +48,8 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
       validation_fraction, test_fraction: shares of products without a `split` field that go to
         validation and test, drawn from a hash of the id.
       on_error: "fail" stops at bad records, "skip" leaves them out; both report them.
+      image_features: an extractor spec ("efficientnet-lite0-px128"): also store each product's
+        features `image_features` float16 `[Lv, D]` (zeros for a product without an image).
     """
     jsonl: str | None = None
     images_dir: str | None = None
@@ -53,31 +59,43 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
     on_error: str = "fail"
+    image_features: str | None = None
+
+    def __post_init__(self):
+        if self.image_features is not None:
+            from mmt_jax.vision import extractors
+            extractors.preprocessing(self.image_features)  # a clear error for an unknown spec
 
 
-def embedded_config(num_products: int = 3000, seed: int = 0,
-                    image_size: int = 128) -> ProductCatalogConfig:
-    """The embedded catalog of a given size; its name says what it holds, so sizes never collide."""
+def embedded_config(num_products: int = 3000, seed: int = 0, image_size: int = 128,
+                    image_features: str | None = None) -> ProductCatalogConfig:
+    """The embedded catalog of a given size; its name says what it holds, so sizes never collide:
+    "embedded-n3000-s0-px128", or "embedded-n3000-s0-px128-efficientnet-lite0-px128" with features."""
+    features = f"-{image_features}" if image_features else ""
     return ProductCatalogConfig(
-        name=f"embedded-n{num_products}-s{seed}-px{image_size}",
-        description=f"{num_products} generated products (seed {seed}, {image_size}px images)",
-        num_products=num_products, seed=seed, image_size=image_size)
+        name=f"embedded-n{num_products}-s{seed}-px{image_size}{features}",
+        description=f"{num_products} generated products (seed {seed}, {image_size}px images"
+                    f"{', features ' + image_features if image_features else ''})",
+        num_products=num_products, seed=seed, image_size=image_size, image_features=image_features)
 
 
 def embedded_config_from_name(name: str) -> ProductCatalogConfig | None:
     """The embedded catalog config a name like "embedded-n3000-s0-px128" stands for, else None."""
-    match = re.fullmatch(r"embedded-n(\d+)-s(\d+)-px(\d+)", name)
-    return embedded_config(*map(int, match.groups())) if match else None
+    match = re.fullmatch(r"embedded-n(\d+)-s(\d+)-px(\d+)(?:-(.+-px\d+))?", name)
+    if not match:
+        return None
+    return embedded_config(*map(int, match.groups()[:3]), image_features=match.group(4))
 
 
 def jsonl_config(name: str, jsonl: str, images_dir: str | None = None, *,
                  validation_fraction: float = 0.05, test_fraction: float = 0.05,
-                 on_error: str = "fail") -> ProductCatalogConfig:
+                 on_error: str = "fail", image_features: str | None = None) -> ProductCatalogConfig:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return ProductCatalogConfig(name=name, description=f"converted from {jsonl}", jsonl=jsonl,
                                 images_dir=images_dir, validation_fraction=validation_fraction,
-                                test_fraction=test_fraction, on_error=on_error)
+                                test_fraction=test_fraction, on_error=on_error,
+                                image_features=image_features)
 
 
 FEATURES = tfds.features.FeaturesDict({
@@ -103,8 +121,15 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIG_CLS = ProductCatalogConfig
 
     def _info(self) -> tfds.core.DatasetInfo:
+        features = FEATURES
+        spec = self.builder_config.image_features
+        if spec is not None:
+            from mmt_jax.vision import extractors
+            shape = extractors.feature_shape(extractors.preprocessing(spec))
+            features = tfds.features.FeaturesDict({
+                **FEATURES, "image_features": tfds.features.Tensor(shape=shape, dtype=tf.float16)})
         return self.dataset_info_from_configs(
-            features=FEATURES, supervised_keys=None, metadata=tfds.core.MetadataDict())
+            features=features, supervised_keys=None, metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded: catalogs come from local files or the generator
@@ -122,8 +147,17 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
                 for split, lines in lines_by_split.items()}
 
     def _generate_examples(self, products: Iterator[records.Product]):
-        for product in products:
-            yield product.id, product.to_features()
+        spec = self.builder_config.image_features
+        if spec is None:
+            for product in products:
+                yield product.id, product.to_features()
+            return
+        from mmt_jax.vision import extractors
+        options = extractors.preprocessing(spec)
+        for chunk in _chunks(products, extractors.BATCH_SIZE):
+            features, _ = extractors.extract_from_bytes([p.image for p in chunk], options)
+            for product, vectors in zip(chunk, features.astype("float16")):
+                yield product.id, {**product.to_features(), "image_features": vectors}
 
     def _jsonl_products(self, line_numbers: list[int]) -> Iterator[records.Product]:
         wanted = set(line_numbers)
@@ -132,6 +166,17 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
             for line_no, raw in enumerate(f, start=1):
                 if line_no in wanted:
                     yield records.parse_record(raw, line_no, config.images_dir)[0]
+
+
+def _chunks(items, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]], list[dict]]:
