@@ -2,9 +2,11 @@
 
     mmt-jax demo                # about 12 minutes on 2 CPU cores
 
-1. Generates the embedded catalog (3000 garment-like products) under `workdir/tfds`.
-2. Pretrains a tiny MMT4 (T5.1.1 tiny + 8 px patches of 64 px images: 64 image vectors) for 300
-   steps on span corruption + MLM, and the same T5 without the image branch on the same text
+1. Generates the embedded catalog (3000 garment-like products) under `workdir/tfds`, with each
+   image's EfficientNet-Lite0 features at 128 px (ImageNet weights, frozen: a 4x4 map of 1280-d
+   vectors, `vision/extractors.py`), computed once there.
+2. Pretrains a tiny MMT4 (T5.1.1 tiny reading those 16 stored vectors, `models/mmt4_tiny_lite0.gin`)
+   for 300 steps on span corruption + MLM, and the same T5 without the image branch on the same text
    (`gin/runs/catalog.gin`).
 3. Fine-tunes each from its pretrained checkpoint for 1000 steps on the attribute tasks with every
    attribute value removed from the titles (`attributes_removed100`, the text-only twin for T5); the
@@ -39,21 +41,23 @@ def _train(args: list[str]) -> None:
 
 
 def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: int = 1000,
-        num_products: int = 3000, image_size: int = 64, patch_size: int = 8, batch_size: int = 32,
-        examples: int = 6) -> dict[str, dict[str, float]]:
+        num_products: int = 3000, image_features: str = "efficientnet-lite0+pixels-px128",
+        batch_size: int = 32, examples: int = 6) -> dict[str, dict[str, float]]:
     """Runs the comparison; returns {model: {attribute: accuracy}}."""
     start = time.time()
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "tfds")
-    catalog = f"embedded-n{num_products}-s0-px128"
-    common = [f'--gin.DATA_DIR="{data_dir}"', f'--gin.CATALOG="{catalog}"',
-              f"--gin.IMAGE_SIZE={image_size}", f"--gin.BATCH_SIZE={batch_size}",
+    catalog = f"embedded-n{num_products}-s0-px128-{image_features}"
+    # One catalog and one task registration for both models: T5's text-only twins of the tasks
+    # drop the stored features, MMT4's read them.
+    common = ["--gin_file=runs/lite0_features.gin", f'--gin.IMAGE_FEATURES="{image_features}"',
+              f'--gin.DATA_DIR="{data_dir}"', f'--gin.CATALOG="{catalog}"',
+              f"--gin.BATCH_SIZE={batch_size}",
               "--gin.tasks.catalog_task.with_description=True",
               '--gin.CATALOG_PREFIX="demo"', "--gin.train.train.log_period=100",
               "--gin.train.train.checkpoint_period=100000"]
     models = {"T5": (["--gin_file=models/t5_tiny_catalog.gin"], "_text"),
-              "MMT4": (["--gin_file=models/mmt4_tiny.gin",
-                        f"--gin.mmt4.FusionConfig.patch_size={patch_size}"], "")}
+              "MMT4": (["--gin_file=models/mmt4_tiny_lite0.gin"], "")}
     lengths = {"inputs": 64, "targets": 8}
     for name, (model_args, suffix) in models.items():
         pretrain_dir = os.path.join(workdir, f"{name.lower()}_pretrain")

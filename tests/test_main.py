@@ -99,6 +99,7 @@ def test_demo_runs_the_main_job_and_prints_the_table(tmp_path, capsys):
     assert set(accuracy) == {"T5", "MMT4"}
     assert all(0 <= a <= 1 for model in accuracy.values() for a in model.values())
     assert "| color |" in out and "| sleeve_type |" in out and "Examples (" in out
-    assert "$ mmt-jax train --gin_file=runs/catalog.gin --gin_file=models/mmt4_tiny.gin" in out
+    assert "$ mmt-jax train --gin_file=runs/catalog.gin --gin_file=models/mmt4_tiny_lite0.gin" in out
     config, params = checkpoints.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
-    assert config.fusion is not None and "image_fusion" in params
+    assert config.fusion.representator == "precomputed" and "image_fusion" in params
+    assert config.image.extractor == "efficientnet-lite0+pixels"  # the demo's stored features
