@@ -89,7 +89,7 @@ def test_catalogs_store_the_features_of_their_images(features_dir, tmp_path):
     expected, mask = extractors.extract_from_bytes([example["image"] for example in stored], options)
     assert mask.tolist() == [1] * len(stored)
     np.testing.assert_allclose(np.stack([e["image_features"] for e in stored]), expected,
-                               atol=2e-2, rtol=2e-3)  # float16 storage
+                               atol=1e-2, rtol=1e-3)  # float16: a last bit may differ
 
     # A converted catalog: a product without an image gets zero features.
     jsonl, pictures = tmp_path / "products.jsonl", tmp_path / "images"
@@ -109,7 +109,7 @@ def test_catalogs_store_the_features_of_their_images(features_dir, tmp_path):
     first = catalog.make_product(0, seed=3, image_size=64)
     np.testing.assert_allclose(rows[first.id]["image_features"],
                                extractors.extract_from_bytes([first.image], options)[0][0],
-                               atol=2e-2, rtol=2e-3)
+                               atol=1e-2, rtol=1e-3)
 
 
 def test_tasks_read_the_stored_features_and_refuse_a_catalog_without_them(features_dir, data_dir):
@@ -166,4 +166,4 @@ def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(fea
     queries = [Query(r.id, "", r.inputs, image=products[r.id].image) for r in rows]
     for row, (_, prediction) in zip(rows, predictor.predict_queries(queries)):
         assert prediction.text == row.prediction
-        assert prediction.score == pytest.approx(row.score, abs=2e-3)  # float16 storage
+        assert prediction.score == pytest.approx(row.score, abs=1e-4)
