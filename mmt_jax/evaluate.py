@@ -6,8 +6,10 @@ applies the task's own metric functions (`mmt_jax/metrics.py`) to those rows. Th
 (`evaluate`, below), the trainer's periodic inference evaluation and the README's main job all go
 through these two.
 
-    mmt-jax eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=\"runs/demo/mmt4\" \
-        --gin.TASK=\"attributes_removed100\" --gin.EVAL_OUTPUT_DIR=\"runs/demo/eval\"
+    mmt-jax eval --gin_file=runs/eval.gin --gin_file=runs/lite0_features.gin \
+        --gin.CHECKPOINT_PATH=\"runs/demo/mmt4\" --gin.DATA_DIR=\"runs/demo/tfds\" \
+        --gin.tasks.catalog_task.with_description=True --gin.TASK=\"attributes_removed100\" \
+        --gin.EVAL_OUTPUT_DIR=\"runs/demo/eval\"
 
 writes `report.json` (every task's metrics), `predictions/<task>.jsonl` and the plots of
 `eval_plots.py` into the output directory.
