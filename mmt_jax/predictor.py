@@ -131,10 +131,8 @@ class Predictor:
             features, mask = extractors.extract_from_bytes([q.image for q in queries], self._image)
             examples["image_features"], examples["image_mask"] = features, mask[:, None]
         elif self.uses_images:
-            decoded = [images_lib.decode_and_resize(tf.constant(q.image), self._image)
-                       for q in queries]
-            examples["image"] = np.stack([image.numpy() for image, _ in decoded])
-            examples["image_mask"] = np.array([[int(mask)] for _, mask in decoded], np.int32)
+            pixels, mask = images_lib.decode_batch([q.image for q in queries], self._image)
+            examples["image"], examples["image_mask"] = pixels, mask[:, None]
         ds = tf.data.Dataset.from_tensor_slices({
             **examples, "inputs": tf.ragged.constant(examples["inputs"], dtype=tf.int32),
             "targets": tf.ragged.constant(examples["targets"], dtype=tf.int32, ragged_rank=1)})

@@ -15,6 +15,7 @@ EfficientNet-Lite (`vision/efficientnet.py`); raw patches use the ViT statistics
 """
 import dataclasses
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -82,6 +83,18 @@ def decode_and_resize(image_bytes: tf.Tensor, options: ImagePreprocessing,
 
     image = tf.cond(has_image, present, lambda: tf.zeros((options.size, options.size, 3)))
     return image, tf.cast(has_image, tf.int32)
+
+
+def decode_batch(encoded: list[bytes], options: ImagePreprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded images (b"" for none) -> (float32 `[B, size, size, 3]`, int32 `[B]` 1 where there was
+    an image), each as `decode_and_resize` makes it (augmentation is the pipeline's, not applied)."""
+    if not encoded:
+        return np.zeros((0, options.size, options.size, 3), np.float32), np.zeros((0,), np.int32)
+    options = dataclasses.replace(options, augment=False)
+    decoded = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded), tf.string)).map(
+        lambda image: decode_and_resize(image, options), num_parallel_calls=tf.data.AUTOTUNE)
+    pixels, has_image = next(decoded.batch(len(encoded)).as_numpy_iterator())
+    return pixels, has_image.astype(np.int32)
 
 
 def _center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:

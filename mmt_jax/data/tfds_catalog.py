@@ -23,6 +23,7 @@ catalog's `metadata.json`.
 """
 import collections
 import dataclasses
+import itertools
 import os
 import re
 from typing import Iterator
@@ -154,7 +155,8 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
             return
         from mmt_jax.vision import extractors
         options = extractors.preprocessing(spec)
-        for chunk in _chunks(products, extractors.BATCH_SIZE):
+        products = iter(products)
+        for chunk in iter(lambda: list(itertools.islice(products, extractors.BATCH_SIZE)), []):
             features, _ = extractors.extract_from_bytes([p.image for p in chunk], options)
             for product, vectors in zip(chunk, features.astype("float16")):
                 yield product.id, {**product.to_features(), "image_features": vectors}
@@ -166,17 +168,6 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
             for line_no, raw in enumerate(f, start=1):
                 if line_no in wanted:
                     yield records.parse_record(raw, line_no, config.images_dir)[0]
-
-
-def _chunks(items, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]], list[dict]]:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmt_jax.data.images import EFFICIENTNET_LITE_STATS, ImagePreprocessing
+from mmt_jax.data.images import EFFICIENTNET_LITE_STATS, ImagePreprocessing, decode_batch
 from mmt_jax.vision.patches import image_patches
 
 
@@ -140,17 +140,11 @@ def feature_shape_of(name: str, size: int) -> tuple[int, int]:
 def extract_from_bytes(encoded: list[bytes], options: ImagePreprocessing
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Encoded images (b"" for none) -> (features `[B, Lv, D]`, int32 `[B]` 1 where there was an
-    image). Decoding and resizing are `images.decode_and_resize`'s; a missing image gives zeros, as
-    its pixels are zeros and the encoder masks its vectors out. The features are float32 holding
+    image). Decoding and resizing are `images.decode_batch`'s; a missing image gives zeros, as its
+    pixels are zeros and the encoder masks its vectors out. The features are float32 holding
     float16 values: what the catalog stores, so a new product's features are the ones training
     would have read."""
-    import tensorflow as tf
-    from mmt_jax.data.images import decode_and_resize
-    if not encoded:
-        return np.zeros((0,) + feature_shape(options), np.float32), np.zeros((0,), np.int32)
-    decoded = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded), tf.string)).map(
-        lambda image: decode_and_resize(image, options), num_parallel_calls=tf.data.AUTOTUNE)
-    pixels, has_image = next(decoded.batch(len(encoded)).as_numpy_iterator())
+    pixels, has_image = decode_batch(encoded, options)
     features = extract(pixels, options.extractor)
     features = features * has_image[:, None, None].astype(np.float32)
-    return features.astype(np.float16).astype(np.float32), has_image.astype(np.int32)
+    return features.astype(np.float16).astype(np.float32), has_image
