@@ -13,12 +13,23 @@ The unpickler is restricted: `find_class` resolves only what is needed to rebuil
 (`torch._utils._rebuild_tensor_v2` and friends, `torch.<Type>Storage`, `collections.OrderedDict`) and
 refuses anything else with a `pickle.UnpicklingError` naming it, so a checkpoint cannot run code
 (`os.system`, `builtins.eval`, ...) when it is read.
+
+Nothing the pickle says is trusted: the pickle only sees opaque storage references, and every tensor
+is checked against the bytes actually read before numpy looks at them (known dtype, storage length equal
+to its zip entry or legacy record, offset, sizes and strides >= 0, the highest element reachable inside
+the storage, element counts numpy can hold). A file that fails any check, or that is not a PyTorch
+checkpoint at all (random bytes, a truncated zip, a bad CRC), raises `TorchPickleError` naming the file
+and the tensor or storage at fault.
 """
 import collections
 import io
+import math
 import os
 import pickle
+import pickletools
+import reprlib
 import struct
+import warnings
 import zipfile
 from typing import Any
 
@@ -27,6 +38,9 @@ import numpy as np
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
+MAX_DIMS = 32  # numpy >= 1 holds at least this many; no real checkpoint comes near it.
+_MAX_BYTES = np.iinfo(np.intp).max
+_r = reprlib.repr  # values from the file, cut short for messages
 
 # `torch.<Name>Storage` -> numpy dtype of its elements.
 STORAGE_DTYPES = {
@@ -45,59 +59,39 @@ STORAGE_DTYPES = {
 }
 
 
+class TorchPickleError(pickle.UnpicklingError, ValueError):
+    """A `.pth` file that is not a readable PyTorch checkpoint; names the file and, where known, the
+    tensor or storage at fault. Also a `ValueError`, like the other checkpoint format errors."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class _Malformed(pickle.UnpicklingError):
+    """Raised inside the reader; `load_torch_pickle` adds the file name."""
+
+
 class _StorageType:
     """Stands for a `torch.<Name>Storage` class inside the pickle."""
 
     def __init__(self, name: str):
         self.name = name
-        self.dtype = STORAGE_DTYPES[name]
 
 
-class _Storage:
-    """A storage whose bytes may arrive after the pickle (legacy format); `array` is set once read."""
+class _StorageRef:
+    """What a persistent id turns into: a key into the reader's own storage table, plus the element range
+    of a legacy storage view. The pickle can alter it (BUILD), so it is checked when it is used."""
 
-    def __init__(self, dtype: np.dtype, numel: int):
-        self.dtype = dtype
-        self.numel = numel
-        self.array: np.ndarray | None = None
-
-
-class _StorageView:
-    """A legacy view into a root storage: elements `[offset, offset + size)`."""
-
-    def __init__(self, root: _Storage, offset: int, size: int):
-        self.root, self.offset, self.size = root, offset, size
-        self.dtype = root.dtype
-
-    @property
-    def array(self):
-        return None if self.root.array is None else self.root.array[self.offset:self.offset + self.size]
+    def __init__(self, key: str, view: tuple | None = None):
+        self.key, self.view = key, view
 
 
 class _LazyTensor:
-    """What `_rebuild_tensor_v2` returns: materialised into an ndarray once all storages are read."""
+    """What `_rebuild_tensor(_v2)` returns: the pickle's raw arguments, checked in `_Storages.tensor`."""
 
-    def __init__(self, storage, storage_offset: int, size, stride):
-        self.storage, self.storage_offset = storage, int(storage_offset)
-        self.size, self.stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-
-    def materialize(self) -> np.ndarray:
-        flat = self.storage.array
-        if flat is None:
-            raise pickle.UnpicklingError("a tensor refers to a storage whose bytes were never read")
-        if not self.size:
-            return np.array(flat[self.storage_offset], dtype=flat.dtype)
-        needed = self.storage_offset + 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-        if any(n == 0 for n in self.size):
-            return np.zeros(self.size, flat.dtype)
-        if needed > flat.size:
-            raise pickle.UnpicklingError(
-                f"tensor of size {self.size} and stride {self.stride} at offset {self.storage_offset} "
-                f"overruns its storage of {flat.size} elements")
-        base = flat[self.storage_offset:]
-        view = np.lib.stride_tricks.as_strided(
-            base, shape=self.size, strides=tuple(s * flat.itemsize for s in self.stride), writeable=False)
-        return np.array(view, copy=True)
+    def __init__(self, storage, storage_offset, size, stride):
+        self.storage, self.storage_offset, self.size, self.stride = storage, storage_offset, size, stride
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -143,112 +137,256 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._persistent_load(pid)
 
 
-def _storage_type(obj) -> _StorageType:
-    if not isinstance(obj, _StorageType):
-        raise pickle.UnpicklingError(f"expected a torch storage type in a persistent id, got {obj!r}")
-    return obj
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
-def _materialize(obj):
-    if isinstance(obj, _LazyTensor):
-        return obj.materialize()
-    if isinstance(obj, dict):
-        return type(obj)((k, _materialize(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v) for v in obj)
-    return obj
+def _unpickle(f: io.BytesIO, persistent_load):
+    """The next pickle in `f`, read by `RestrictedUnpickler` once its opcodes are known to be sane.
+
+    The C unpickler sizes its memo by the largest index a PUT names, so ten bytes saying
+    `LONG_BINPUT 2**31` would make it allocate some 32 GiB. Picklers number memo entries 0, 1, 2, ... as
+    objects are made, so an honest index is below the count of opcodes before it; larger ones are refused
+    after a pure-Python scan that builds nothing."""
+    start = f.tell()
+    try:
+        with warnings.catch_warnings():  # pickletools warns on bad escapes in protocol-0 strings
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for n, (opcode, arg, pos) in enumerate(pickletools.genops(f)):
+                if opcode.name in _PUTS and arg > n:
+                    raise _Malformed(f"corrupt pickle: memo index {arg} at byte {pos} is out of range")
+    except ValueError as e:  # unknown opcode, truncated argument, no STOP
+        raise _Malformed(f"corrupt pickle: {e}") from None
+    f.seek(start)
+    return RestrictedUnpickler(f, persistent_load).load()
+
+
+def _int(value, what: str) -> int:
+    if type(value) is not int:  # bool and float are not sizes
+        raise _Malformed(f"{what} is {_r(value)}, not an integer")
+    return value
+
+
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)):
+        raise _Malformed(f"{what} is {_r(values)}, not a tuple of integers")
+    if len(values) > MAX_DIMS:
+        raise _Malformed(f"{what} has {len(values)} dimensions; at most {MAX_DIMS} are read")
+    return tuple(_int(v, what) for v in values)
+
+
+class _Storages:
+    """The reader's storage table: key -> (dtype, element count, flat array once its bytes are read)."""
+
+    def __init__(self):
+        self.dtypes: dict[str, np.dtype] = {}
+        self.numels: dict[str, int] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def declare(self, pid, n_fields: int) -> tuple[str, np.dtype, int]:
+        """Checks a persistent id `('storage', type, key, location, numel[, view])`; records the storage."""
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise _Malformed(f"refusing persistent id {_r(pid)}: only storages are allowed")
+        if len(pid) != n_fields:
+            raise _Malformed(f"storage persistent id {_r(pid)} has {len(pid)} fields, expected {n_fields}")
+        storage_type, key, numel = pid[1], pid[2], pid[4]
+        if not isinstance(storage_type, _StorageType) or storage_type.name not in STORAGE_DTYPES:
+            raise _Malformed(f"expected a torch storage type in persistent id {_r(pid)}")
+        if not isinstance(key, str):
+            raise _Malformed(f"storage key {_r(key)} is not a string")
+        dtype = STORAGE_DTYPES[storage_type.name]
+        numel = _int(numel, f"storage {key!r}: element count")
+        if numel < 0 or numel * dtype.itemsize > _MAX_BYTES:
+            raise _Malformed(f"storage {key!r}: element count {numel} is impossible")
+        if key in self.dtypes and (self.dtypes[key], self.numels[key]) != (dtype, numel):
+            raise _Malformed(
+                f"storage {key!r} is declared both as {self.numels[key]} {self.dtypes[key]} and as "
+                f"{numel} {dtype} elements")
+        self.dtypes[key], self.numels[key] = dtype, numel
+        return key, dtype, numel
+
+    def fill(self, key: str, data: bytes, where: str):
+        """Sets storage `key` from its raw little-endian bytes, which must be exactly its declared size."""
+        dtype, numel = self.dtypes[key], self.numels[key]
+        if len(data) != numel * dtype.itemsize:
+            raise _Malformed(f"storage {key!r} ({where}) holds {len(data)} bytes, but its persistent id "
+                             f"says {numel} {dtype} elements ({numel * dtype.itemsize} bytes)")
+        if dtype == np.bool_ and data.translate(None, b"\x00\x01"):
+            raise _Malformed(f"storage {key!r} ({where}) of bools holds bytes other than 0 and 1")
+        self.arrays[key] = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype)
+
+    def _flat(self, ref, where: str) -> np.ndarray:
+        if not isinstance(ref, _StorageRef) or not isinstance(ref.key, str):
+            raise _Malformed(f"{where}: its storage is a {type(ref).__name__}, not a torch storage")
+        if ref.key not in self.arrays:
+            raise _Malformed(f"{where}: storage {ref.key!r} has no data in the file")
+        flat = self.arrays[ref.key]
+        if ref.view is None:
+            return flat
+        if not isinstance(ref.view, tuple) or len(ref.view) != 3:
+            raise _Malformed(f"{where}: storage view {_r(ref.view)} is not (key, offset, size)")
+        offset = _int(ref.view[1], f"{where}: storage view offset")
+        size = _int(ref.view[2], f"{where}: storage view size")
+        if offset < 0 or size < 0 or offset + size > flat.size:
+            raise _Malformed(f"{where}: storage view [{offset}, {offset + size}) lies outside storage "
+                             f"{ref.key!r} of {flat.size} elements")
+        return flat[offset:offset + size]
+
+    def tensor(self, lazy: _LazyTensor, where: str) -> np.ndarray:
+        """The tensor as an ndarray, after checking its view against the storage's actual bytes."""
+        flat = self._flat(lazy.storage, where)
+        offset = _int(lazy.storage_offset, f"{where}: storage offset")
+        size, stride = _ints(lazy.size, f"{where}: size"), _ints(lazy.stride, f"{where}: stride")
+        view = f"{where} (size {size}, stride {stride}, offset {offset})"
+        if len(size) != len(stride):
+            raise _Malformed(f"{view}: size and stride differ in length")
+        if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride):
+            raise _Malformed(f"{view}: negative offset, size or stride")
+        itemsize = flat.dtype.itemsize
+        if math.prod(max(n, 1) for n in size) * itemsize > _MAX_BYTES:
+            raise _Malformed(f"{view}: more elements than an array can hold")
+        numel = math.prod(size)
+        if numel == 0:
+            if offset > flat.size:
+                raise _Malformed(f"{view}: offset past the end of its storage of {flat.size} elements")
+            return np.zeros(size, flat.dtype)
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= flat.size:
+            raise _Malformed(f"{view}: reaches element {last} of a storage of {flat.size} elements")
+        # Every step now stays inside `flat`; a dimension of size 1 never steps, whatever its stride.
+        strides = tuple(s * itemsize if n > 1 else 0 for n, s in zip(size, stride))
+        array = np.ndarray(size, flat.dtype, buffer=flat, offset=offset * itemsize, strides=strides)
+        if numel <= flat.size:
+            return array.copy()
+        # More elements than the storage (an expanded view, stride 0): a read-only view, as torch gives,
+        # so a small file cannot make us allocate without bound.
+        array.flags.writeable = False
+        return array
+
+    def materialize(self, obj, where: str = ""):
+        if isinstance(obj, _LazyTensor):
+            return self.tensor(obj, f"tensor {where or '<top level>'!r}")
+        if isinstance(obj, dict):
+            return type(obj)((k, self.materialize(v, f"{where}.{k}" if where else str(k)))
+                             for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.materialize(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        if isinstance(obj, (_StorageRef, _StorageType)):
+            raise _Malformed(f"entry {where!r} is a bare storage, not a tensor")
+        return obj
 
 
 def _no_persistent_ids(pid):
-    raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} in a checkpoint header")
+    raise _Malformed(f"unexpected persistent id {_r(pid)} in a checkpoint header")
 
 
-def _load_legacy(f) -> Any:
+def _load_legacy(data: bytes) -> Any:
+    f = io.BytesIO(data)
+
     def header():
-        return RestrictedUnpickler(f, _no_persistent_ids).load()
+        return _unpickle(f, _no_persistent_ids)
 
-    magic = header()
-    if magic != LEGACY_MAGIC_NUMBER:
-        raise pickle.UnpicklingError("not a PyTorch checkpoint: wrong magic number")
+    if header() != LEGACY_MAGIC_NUMBER:
+        raise _Malformed("not a PyTorch checkpoint: wrong magic number")
     protocol = header()
     if protocol != LEGACY_PROTOCOL_VERSION:
-        raise pickle.UnpicklingError(f"unsupported PyTorch legacy protocol version {protocol}")
+        raise _Malformed(f"unsupported PyTorch legacy protocol version {_r(protocol)}")
     sys_info = header()
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-        raise pickle.UnpicklingError("big-endian PyTorch checkpoints are not supported")
+        raise _Malformed("big-endian PyTorch checkpoints are not supported")
 
-    storages: dict[str, _Storage] = {}
+    storages = _Storages()
 
     def persistent_load(pid):
-        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-            raise pickle.UnpicklingError(f"refusing persistent id {pid!r}: only storages are allowed")
-        storage_type, root_key, _location, numel, view_metadata = pid[1:6]
-        storage_type = _storage_type(storage_type)
-        root_key = str(root_key)
-        if root_key not in storages:
-            storages[root_key] = _Storage(storage_type.dtype, int(numel))
-        root = storages[root_key]
-        if view_metadata is not None:
-            _view_key, offset, view_size = view_metadata
-            return _StorageView(root, int(offset), int(view_size))
-        return root
+        key, _, _ = storages.declare(pid, 6)
+        view = pid[5]
+        if view is not None and not (isinstance(view, tuple) and len(view) == 3):
+            raise _Malformed(f"storage {key!r}: view metadata {_r(view)} is not (key, offset, size)")
+        return _StorageRef(key, view)
 
-    result = RestrictedUnpickler(f, persistent_load).load()
-    keys = RestrictedUnpickler(f, _no_persistent_ids).load()
+    result = _unpickle(f, persistent_load)
+    keys = _unpickle(f, _no_persistent_ids)
+    if not isinstance(keys, list):
+        raise _Malformed(f"the list of storage keys is a {type(keys).__name__}")
     for key in keys:
-        storage = storages[str(key)]
-        (numel,) = struct.unpack("<q", f.read(8))
-        nbytes = numel * storage.dtype.itemsize
-        data = f.read(nbytes)
-        if len(data) != nbytes:
-            raise pickle.UnpicklingError(f"checkpoint truncated in storage {key}")
-        storage.array = np.frombuffer(data, dtype=storage.dtype.newbyteorder("<")).astype(storage.dtype)
-    return _materialize(result)
+        if not isinstance(key, str) or key not in storages.dtypes:
+            raise _Malformed(f"storage key {_r(key)} in the key list is not used by any tensor")
+        if key in storages.arrays:
+            raise _Malformed(f"storage {key!r} is listed twice")
+        record = f.read(8)
+        if len(record) != 8:
+            raise _Malformed(f"checkpoint truncated before storage {key!r}")
+        (numel,) = struct.unpack("<q", record)
+        if numel != storages.numels[key]:
+            raise _Malformed(f"storage {key!r} has {numel} elements in its record, but "
+                             f"{storages.numels[key]} in its persistent id")
+        nbytes = numel * storages.dtypes[key].itemsize
+        if nbytes > len(data) - f.tell():
+            raise _Malformed(f"checkpoint truncated in storage {key!r}")
+        storages.fill(key, f.read(nbytes), "legacy record")
+    if f.tell() != len(data):
+        raise _Malformed(f"{len(data) - f.tell()} unexpected bytes after the last storage")
+    return storages.materialize(result)
 
 
-def _load_zip(path) -> Any:
-    with zipfile.ZipFile(path) as archive:
+def _load_zip(f) -> Any:
+    with zipfile.ZipFile(f) as archive:
         names = archive.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
-            raise pickle.UnpicklingError(f"{path}: zip file without <prefix>/data.pkl")
+            raise _Malformed("zip file without <prefix>/data.pkl")
         prefix = pkl[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
         if byteorder in names and archive.read(byteorder).strip() != b"little":
-            raise pickle.UnpicklingError("big-endian PyTorch checkpoints are not supported")
-        storages: dict[str, _Storage] = {}
+            raise _Malformed("big-endian PyTorch checkpoints are not supported")
+        storages = _Storages()
 
         def persistent_load(pid):
-            if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-                raise pickle.UnpicklingError(f"refusing persistent id {pid!r}: only storages are allowed")
-            storage_type, key, _location, numel = pid[1:5]
-            storage_type = _storage_type(storage_type)
-            key = str(key)
-            if key not in storages:
-                storage = _Storage(storage_type.dtype, int(numel))
-                data = archive.read(f"{prefix}data/{key}")
-                storage.array = np.frombuffer(data, dtype=storage.dtype.newbyteorder("<")).astype(
-                    storage.dtype)
-                storages[key] = storage
-            return storages[key]
+            key, dtype, numel = storages.declare(pid, 5)
+            if key not in storages.arrays:
+                entry = f"{prefix}data/{key}"
+                if entry not in names:
+                    raise _Malformed(f"storage {key!r} has no zip entry {entry}")
+                # Checked before reading, so a forged entry size cannot make us inflate without bound.
+                if archive.getinfo(entry).file_size != numel * dtype.itemsize:
+                    raise _Malformed(
+                        f"storage {key!r} ({entry}) holds {archive.getinfo(entry).file_size} bytes, "
+                        f"but its persistent id says {numel} {dtype} elements")
+                storages.fill(key, archive.read(entry), entry)
+            return _StorageRef(key)
 
-        result = RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), persistent_load).load()
-    return _materialize(result)
+        result = _unpickle(io.BytesIO(archive.read(pkl[0])), persistent_load)
+    return storages.materialize(result)
 
 
 def load_torch_pickle(path: str | os.PathLike) -> Any:
-    """The object saved with `torch.save` at `path`, with every tensor as a numpy array."""
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    with open(path, "rb") as f:
-        return _load_legacy(f)
+    """The object saved with `torch.save` at `path`, with every tensor as a numpy array.
+
+    Raises `TorchPickleError` (naming `path`) for anything that is not a well-formed checkpoint."""
+    name = os.fspath(path)
+    with open(path, "rb") as f:  # a missing file stays FileNotFoundError
+        try:
+            if zipfile.is_zipfile(f):
+                f.seek(0)
+                return _load_zip(f)
+            f.seek(0)
+            data = f.read()
+            if data.startswith(b"PK\x03\x04"):
+                raise _Malformed("truncated or corrupt zip archive (no central directory)")
+            return _load_legacy(data)
+        except _Malformed as e:
+            raise TorchPickleError(name, str(e)) from None
+        except pickle.UnpicklingError as e:  # find_class's refusals, and pickle's own complaints
+            raise TorchPickleError(name, str(e)) from e
+        except Exception as e:  # noqa: BLE001 -- any failure decoding untrusted bytes is a malformed file
+            raise TorchPickleError(name, f"not a readable PyTorch checkpoint: {type(e).__name__}: {e}") \
+                from e
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A `.pth` state dict as `{name: ndarray}`; nested dicts are flattened with `.` between keys."""
     obj = load_torch_pickle(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise TorchPickleError(os.fspath(path), f"expected a state dict, found {type(obj).__name__}")
     flat: dict[str, np.ndarray] = {}
 
     def walk(prefix, node):
@@ -259,7 +397,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             elif isinstance(value, np.ndarray):
                 flat[name] = value
             else:
-                raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+                raise TorchPickleError(os.fspath(path), f"entry {name!r} is a {type(value).__name__}, "
+                                                        "not a tensor")
 
     walk("", obj)
     return flat
