@@ -19,3 +19,19 @@ class UnknownTaskError(KeyError):
 class InputError(ValueError):
     """Inputs a model cannot take (a too-long text, an unreadable image, images preprocessed unlike
     the checkpoint's training); the message names the record and the field."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files are not what was written (truncated, altered, missing) or that
+    orbax cannot read back; names the checkpoint directory and the file at fault."""
+
+    def __init__(self, checkpoint: str, file: str, reason: str):
+        super().__init__(checkpoint, file, reason)
+        self.checkpoint, self.file, self.reason = checkpoint, file, reason
+
+    def __str__(self):
+        return f"checkpoint {self.checkpoint} is corrupt: {self.file}: {self.reason}"
+
+
+class ModelDirInUseError(RuntimeError):
+    """Another run holds the model directory's lock."""

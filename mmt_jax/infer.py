@@ -9,6 +9,12 @@ or the TFRecord files a `mmt-jax data convert` wrote (a glob such as
 `{"id", "prompt", "prediction", "score"}`, `score` the log-probability of the prediction. The output
 is written to a temporary file and renamed when complete, so an interrupted run never leaves a
 truncated file that looks finished, and an existing file is replaced only by a whole new one.
+
+Ids key the output, so an input that repeats an id is refused, naming the id and both lines. A bad
+record (a line that does not parse, a repeated id, a text longer than `--input-length`, an image that
+does not decode) stops the run with one error naming it and writes nothing (`--on-error fail`, the
+default), or is reported on stderr and left out while every other product is still predicted
+(`--on-error skip`; for a repeated id, the later line is the one left out).
 """
 import json
 import os
@@ -20,16 +26,19 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from mmt_jax.data import records
+from mmt_jax.errors import InputError
 from mmt_jax.predictor import Predictor, Query
 
 
-def read_products(path: str, images_dir: str | None = None,
-                  on_error: str = "fail") -> Iterator[records.Product]:
+def read_products(path: str, images_dir: str | None = None, on_error: str = "fail",
+                  allow_absolute_image_paths: bool = False) -> Iterator[records.Product]:
     """Products of a JSONL catalog (`.jsonl`/`.json`) or of TFRecord files (any other path or glob).
 
     A bad JSONL line raises `records.RecordError` naming the line, record and field; with
-    `on_error="skip"` it is reported on stderr and left out.
+    `on_error="skip"` it is reported on stderr and left out. A product whose id came before is bad
+    too ("duplicate of line N"; of example N in TFRecord files), since ids key the output.
     """
+    first_of_id = {}
     if path.endswith((".jsonl", ".json")):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no input file {path}")
@@ -38,12 +47,17 @@ def read_products(path: str, images_dir: str | None = None,
                 if not raw.strip():
                     continue
                 try:
-                    product, _ = records.parse_record(raw, line, images_dir)
+                    product, _ = records.parse_record(
+                        raw, line, images_dir, allow_absolute_image_paths=allow_absolute_image_paths)
+                    if product.id in first_of_id:
+                        raise records.RecordError(line, product.id, "id",
+                                                  f"duplicate of line {first_of_id[product.id]}")
                 except records.RecordError as e:
                     if on_error != "skip":
                         raise
                     print(f"skipped {e}", file=sys.stderr)
                     continue
+                first_of_id.setdefault(product.id, line)
                 yield product
         return
     files = tf.io.gfile.glob(path)
@@ -51,8 +65,16 @@ def read_products(path: str, images_dir: str | None = None,
         raise FileNotFoundError(f"no TFRecord files match {path}")
     from mmt_jax.data.tfds_catalog import FEATURES
     dataset = tf.data.TFRecordDataset(sorted(files)).map(FEATURES.deserialize_example)
-    for example in dataset.as_numpy_iterator():
+    for number, example in enumerate(dataset.as_numpy_iterator(), start=1):
         text = lambda key: example[key].decode("utf-8")  # noqa: E731
+        if text("id") in first_of_id:
+            error = InputError(f"{path}: example {number}, record {text('id')!r}: field 'id': "
+                               f"duplicate of example {first_of_id[text('id')]}")
+            if on_error != "skip":
+                raise error
+            print(f"skipped {error}", file=sys.stderr)
+            continue
+        first_of_id.setdefault(text("id"), number)
         yield records.Product(id=text("id"), title=text("title"), image=example["image"],
                               description=text("description"))
 
@@ -66,19 +88,31 @@ def queries(products, prompts: Sequence[str], with_description: bool) -> Iterato
 
 def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequence[str], *,
           images_dir: str | None = None, with_description: bool = False,
-          on_error: str = "fail") -> int:
-    """Writes the predictions of every product x prompt to `output_path`; returns their number."""
+          on_error: str = "fail", allow_absolute_image_paths: bool = False) -> int:
+    """Writes the predictions of every product x prompt to `output_path`; returns their number.
+
+    `on_error` as the module docstring says: "fail" raises at the first bad record, "skip" reports
+    each on stderr and leaves it out.
+    """
     if not prompts:
         raise ValueError("give at least one prompt (e.g. --prompt color:)")
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)
-    count = 0
+    count, skipped = 0, []
+
+    def skip(query: Query, error: InputError) -> None:
+        skipped.append(query)
+        print(f"skipped prompt {query.prompt!r} of {error}", file=sys.stderr)
+
     with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".infer-", suffix=".jsonl",
                                      delete=False, encoding="utf-8") as out:
         try:
-            stream = queries(read_products(input_path, images_dir, on_error), prompts,
+            stream = queries(read_products(input_path, images_dir, on_error,
+                                           allow_absolute_image_paths), prompts,
                              with_description)
-            for query, prediction in tqdm(predictor.predict_queries(stream), unit="prediction",
+            predictions = predictor.predict_queries(stream,
+                                                    on_error=skip if on_error == "skip" else None)
+            for query, prediction in tqdm(predictions, unit="prediction",
                                           disable=not sys.stderr.isatty()):
                 out.write(json.dumps({"id": query.record, "prompt": query.prompt,
                                       "prediction": prediction.text, "score": prediction.score},
@@ -89,4 +123,7 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
             os.unlink(out.name)
             raise
     os.replace(out.name, output_path)
+    if skipped:
+        print(f"skipped {len(skipped)} product x prompt queries the model cannot take",
+              file=sys.stderr)
     return count

@@ -4,7 +4,8 @@
   convert --from-t5x DIR --to CHECKPOINT      t5x checkpoint (orbax or legacy tensorstore) -> ours
   convert --from-checkpoint CHECKPOINT --to-hf DIR    ours -> Hugging Face T5
   data convert --jsonl F [--images DIR] --out DIR [--name NAME] [--on-error fail|skip]
-               [--image-features SPEC]        a JSONL catalog (+ images) -> TFDS catalog under DIR
+               [--image-features SPEC] [--max-image-side PX] [--allow-absolute-image-paths]
+                                              a JSONL catalog (+ images) -> TFDS catalog under DIR
   data generate --out DIR [--num-products N] [--image-features SPEC]
                                               the embedded synthetic catalog -> TFDS catalog under DIR
   data vocab --out FILE                       retrains the catalog SentencePiece vocabulary
@@ -12,7 +13,7 @@
                                               trains as the gin files say (gin/runs/*.gin)
   eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=... --gin.TASK=... --gin.EVAL_OUTPUT_DIR=...
                                               a checkpoint's task metrics: report.json + plots
-  infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F
+  infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F [--on-error fail|skip]
                                               products -> JSONL of predictions with scores
   demo [--workdir DIR]                        the main job: pretrains and fine-tunes a tiny MMT4 and
                                               a text-only T5 on the embedded catalog, then prints
@@ -23,8 +24,9 @@ import logging
 import os
 import sys
 
-from mmt_jax.data.records import ConversionError, RecordError
-from mmt_jax.errors import GinError, InputError, TrainingError, UnknownTaskError
+from mmt_jax.data.records import MAX_IMAGE_SIDE, ConversionError, RecordError
+from mmt_jax.errors import (CorruptCheckpointError, GinError, InputError, ModelDirInUseError,
+                            TrainingError, UnknownTaskError)
 from mmt_jax.training.hf_t5 import CheckpointFormatError
 
 
@@ -66,22 +68,33 @@ def _describe(config, params) -> str:
 
 def _data_convert(args) -> None:
     from mmt_jax.data import tfds_catalog
+    if args.max_image_side < 1:
+        raise SystemExit("--max-image-side must be a positive number of pixels")
     config = tfds_catalog.jsonl_config(
         args.name, args.jsonl, args.images, validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction, on_error=args.on_error, image_features=args.image_features)
+        test_fraction=args.test_fraction, on_error=args.on_error, image_features=args.image_features,
+        allow_absolute_image_paths=args.allow_absolute_image_paths,
+        max_image_side=args.max_image_side)
     if not os.path.isfile(args.jsonl):
         raise FileNotFoundError(f"no catalog file {args.jsonl}")
-    builder = tfds_catalog.prepare(config, args.out, num_shards=args.num_shards, overwrite=args.force)
-    print(tfds_catalog.summary(builder))
+    print(tfds_catalog.summary(_prepare_catalog(config, args)))
 
 
 def _data_generate(args) -> None:
     from mmt_jax.data import tfds_catalog
-    builder = tfds_catalog.prepare(
-        tfds_catalog.embedded_config(args.num_products, args.seed, args.image_size,
-                                     args.image_features), args.out,
-        num_shards=args.num_shards, overwrite=args.force)
-    print(tfds_catalog.summary(builder))
+    print(tfds_catalog.summary(_prepare_catalog(tfds_catalog.embedded_config(
+        args.num_products, args.seed, args.image_size, args.image_features), args)))
+
+
+def _prepare_catalog(config, args):
+    """`tfds_catalog.prepare` with the flags; Ctrl-C is one error line (nothing was written)."""
+    from mmt_jax.data import tfds_catalog
+    try:
+        return tfds_catalog.prepare(config, args.out, num_shards=args.num_shards,
+                                    overwrite=args.force)
+    except KeyboardInterrupt:
+        raise ConversionError(f"interrupted: nothing was written to {args.out} (an existing "
+                              f"catalog {config.name!r} there is unchanged)") from None
 
 
 def _data_vocab(args) -> None:
@@ -137,7 +150,8 @@ def _infer(args) -> None:
         args.checkpoint, input_length=args.input_length, target_length=args.target_length,
         batch_size=args.batch_size, num_beams=args.num_beams)
     count = infer.infer(predictor, args.input, args.out, args.prompt, images_dir=args.images,
-                        with_description=args.with_description, on_error=args.on_error)
+                        with_description=args.with_description, on_error=args.on_error,
+                        allow_absolute_image_paths=args.allow_absolute_image_paths)
     print(f"wrote {count} predictions to {args.out}")
 
 
@@ -176,7 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     convert_data = data_commands.add_parser("convert", help="JSONL catalog -> TFDS catalog")
     convert_data.add_argument("--jsonl", required=True, help="one product per line (README: Data)")
-    convert_data.add_argument("--images", default=None, help="directory of relative image paths")
+    convert_data.add_argument("--images", default=None,
+                              help="directory of the image paths (default: the current directory); "
+                                   "a path leading outside it is a bad record")
+    absolute_help = "also read absolute image paths (by default a bad record)"
+    convert_data.add_argument("--allow-absolute-image-paths", action="store_true", help=absolute_help)
+    convert_data.add_argument("--max-image-side", type=int, default=MAX_IMAGE_SIDE,
+                              metavar="PIXELS",
+                              help="store images shrunk to this longest side (default: "
+                                   f"{MAX_IMAGE_SIDE}, above the largest representator's "
+                                   "input)")
     convert_data.add_argument("--out", required=True, help="TFDS data_dir to write under")
     convert_data.add_argument("--name", default="catalog", help="catalog (builder config) name")
     convert_data.add_argument("--on-error", choices=("fail", "skip"), default="fail",
@@ -226,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--checkpoint", required=True, help="a checkpoint, or a model dir (newest)")
     infer.add_argument("--input", required=True,
                        help="catalog .jsonl, or a glob of TFRecord files from `data convert`")
-    infer.add_argument("--images", default=None, help="directory of the JSONL's relative image paths")
+    infer.add_argument("--images", default=None,
+                       help="directory of the JSONL's image paths (default: the current directory)")
+    infer.add_argument("--allow-absolute-image-paths", action="store_true", help=absolute_help)
     infer.add_argument("--prompt", action="append", default=[], required=True,
                        help="e.g. color: (repeat for several; each product gets each prompt)")
     infer.add_argument("--out", required=True, help="JSONL of {id, prompt, prediction, score}")
@@ -259,7 +284,8 @@ def run(argv=None) -> int:
     try:
         args.run(args)
     except (FileNotFoundError, FileExistsError, CheckpointFormatError, ConversionError, GinError,
-            TrainingError, UnknownTaskError, InputError, RecordError) as e:
+            TrainingError, UnknownTaskError, InputError, RecordError, CorruptCheckpointError,
+            ModelDirInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

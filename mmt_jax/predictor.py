@@ -18,9 +18,8 @@ and matching metrics rank by).
 """
 import dataclasses
 import functools
-import io
 import os
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -104,16 +103,45 @@ class Predictor:
         query = Query("query", prompt, title, description, image_bytes(image, "query"))
         return next(self.predict_queries([query]))[1]
 
-    def predict_queries(self, queries: Iterable[Query]) -> Iterator[tuple[Query, Prediction]]:
-        """Lazily decodes `queries`, yielding each with its prediction, in order."""
+    def predict_queries(self, queries: Iterable[Query],
+                        on_error: Callable[[Query, InputError], None] | None = None
+                        ) -> Iterator[tuple[Query, Prediction]]:
+        """Lazily decodes `queries`, yielding each with its prediction, in order.
+
+        A query the model cannot take (a text longer than `input_length`, an image that does not
+        decode) raises `InputError` naming its record (a batch that fails is decoded again one
+        query at a time to find it); with `on_error`, it is passed to `on_error(query, error)` and
+        left out instead, and the other queries of its batch are still predicted.
+        """
         chunk = []
         for query in queries:
+            if on_error is not None:
+                try:
+                    self._tokens(query)  # the common bad query, caught before it spoils a batch
+                except InputError as e:
+                    on_error(query, e)
+                    continue
             chunk.append(query)
             if len(chunk) == self.batch_size:
-                yield from zip(chunk, self._predict_chunk(chunk))
+                yield from self._predict_or_skip(chunk, on_error)
                 chunk = []
         if chunk:
-            yield from zip(chunk, self._predict_chunk(chunk))
+            yield from self._predict_or_skip(chunk, on_error)
+
+    def _predict_or_skip(self, chunk: list[Query], on_error) -> Iterator[tuple[Query, Prediction]]:
+        try:
+            predictions = self._predict_chunk(chunk)
+        except (InputError, tf.errors.InvalidArgumentError) as e:
+            if len(chunk) > 1:  # one query spoilt the batch: each alone finds which, to name it
+                for query in chunk:
+                    yield from self._predict_or_skip([query], on_error)
+                return
+            error = _as_input_error(chunk[0], e)
+            if on_error is None:
+                raise error from None
+            on_error(chunk[0], error)
+            return
+        yield from zip(chunk, predictions)
 
     def _predict_chunk(self, queries: list[Query]) -> list[Prediction]:
         n = len(queries)
@@ -151,24 +179,39 @@ class Predictor:
         return np.asarray(ids, np.int32)
 
 
+def _as_input_error(query: Query, error: Exception) -> InputError:
+    """A query's error as an `InputError` naming its record (TensorFlow's decode errors name none)."""
+    if isinstance(error, InputError):
+        return error
+    reason = (getattr(error, "message", "") or str(error)).strip().splitlines()
+    return InputError(f"record {query.record!r}: field 'image': does not decode: "
+                      f"{reason[0] if reason else type(error).__name__}")
+
+
 def image_bytes(image, record: str) -> bytes:
-    """Any image form `Predictor.predict` takes -> encoded bytes the input pipeline decodes."""
-    try:
-        if image is None:
-            return b""
-        if isinstance(image, (str, os.PathLike)):
+    """Any image form `Predictor.predict` takes -> the bytes a catalog would store for it
+    (`records.stored_image`: upright, 8-bit, capped at `records.MAX_IMAGE_SIDE`)."""
+    if image is None:
+        return b""
+    if isinstance(image, (str, os.PathLike)):
+        source = f"file {os.fspath(image)!r}"
+        try:
             with open(image, "rb") as f:
-                return records.stored_image(f.read())
-        if isinstance(image, bytes):
-            return records.stored_image(image)
-        if isinstance(image, Image.Image):
-            out = io.BytesIO()
-            image.convert("RGB").save(out, format="PNG")
-            return out.getvalue()
+                image = f.read()
+        except OSError as e:
+            raise InputError(f"record {record!r}: field 'image': cannot read {os.fspath(image)}: "
+                             f"{e.strerror}") from None
+    elif isinstance(image, bytes):
+        source = "the given bytes"
+    elif isinstance(image, Image.Image):
+        source = "the given PIL image"
+    else:
         pixels = np.asarray(image)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
-            raise ValueError(f"an image array must be uint8 [height, width, 3], got {pixels.dtype} "
-                             f"{list(pixels.shape)}")
-        return records.encode_image(pixels, "PNG")
-    except (OSError, ValueError) as e:
+            raise InputError(f"record {record!r}: field 'image': an image array must be uint8 "
+                             f"[height, width, 3], got {pixels.dtype} {list(pixels.shape)}")
+        image, source = Image.fromarray(pixels), "the given array"
+    try:
+        return records.stored_image(image, source=source)
+    except ValueError as e:
         raise InputError(f"record {record!r}: field 'image': {e}") from None

@@ -15,17 +15,20 @@ A catalog may also store each product's image features from a frozen pretrained 
 (`image_features`, a spec such as "efficientnet-lite0-px128", see vision/extractors.py): computed once
 here, in batches, they spare training and evaluation the network's forward pass at every step.
 
-TFDS writes into an `incomplete.*` directory and renames it when every split is written, so a failed or
-interrupted conversion never leaves something that reads as a finished catalog. Records that fail
-validation stop the conversion (`on_error="fail"`, the default) or are skipped (`"skip"`); either way
-each one is reported with its line, id, field and reason, and the skipped ones are listed in the
-catalog's `metadata.json`.
+A catalog is built whole in a hidden staging directory under `data_dir` and renamed into place when
+every split is written (`prepare`), so a failed or interrupted conversion never leaves something that
+reads as a finished catalog, nor empty folders, and `overwrite` never loses the catalog it replaces.
+Records that fail validation stop the conversion (`on_error="fail"`, the default) or are skipped
+(`"skip"`); either way each one is reported with its line, id, field and reason, and the skipped ones
+are listed in the catalog's `metadata.json`.
 """
 import collections
 import dataclasses
 import itertools
 import os
 import re
+import shutil
+import tempfile
 from typing import Iterator
 
 import tensorflow as tf
@@ -44,7 +47,9 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
 
     Attributes:
       jsonl: the user's catalog file (records.py documents a line); None for the embedded catalog.
-      images_dir: directory that relative `image` paths start from.
+      images_dir: directory that relative `image` paths start from; no path may leave it.
+      allow_absolute_image_paths: also read `image` paths that are absolute.
+      max_image_side: the longest side images are stored at (records.py says how).
       num_products, seed, image_size: the embedded catalog's size, seed and square image size.
       validation_fraction, test_fraction: shares of products without a `split` field that go to
         validation and test, drawn from a hash of the id.
@@ -54,6 +59,8 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
     """
     jsonl: str | None = None
     images_dir: str | None = None
+    allow_absolute_image_paths: bool = False
+    max_image_side: int = records.MAX_IMAGE_SIDE
     num_products: int = 0
     seed: int = 0
     image_size: int = 128
@@ -90,13 +97,17 @@ def embedded_config_from_name(name: str) -> ProductCatalogConfig | None:
 
 def jsonl_config(name: str, jsonl: str, images_dir: str | None = None, *,
                  validation_fraction: float = 0.05, test_fraction: float = 0.05,
-                 on_error: str = "fail", image_features: str | None = None) -> ProductCatalogConfig:
+                 on_error: str = "fail", image_features: str | None = None,
+                 allow_absolute_image_paths: bool = False,
+                 max_image_side: int = records.MAX_IMAGE_SIDE) -> ProductCatalogConfig:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return ProductCatalogConfig(name=name, description=f"converted from {jsonl}", jsonl=jsonl,
                                 images_dir=images_dir, validation_fraction=validation_fraction,
                                 test_fraction=test_fraction, on_error=on_error,
-                                image_features=image_features)
+                                image_features=image_features,
+                                allow_absolute_image_paths=allow_absolute_image_paths,
+                                max_image_side=max_image_side)
 
 
 FEATURES = tfds.features.FeaturesDict({
@@ -167,7 +178,14 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
         with open(config.jsonl, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 if line_no in wanted:
-                    yield records.parse_record(raw, line_no, config.images_dir)[0]
+                    yield records.parse_record(raw, line_no, config.images_dir,
+                                               **_image_reading(config))[0]
+
+
+def _image_reading(config: ProductCatalogConfig) -> dict:
+    """The config's settings for `records.parse_record`, the same when checking and when writing."""
+    return {"allow_absolute_image_paths": config.allow_absolute_image_paths,
+            "max_image_side": config.max_image_side}
 
 
 def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]], list[dict]]:
@@ -184,7 +202,8 @@ def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]],
             if not raw.strip():
                 continue
             try:
-                product, split = records.parse_record(raw, line_no, config.images_dir)
+                product, split = records.parse_record(raw, line_no, config.images_dir,
+                                                      **_image_reading(config))
                 if product.id in first_line_of_id:
                     raise records.RecordError(line_no, product.id, "id",
                                               f"duplicate of line {first_line_of_id[product.id]}")
@@ -213,15 +232,76 @@ def prepare(config: ProductCatalogConfig, data_dir: str, *, num_shards: int | No
 
     `num_shards` files per split (None: by size); for the embedded catalog it is capped at the
     smallest split's size, as TFDS cannot write an empty file.
+
+    The catalog is built whole in a hidden staging directory beside it
+    (`<data_dir>/.product_catalog-<name>.incomplete-*`, the same filesystem) and renamed into place
+    only when every split is written. So a conversion that fails (a bad record, an exception, Ctrl-C)
+    leaves no folders of its own behind, and with `overwrite` the existing catalog stays as it was,
+    readable, until the new one replaces it.
     """
     if num_shards and config.jsonl is None:
         num_shards = max(1, min(num_shards, *map(len, _embedded_indices_by_split(config).values())))
     builder = ProductCatalog(config=config, data_dir=data_dir)
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=mode, try_download_gcs=False, num_shards=num_shards))
-    return builder
+    final = os.fspath(builder.data_path)  # <data_dir>/product_catalog/<name>/<version>
+    _restore_replaced(data_dir, config.name, final)
+    if os.path.isdir(final) and not overwrite:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+            try_download_gcs=False))
+        return builder
+    created_data_dir = not os.path.isdir(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(config.name), dir=data_dir)
+    try:
+        staged = ProductCatalog(config=config, data_dir=staging)
+        staged.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+            try_download_gcs=False, num_shards=num_shards))
+        _swap_in(os.fspath(staged.data_path), final, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_data_dir and not os.listdir(data_dir):
+            os.rmdir(data_dir)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return ProductCatalog(config=config, data_dir=data_dir)  # reads the catalog in its place
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{NAME}-{name}.incomplete-"
+
+
+def _restore_replaced(data_dir: str, name: str, final: str) -> None:
+    """Puts back a catalog that `_swap_in` had moved aside when a hard kill (no handler runs) struck
+    between its two renames, and removes staging folders that such kills left."""
+    if not os.path.isdir(data_dir):
+        return
+    for entry in sorted(os.listdir(data_dir)):
+        if not entry.startswith(_staging_prefix(name)):
+            continue
+        staging = os.path.join(data_dir, entry)
+        replaced = os.path.join(staging, "replaced")
+        if os.path.isdir(replaced) and not os.path.exists(final):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(replaced, final)
+            print(f"restored catalog {final}, which an interrupted replacement had left in {staging}")
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(new: str, final: str, staging: str) -> None:
+    """Renames the finished catalog `new` to `final`; an existing `final` first moves into `staging`
+    (deleted with it) and is moved back if the second rename fails or is interrupted."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    old = None
+    if os.path.isdir(final):
+        old = os.path.join(staging, "replaced")
+        os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        if old is not None and not os.path.exists(final):
+            os.rename(old, final)
+        raise
 
 
 def _embedded_indices_by_split(config: ProductCatalogConfig) -> dict[str, list[int]]:
