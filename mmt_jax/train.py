@@ -8,6 +8,8 @@ position, so the loss curve continues as if never stopped), and trains with peri
 evaluation (held-out loss, and the tasks' inference metrics on decoded examples) and metric logs
 (TensorBoard under `model_dir/train` and `model_dir/eval`). A non-finite
 loss stops the run naming the step and the last good checkpoint; SIGTERM saves and exits cleanly.
+Resuming takes the newest checkpoint whose digests verify (a corrupt one is moved to
+`model_dir/corrupt/`, and the run says so), and a second run on the same model_dir is refused.
 """
 import dataclasses
 import os
@@ -126,89 +128,89 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
     input_shapes = {k: (batch_size,) + s[1:] for k, s in local_shapes.items()}
     input_types = {k: v.dtype.as_numpy_dtype for k, v in train_ds.element_spec.items()}
     trainer = Trainer(model, partitioner, optimizer, input_shapes, input_types, num_microbatches)
-    checkpointer = Checkpointer(model_dir, model_config, checkpoint_period, keep_checkpoints)
-    is_chief = jax.process_index() == 0
-    say = print if is_chief else (lambda *a, **k: None)
+    with Checkpointer(model_dir, model_config, checkpoint_period, keep_checkpoints) as checkpointer:
+        is_chief = jax.process_index() == 0
+        say = print if is_chief else (lambda *a, **k: None)
 
-    if checkpointer.latest_step() is not None:
-        state, progress = checkpointer.restore(trainer.abstract_state, trainer.state_shardings)
-        batches_read = progress["batches_read"]
-        say(f"resumed from {checkpointer.path(progress['step'])} (step {progress['step']})")
-    else:
-        state, fresh, upcycled = trainer.initial_state(seed, initial_checkpoint)
-        batches_read = 0
-        if initial_checkpoint:
-            say(f"initialised from {initial_checkpoint}; fresh: {', '.join(fresh) or 'nothing'}"
-                + (f"; upcycled (dense MLP copied to every expert): {', '.join(upcycled)}"
-                   if upcycled else ""))
-    start_step = int(jax.device_get(state.step))
-    batches = train_ds.skip(batches_read).prefetch(2).as_numpy_iterator()
-    eval_ds = (get_dataset(model, mixture_or_task_name, eval_split, task_feature_lengths,
-                           batch_size, seed, shuffle=False, num_epochs=1).take(eval_batches).cache()
-               if eval_period else None)
-    writer = metric_writers.create_default_writer(os.path.join(model_dir, "train"),
-                                                  just_logging=not is_chief)
-    eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
-                                                       just_logging=not is_chief)
-    dropout_rng = jax.random.key(seed + 1) if dropout else None
-    say(f"{mixture_or_task_name}: steps {start_step}..{total_steps}, global batch {batch_size}, "
-        f"mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), {jax.process_count()} process(es)")
+        if checkpointer.latest_step() is not None:
+            state, progress = checkpointer.restore(trainer.abstract_state,
+                                                   trainer.state_shardings, say=say)
+            batches_read = progress["batches_read"]
+            say(f"resumed from {checkpointer.path(progress['step'])} (step {progress['step']})")
+        else:
+            state, fresh, upcycled = trainer.initial_state(seed, initial_checkpoint)
+            batches_read = 0
+            if initial_checkpoint:
+                say(f"initialised from {initial_checkpoint}; fresh: {', '.join(fresh) or 'nothing'}"
+                    + (f"; upcycled (dense MLP copied to every expert): {', '.join(upcycled)}"
+                       if upcycled else ""))
+        start_step = int(jax.device_get(state.step))
+        batches = train_ds.skip(batches_read).prefetch(2).as_numpy_iterator()
+        eval_ds = (get_dataset(model, mixture_or_task_name, eval_split, task_feature_lengths,
+                               batch_size, seed, shuffle=False, num_epochs=1)
+                   .take(eval_batches).cache() if eval_period else None)
+        writer = metric_writers.create_default_writer(os.path.join(model_dir, "train"),
+                                                      just_logging=not is_chief)
+        eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
+                                                           just_logging=not is_chief)
+        dropout_rng = jax.random.key(seed + 1) if dropout else None
+        say(f"{mixture_or_task_name}: steps {start_step}..{total_steps}, global batch "
+            f"{batch_size}, mesh {dict(partitioner.mesh.shape)} over {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
 
-    stop = _StopSignal()
-    pending_losses, window_metrics, last_good = [], None, _last_checkpoint(checkpointer)
-    eval_metrics, train_metrics = {}, {}
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (
-        is_chief and sys.stderr.isatty()), dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
-    step = start_step  # counted on the host: reading state.step would wait for every step
-    with stop:
-        while step < total_steps:
-            step += 1
-            state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)),
-                                                dropout_rng)
-            batches_read += 1
-            window_steps += 1
-            pending_losses.append((step, metrics["loss"]))
-            window_metrics = metrics if window_metrics is None else {
-                k: window_metrics[k].merge(v) for k, v in metrics.items()}
-            bar.update(1)
-            # Every process must stop at the same step (the save is collective): with several, they
-            # compare notes at each log step; a signal to any of them stops them all.
-            stopping = stop.received if jax.process_count() == 1 else (
-                step % log_period == 0 and _any_process(stop.received))
-            due_checkpoint = step % checkpoint_period == 0 or step == total_steps or stopping
-            if step % log_period == 0 or due_checkpoint:
-                _check_finite(pending_losses, last_good, model_dir)
-                pending_losses = []
-                elapsed = time.perf_counter() - window_start
-                train_metrics = {k: float(v.compute()) for k, v in window_metrics.items()}
-                train_metrics["examples_per_second"] = window_steps * batch_size / elapsed
-                writer.write_scalars(step, train_metrics)
-                bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
-                                ex_s=f"{train_metrics['examples_per_second']:.0f}")
-                if bar.disable:
-                    say(f"step {step}/{total_steps}  loss {train_metrics['loss']:.4f}  accuracy "
-                        f"{train_metrics['accuracy']:.3f}  {train_metrics['examples_per_second']:.0f}"
-                        f" examples/s", flush=True)
-                window_metrics, window_start, window_steps = None, time.perf_counter(), 0
-            if eval_ds is not None and (step % eval_period == 0 or step == total_steps):
-                eval_metrics = _evaluate(trainer, state.params, eval_ds)
-                if infer_eval_examples:
-                    eval_metrics.update(_inference_metrics(
-                        model, state.params, mixture_or_task_name, eval_split,
-                        task_feature_lengths, batch_size, infer_eval_examples))
-                eval_writer.write_scalars(step, eval_metrics)
-                say(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if due_checkpoint and checkpointer.save(state, batches_read, force=True):
-                last_good = checkpointer.path(step)
-            if stopping:
-                break
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.flush()
-    eval_writer.flush()
+        stop = _StopSignal()
+        pending_losses, window_metrics, last_good = [], None, _last_checkpoint(checkpointer)
+        eval_metrics, train_metrics = {}, {}
+        bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (
+            is_chief and sys.stderr.isatty()), dynamic_ncols=True)
+        window_start, window_steps = time.perf_counter(), 0
+        step = start_step  # counted on the host: reading state.step would wait for every step
+        with stop:
+            while step < total_steps:
+                step += 1
+                state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)),
+                                                    dropout_rng)
+                batches_read += 1
+                window_steps += 1
+                pending_losses.append((step, metrics["loss"]))
+                window_metrics = metrics if window_metrics is None else {
+                    k: window_metrics[k].merge(v) for k, v in metrics.items()}
+                bar.update(1)
+                # Every process must stop at the same step (the save is collective): with several,
+                # they compare notes at each log step; a signal to any of them stops them all.
+                stopping = stop.received if jax.process_count() == 1 else (
+                    step % log_period == 0 and _any_process(stop.received))
+                due_checkpoint = step % checkpoint_period == 0 or step == total_steps or stopping
+                if step % log_period == 0 or due_checkpoint:
+                    _check_finite(pending_losses, last_good, model_dir)
+                    pending_losses = []
+                    elapsed = time.perf_counter() - window_start
+                    train_metrics = {k: float(v.compute()) for k, v in window_metrics.items()}
+                    train_metrics["examples_per_second"] = window_steps * batch_size / elapsed
+                    writer.write_scalars(step, train_metrics)
+                    bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
+                                    ex_s=f"{train_metrics['examples_per_second']:.0f}")
+                    if bar.disable:
+                        say(f"step {step}/{total_steps}  loss {train_metrics['loss']:.4f}  "
+                            f"accuracy {train_metrics['accuracy']:.3f}  "
+                            f"{train_metrics['examples_per_second']:.0f} examples/s", flush=True)
+                    window_metrics, window_start, window_steps = None, time.perf_counter(), 0
+                if eval_ds is not None and (step % eval_period == 0 or step == total_steps):
+                    eval_metrics = _evaluate(trainer, state.params, eval_ds)
+                    if infer_eval_examples:
+                        eval_metrics.update(_inference_metrics(
+                            model, state.params, mixture_or_task_name, eval_split,
+                            task_feature_lengths, batch_size, infer_eval_examples))
+                    eval_writer.write_scalars(step, eval_metrics)
+                    say(f"step {step}: eval "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if due_checkpoint and checkpointer.save(state, batches_read, force=True):
+                    last_good = checkpointer.path(step)
+                if stopping:
+                    break
+        bar.close()
+        writer.flush()
+        eval_writer.flush()
     stopped = step < total_steps
     if stopped:
         say(f"stopped by signal at step {step}; saved {checkpointer.path(step)}")

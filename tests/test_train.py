@@ -7,7 +7,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -15,7 +20,7 @@ import pytest
 
 from mmt_jax import main
 from mmt_jax.partitioning import Partitioner
-from mmt_jax.training import checkpoints
+from mmt_jax.training import checkpoint_digests, checkpoints
 from mmt_jax.training.checkpointer import Checkpointer
 from mmt_jax.training.trainer import Trainer
 
@@ -59,7 +64,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
     # the inference metrics of every attribute task of the mixture, at both evaluations
     for attribute in ("color", "pattern", "sleeve_type", "brand", "material"):
         assert out.count(f"train_test_{attribute}_removed100/attribute_accuracy") == 3  # + summary
-    assert sorted(os.listdir(model_dir))[:2] == ["checkpoint_3", "checkpoint_6"]
+    assert sorted(n for n in os.listdir(model_dir) if n.startswith("checkpoint")) == [
+        "checkpoint_3", "checkpoint_6"]
 
     # The same run, sent SIGTERM during step 2: it saves step 2 and stops; a rerun resumes there.
     interrupted = str(tmp_path / "interrupted")
@@ -88,6 +94,93 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
                            reference)
 
 
+def _assert_same_params(model_dir_a, model_dir_b, step=6):
+    _, a = checkpoints.load_checkpoint(os.path.join(model_dir_a, f"checkpoint_{step}"))
+    _, b = checkpoints.load_checkpoint(os.path.join(model_dir_b, f"checkpoint_{step}"))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
+        uninterrupted, tmp_path, capsys):
+    model_dir, data_dir, _ = uninterrupted
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(model_dir, run_dir, ignore=shutil.ignore_patterns("train", "eval"))
+    newest = os.path.join(run_dir, "checkpoint_6")
+    with open(os.path.join(newest, "progress", "metadata"), "w") as f:
+        f.write('{"step": 6, "batches_read": 0}')  # an edit, not a crash: same size or not
+    assert main.run(_args(data_dir, run_dir, 6)) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_6 is corrupt: progress/metadata" in out and "resumed from" in out
+    assert "(step 3)" in out and os.path.isdir(os.path.join(run_dir, "corrupt", "checkpoint_6"))
+    _assert_same_params(run_dir, model_dir)
+
+
+def _run_until_killed(command, run_dir, trigger, delay):
+    """Starts the train binary; SIGKILLs it once `trigger` ("save": orbax's temporary directory of a
+    new checkpoint appears; "step": a step is logged) fires and `delay` seconds pass. Returns its
+    output and whether it was killed (False: it finished first)."""
+    before = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    while process.poll() is None:
+        if trigger == "save":
+            fired = os.path.isdir(run_dir) and any(
+                name.endswith(".orbax-checkpoint-tmp") and name not in before
+                for name in os.listdir(run_dir))
+        else:
+            fired = any(line.startswith("step ") and "/6" in line for line in list(lines))
+        if fired:
+            time.sleep(delay)
+            process.kill()
+            break
+        time.sleep(0.001)
+    killed = process.wait() == -signal.SIGKILL
+    reader.join()
+    return "".join(lines), killed
+
+
+def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(uninterrupted,
+                                                                           tmp_path):
+    """SIGKILL (no handler runs) during saves and between them; every restart resumes from a
+    checkpoint that verifies, none is ever corrupt, and the end equals the uninterrupted run."""
+    model_dir, data_dir, _ = uninterrupted
+    run_dir = str(tmp_path / "killed")
+    args = [a.replace("checkpoint_period=3", "checkpoint_period=1") for a in
+            _args(data_dir, run_dir, 6)]
+    command = [sys.executable, "-m", "mmt_jax.main", *args]
+    rng = np.random.default_rng(0)
+    kills = 0
+
+    def steps_on_disk():
+        names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+        steps = [int(n.split("_")[1]) for n in names
+                 if n.startswith("checkpoint_") and n.split("_")[1].isdigit()]
+        for step in steps:
+            assert checkpoint_digests.verify(os.path.join(run_dir, f"checkpoint_{step}")), step
+        return steps
+
+    def assert_resumed_from_the_newest(out, steps):
+        expected = (f"resumed from {run_dir}/checkpoint_{max(steps)} " if steps else "steps 0..6")
+        assert expected in out, out[-2000:]
+
+    # the first kill lands inside a save (no delay), the others at random moments after a trigger
+    for trigger, delay in (("save", 0.0), ("step", rng.uniform(0, 0.3)), ("save", rng.uniform(0, 0.3))):
+        steps = steps_on_disk()
+        out, killed = _run_until_killed(command, run_dir, trigger, float(delay))
+        kills += killed
+        assert_resumed_from_the_newest(out, steps)
+    assert kills >= 2 and steps_on_disk()
+    steps = steps_on_disk()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_resumed_from_the_newest(finished.stdout, steps)
+    assert "finished at step 6" in finished.stdout
+    assert not os.path.exists(os.path.join(run_dir, "corrupt"))
+    _assert_same_params(run_dir, model_dir)
+
+
 def test_checkpoint_restores_onto_another_mesh(uninterrupted):
     model_dir, _, _ = uninterrupted
     config, saved = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
@@ -101,8 +194,8 @@ def test_checkpoint_restores_onto_another_mesh(uninterrupted):
     types = {k: np.float32 if k == "encoder_images" else np.int32 for k in shapes}
     optimizer = optimizers.adamw(optimizers.linear_decay(3e-3, 6))  # as runs/train.gin builds it
     trainer = Trainer(model, Partitioner((2, 1, 4)), optimizer, shapes, types)
-    state, progress = Checkpointer(model_dir, config, 3).restore(trainer.abstract_state,
-                                                                 trainer.state_shardings)
+    with Checkpointer(model_dir, config, 3) as checkpointer:
+        state, progress = checkpointer.restore(trainer.abstract_state, trainer.state_shardings)
     assert progress == {"step": 6, "batches_read": 6}
     embedding = state.params["token_embedder"]["embedding"]
     assert embedding.sharding.spec == jax.sharding.PartitionSpec("model", None)

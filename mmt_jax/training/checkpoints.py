@@ -1,11 +1,16 @@
 """Model checkpoints on disk with orbax: parameters plus the model config that built them.
 
 A checkpoint directory holds two orbax items, `params` (the parameter tree, tensorstore/OCDBT) and
-`model_config` (`models.config.ModelConfig` as JSON); the trainer's `checkpoint_<step>` directories
-hold the same two items beside the optimizer state, so every reader here reads those too. orbax writes into a temporary directory and renames it when complete, so a
-reader never sees a half-written checkpoint and an interrupted save leaves the previous one intact.
+`model_config` (`models.config.ModelConfig` as JSON), and `digests.json` (`checkpoint_digests`); the
+trainer's `checkpoint_<step>` directories hold the same beside the optimizer state, so every reader
+here reads those too. A checkpoint is written beside its destination, sealed, and renamed into
+place, so a reader never sees a half-written one and an interrupted save leaves the previous one
+intact. Reading verifies the digests first: a truncated or altered file is an error naming the
+checkpoint and the file, never a silently different model. (Checkpoints written before digests
+existed have none and are read unverified.)
 """
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -13,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mmt_jax.models.config import ModelConfig
+from mmt_jax.training import checkpoint_digests
 
 
 def _checkpointer():
@@ -20,13 +26,27 @@ def _checkpointer():
 
 
 def save_checkpoint(directory: str, params, config: ModelConfig, *, force: bool = False) -> str:
-    """Writes `params` and `config` to `directory` (absolute path) atomically; returns the path."""
+    """Writes `params` and `config` to `directory` atomically (an existing one is replaced only
+    with `force`, and only once the new one is complete); returns the absolute path."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not force:
         raise FileExistsError(f"{directory}: already exists (pass force=True to replace it)")
-    _checkpointer().save(directory, ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        model_config=ocp.args.JsonSave(config.to_json_dict())), force=force)
+    staging = f"{directory}.writing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _checkpointer().save(staging, ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            model_config=ocp.args.JsonSave(config.to_json_dict())))
+        checkpoint_digests.seal(staging)
+        if os.path.exists(directory):
+            replaced = f"{directory}.replaced-{os.getpid()}"
+            os.replace(directory, replaced)
+            os.replace(staging, directory)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -53,15 +73,21 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     for item in ("params", "model_config"):
         if not os.path.exists(os.path.join(directory, item)):
             raise FileNotFoundError(f"{directory}: not an mmt_jax checkpoint (no '{item}' item)")
-    # Read every array onto this host's first device whatever mesh wrote it (without a target,
-    # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, "params")).item_metadata
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-        getattr(metadata, "tree", metadata))
-    restored = _checkpointer().restore(directory, ocp.args.Composite(
-        params=ocp.args.StandardRestore(target), model_config=ocp.args.JsonRestore()))
+    verified = checkpoint_digests.verify(directory)
+    try:
+        # Read every array onto this host's first device whatever mesh wrote it (without a target,
+        # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, "params")).item_metadata
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+            getattr(metadata, "tree", metadata))
+        restored = _checkpointer().restore(directory, ocp.args.Composite(
+            params=ocp.args.StandardRestore(target), model_config=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+        if verified:
+            raise
+        raise checkpoint_digests.unreadable(directory, e) from None
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return ModelConfig.from_json_dict(restored["model_config"]), params
 
