@@ -22,7 +22,8 @@ import optax
 import seqio
 
 import tasks
-from mmt_jax.data import feature_converter, images, tfds_catalog
+from mmt_jax import image_spec
+from mmt_jax.data import feature_converter, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.mmt4 import FusionConfig
@@ -62,7 +63,7 @@ def main(argv=None):
     tfds_catalog.prepare(config, data_dir, num_shards=4)
     print(f"catalog: {args.products / (time.perf_counter() - start):.0f} products/s written")
     tasks.register_catalog_tasks("bench", data_dir, config.name,
-                                 image=images.ImagePreprocessing(size=args.image_size))
+                                 image=image_spec.ImagePreprocessing(size=args.image_size))
     task = "bench_attributes_removed100"
 
     it = batches(task, args.batch)

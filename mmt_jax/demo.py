@@ -15,8 +15,8 @@
    predictions. Colour, pattern and sleeve type are then only in the image; brand and material are
    in the description: MMT4 should win on the first three and tie on the other two.
 
-Every step is the train binary (`mmt-jax train`) with the run's gin files, so the commands it prints
-are the ones to run by hand.
+Every step is the train binary's run (`train.train` configured by the run's gin files through
+`gin_config`, as `mmt-jax train` does), so the commands it prints are the ones to run by hand.
 """
 import json
 import os
@@ -26,18 +26,20 @@ import time
 import jax
 
 import tasks
-from mmt_jax import evaluate
-from mmt_jax.train import build_model
+from mmt_jax import gin_config, task_inference, train
 from mmt_jax.training import checkpoints
 
 IMAGE_ATTRIBUTES = ("color", "pattern", "sleeve_type")
 
 
-def _train(args: list[str]) -> None:
-    from mmt_jax import main
-    print("$ mmt-jax " + " ".join(shlex.quote(a) for a in args), flush=True)
-    if main.run(args) != 0:
-        raise SystemExit(f"training failed: mmt-jax {' '.join(args)}")
+def _train(gin_files: list[str], bindings: list[str]) -> None:
+    """One training run, printed as the `mmt-jax train` command that does the same."""
+    print("$ mmt-jax train " + " ".join(shlex.quote(a) for a in
+                                        [f"--gin_file={f}" for f in gin_files]
+                                        + [f"--gin.{b}" for b in bindings]), flush=True)
+    result = gin_config.run_configured(train.train, gin_files, bindings)
+    print(f"finished at step {result.step}: loss {result.train_metrics.get('loss', float('nan')):.4f}",
+          flush=True)
 
 
 def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: int = 1000,
@@ -50,40 +52,40 @@ def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: i
     catalog = f"embedded-n{num_products}-s0-px128-{image_features}"
     # One catalog and one task registration for both models: T5's text-only twins of the tasks
     # drop the stored features, MMT4's read them.
-    common = ["--gin_file=runs/lite0_features.gin", f'--gin.IMAGE_FEATURES="{image_features}"',
-              f'--gin.DATA_DIR="{data_dir}"', f'--gin.CATALOG="{catalog}"',
-              f"--gin.BATCH_SIZE={batch_size}",
-              "--gin.tasks.catalog_task.with_description=True",
-              '--gin.CATALOG_PREFIX="demo"', "--gin.train.train.log_period=100",
-              "--gin.train.train.checkpoint_period=100000"]
-    models = {"T5": (["--gin_file=models/t5_tiny_catalog.gin"], "_text"),
-              "MMT4": (["--gin_file=models/mmt4_tiny_lite0.gin"], "")}
+    common = [f'IMAGE_FEATURES="{image_features}"', f'DATA_DIR="{data_dir}"',
+              f'CATALOG="{catalog}"', f"BATCH_SIZE={batch_size}",
+              "tasks.catalog_task.with_description=True", 'CATALOG_PREFIX="demo"',
+              "train.train.log_period=100", "train.train.checkpoint_period=100000"]
+    models = {"T5": ("models/t5_tiny_catalog.gin", "_text"),
+              "MMT4": ("models/mmt4_tiny_lite0.gin", "")}
     lengths = {"inputs": 64, "targets": 8}
-    for name, (model_args, suffix) in models.items():
+    for name, (model_gin, suffix) in models.items():
+        gin_files = ["runs/catalog.gin", model_gin, "runs/lite0_features.gin"]
         pretrain_dir = os.path.join(workdir, f"{name.lower()}_pretrain")
-        _train(["train", "--gin_file=runs/catalog.gin", *model_args,
-                f'--gin.MODEL_DIR="{pretrain_dir}"', f"--gin.TRAIN_STEPS={pretrain_steps}",
-                f'--gin.TASK="pretrain{suffix}"', "--gin.LEARNING_RATE=2e-3",
-                '--gin.TASK_FEATURE_LENGTHS={"inputs": 48, "targets": 48}', *common])
-        _train(["train", "--gin_file=runs/catalog.gin", *model_args,
-                f'--gin.MODEL_DIR="{os.path.join(workdir, name.lower())}"',
-                f"--gin.TRAIN_STEPS={finetune_steps}", f'--gin.TASK="attributes_removed100{suffix}"',
-                f'--gin.INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"',
-                "--gin.LEARNING_RATE=2e-3", f"--gin.TASK_FEATURE_LENGTHS={json.dumps(lengths)}",
-                *common])
+        _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
+                           f'TASK="pretrain{suffix}"', "LEARNING_RATE=2e-3",
+                           'TASK_FEATURE_LENGTHS={"inputs": 48, "targets": 48}', *common])
+        _train(gin_files, [f'MODEL_DIR="{os.path.join(workdir, name.lower())}"',
+                           f"TRAIN_STEPS={finetune_steps}",
+                           f'TASK="attributes_removed100{suffix}"',
+                           f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"',
+                           "LEARNING_RATE=2e-3", f"TASK_FEATURE_LENGTHS={json.dumps(lengths)}",
+                           *common])
 
     attributes = tasks.DEFAULT_ATTRIBUTES
     accuracy, rows = {}, {}
     for name, (_, suffix) in models.items():
         config, params = checkpoints.load_checkpoint(
             os.path.join(workdir, name.lower(), f"checkpoint_{finetune_steps}"))
-        model = build_model(config)
+        model = task_inference.build_model(config)
         params = jax.device_put(params)
         accuracy[name] = {}
         for attribute in attributes:
             task = f"demo_{attribute}_removed100{suffix}"
-            predictions = evaluate.predict_task(model, params, task, "validation", lengths, 64)
-            accuracy[name][attribute] = evaluate.evaluate_task(task, predictions)["attribute_accuracy"]
+            predictions = task_inference.predict_task(model, params, task, "validation", lengths,
+                                                      64)
+            accuracy[name][attribute] = task_inference.evaluate_task(
+                task, predictions)["attribute_accuracy"]
             rows[name, attribute] = predictions
     _print_table(accuracy, attributes)
     _print_examples(rows, attributes, examples)

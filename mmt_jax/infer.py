@@ -26,6 +26,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from mmt_jax.data import records
+from mmt_jax.data.tfds_catalog import FEATURES
 from mmt_jax.errors import InputError
 from mmt_jax.predictor import Predictor, Query
 
@@ -63,7 +64,6 @@ def read_products(path: str, images_dir: str | None = None, on_error: str = "fai
     files = tf.io.gfile.glob(path)
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {path}")
-    from mmt_jax.data.tfds_catalog import FEATURES
     dataset = tf.data.TFRecordDataset(sorted(files)).map(FEATURES.deserialize_example)
     for number, example in enumerate(dataset.as_numpy_iterator(), start=1):
         text = lambda key: example[key].decode("utf-8")  # noqa: E731

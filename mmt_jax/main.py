@@ -20,7 +20,6 @@
                                               their per-attribute accuracy (Table 2's shape)
 """
 import argparse
-import logging
 import os
 import sys
 
@@ -105,23 +104,9 @@ def _data_vocab(args) -> None:
 
 
 def _run_gin(args, configurable):
-    """Parses the gin files and bindings, then calls `configurable` as they configure it."""
-    import gin
-    from mmt_jax import gin_search_path
-    # gin logs an error for each search path a file is not in before it finds it; they are noise.
-    logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
-    gin.clear_config()
-    for path in [gin_search_path(), *args.gin_search_path]:
-        gin.add_config_file_search_path(path)
-    try:
-        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
-        run = gin.get_configurable(configurable)
-    except (ValueError, KeyError, ImportError, OSError, NameError, SyntaxError) as e:
-        raise GinError(f"gin: {e}") from None
-    try:
-        return run()
-    finally:
-        gin.clear_config()  # a later run in the same process starts from its own files only
+    from mmt_jax import gin_config
+    return gin_config.run_configured(configurable, args.gin_file, args.gin_bindings,
+                                     args.gin_search_path)
 
 
 def _train(args) -> None:

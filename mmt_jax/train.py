@@ -25,9 +25,8 @@ import seqio
 from clu import metric_writers
 from tqdm.auto import tqdm
 
-from mmt_jax import evaluate
-from mmt_jax.data import vocabulary as vocab_lib
-from mmt_jax.errors import TrainingError, UnknownTaskError
+from mmt_jax import task_inference
+from mmt_jax.errors import TrainingError
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.partitioning import Partitioner
@@ -43,16 +42,6 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
-    """The Model for a config; `kwargs` (label_smoothing, z_loss, decode_fn ...) are gin-bindable."""
-    vocabulary = vocab_lib.vocabulary(model_config.vocabulary)
-    if vocabulary.vocab_size > model_config.t5.vocab_size:
-        raise TrainingError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's "
-                            f"embedding only {model_config.t5.vocab_size} (set t5.vocab_size)")
-    return EncoderDecoderModel(model_config.module(), input_vocabulary=vocabulary,
-                               output_vocabulary=vocabulary, **kwargs)
-
-
 def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: str,
                 task_feature_lengths: Mapping[str, int], batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None,
@@ -61,7 +50,7 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
 
     `shard` = (index, count) of the data shard and of the processes sharing the global batch;
     default: this process's (`jax.process_index()`, `jax.process_count()`)."""
-    provider = get_task(mixture_or_task_name)
+    provider = task_inference.get_task(mixture_or_task_name)
     task_vocab = provider.output_features["targets"].vocabulary
     if getattr(task_vocab, "sentencepiece_model_file", None) != getattr(
             model.output_vocabulary, "sentencepiece_model_file", None):
@@ -77,18 +66,6 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
         shard_info=seqio.ShardInfo(index, processes) if processes > 1 else None,
         feature_converter=model.FEATURE_CONVERTER_CLS(pack=False))
     return ds.batch(batch_size // processes, drop_remainder=True)
-
-
-def get_task(name: str):
-    try:
-        return seqio.get_mixture_or_task(name)
-    except ValueError:
-        import difflib
-        known = sorted(seqio.TaskRegistry.names() | seqio.MixtureRegistry.names())
-        close = difflib.get_close_matches(name, known, n=5)
-        raise UnknownTaskError(f"no task or mixture {name!r}"
-                            + (f"; did you mean {', '.join(close)}?" if close else
-                               f"; {len(known)} are registered (import tasks?)")) from None
 
 
 def train(*, model_config: ModelConfig, mixture_or_task_name: str,
@@ -117,7 +94,7 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
       dropout: apply the model's dropout rate in training.
       model_kwargs: passed to the Model (label_smoothing, z_loss, ...).
     """
-    model = build_model(model_config, **dict(model_kwargs or {}))
+    model = task_inference.build_model(model_config, **dict(model_kwargs or {}))
     try:
         partitioner = Partitioner(mesh_shape, logical_axis_rules)
     except ValueError as e:
@@ -228,11 +205,11 @@ def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
 def _inference_metrics(model, params, mixture_or_task_name: str, split: str, task_feature_lengths,
                        batch_size: int, max_examples: int) -> dict:
     metrics = {}
-    for task in evaluate.leaf_tasks(mixture_or_task_name):
-        rows = evaluate.predict_task(model, params, task.name, split, task_feature_lengths,
+    for task in task_inference.leaf_tasks(mixture_or_task_name):
+        rows = task_inference.predict_task(model, params, task.name, split, task_feature_lengths,
                                      batch_size, max_examples)
         metrics.update({f"{task.name}/{k}": v
-                        for k, v in evaluate.evaluate_task(task.name, rows).items()})
+                        for k, v in task_inference.evaluate_task(task.name, rows).items()})
     return metrics
 
 

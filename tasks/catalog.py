@@ -28,7 +28,7 @@ from typing import Sequence
 import seqio
 import tensorflow as tf
 
-from mmt_jax import metrics
+from mmt_jax import image_spec, metrics
 from mmt_jax.errors import UnknownTaskError
 from mmt_jax.data import images, preprocessors, prompts, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib
@@ -78,7 +78,7 @@ def drop_image(dataset: tf.data.Dataset) -> tf.data.Dataset:
 def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                            vocabulary: seqio.Vocabulary | str | None = None,
                            attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
-                           image: images.ImagePreprocessing = images.ImagePreprocessing(),
+                           image: image_spec.ImagePreprocessing = image_spec.ImagePreprocessing(),
                            removal_shares: Sequence[float] = REMOVAL_SHARES,
                            with_description: bool = False) -> list[str]:
     """Registers the tasks above for the catalog `product_catalog/<catalog>` under `data_dir`.
@@ -90,7 +90,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         vocabulary shipped with the package).
       attributes: the attributes to make generation tasks for.
       image: how images are decoded and resized for the representator, or which stored features
-        the model reads (`vision.extractors.preprocessing(spec)`; the catalog must hold them).
+        the model reads (`image_spec.preprocessing(spec)`; the catalog must hold them).
       removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
       with_description: attribute prompts read the description after the title (the paper: title
         only).

@@ -15,8 +15,8 @@ import seqio
 import tensorflow_datasets as tfds
 
 import tasks
-from mmt_jax import main
-from mmt_jax.data import catalog, images, tfds_catalog
+from mmt_jax import image_spec, main
+from mmt_jax.data import catalog, tfds_catalog
 from mmt_jax.models.mmt4 import FusionConfig, ImageFusion
 from mmt_jax.vision import efficientnet, extractors
 
@@ -34,22 +34,33 @@ def features_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("spec", ["efficientnet-lite0-px128", "efficientnet-lite0-px97",
+                                  "efficientnet-lite0+pixels-px64", "efficientnet-lite0+pixels-px33"])
+def test_feature_shapes_from_the_spec_equal_the_networks_output(spec):
+    """image_spec computes shapes without JAX; the traced extractor must agree, odd sizes too."""
+    options = image_spec.preprocessing(spec)
+    traced = jax.eval_shape(extractors._network(options.extractor),
+                            jax.ShapeDtypeStruct((1, options.size, options.size, 3), np.float32))
+    assert traced.shape[1:] == image_spec.feature_shape(options)
+
+
 def test_specs_name_the_network_and_its_input():
-    options = extractors.preprocessing("efficientnet-lite0-px128")
+    options = image_spec.preprocessing("efficientnet-lite0-px128")
     assert (options.size, options.extractor, options.augment) == (128, "efficientnet-lite0", False)
-    assert (options.mean, options.std) == images.EFFICIENTNET_LITE_STATS
-    assert options.input_feature == "image_features" and images.ImagePreprocessing().input_feature == "image"
-    assert extractors.spec(options) == "efficientnet-lite0-px128"
-    assert extractors.feature_shape(options) == (16, 1280)
-    hybrid = extractors.preprocessing("efficientnet-lite0+pixels-px128")
+    assert (options.mean, options.std) == image_spec.EFFICIENTNET_LITE_STATS
+    assert options.input_feature == "image_features"
+    assert image_spec.ImagePreprocessing().input_feature == "image"
+    assert image_spec.spec(options) == "efficientnet-lite0-px128"
+    assert image_spec.feature_shape(options) == (16, 1280)
+    hybrid = image_spec.preprocessing("efficientnet-lite0+pixels-px128")
     assert hybrid.extractor == "efficientnet-lite0+pixels" and hybrid.size == 128
-    assert extractors.feature_shape(hybrid) == (32, 1280 + 192)
+    assert image_spec.feature_shape(hybrid) == (32, 1280 + 192)
     for bad in ("efficientnet-lite0", "resnet50-px224", "efficientnet-lite0-px",
                 "efficientnet-lite0+pix-px64"):
         with pytest.raises(ValueError, match=r"<network>\[\+pixels\]-px<size>"):
-            extractors.preprocessing(bad)
+            image_spec.preprocessing(bad)
     with pytest.raises(ValueError, match="cannot be augmented"):
-        images.ImagePreprocessing(extractor="efficientnet-lite0", augment=True)
+        image_spec.ImagePreprocessing(extractor="efficientnet-lite0", augment=True)
     config = tfds_catalog.embedded_config_from_name("embedded-n3000-s0-px128-efficientnet-lite0-px96")
     assert (config.num_products, config.image_size, config.image_features) == (
         3000, 128, "efficientnet-lite0-px96")
@@ -82,7 +93,7 @@ def test_extracted_features_equal_the_frozen_representator():
 
 
 def test_catalogs_store_the_features_of_their_images(features_dir, tmp_path):
-    options = extractors.preprocessing(SPEC)
+    options = image_spec.preprocessing(SPEC)
     stored = list(tfds.load(f"product_catalog/{CATALOG}", data_dir=features_dir, split="validation")
                   .as_numpy_iterator())
     assert stored and all(example["image_features"].dtype == np.float16 for example in stored)
@@ -114,7 +125,7 @@ def test_catalogs_store_the_features_of_their_images(features_dir, tmp_path):
 
 def test_tasks_read_the_stored_features_and_refuse_a_catalog_without_them(features_dir, data_dir):
     from mmt_jax.data.feature_converter import MultimodalFeaturesEncDecFeatureConverter
-    options = extractors.preprocessing(SPEC)
+    options = image_spec.preprocessing(SPEC)
     tasks.register_catalog_tasks("features_test", features_dir, CATALOG, image=options)
     lengths = {"inputs": 24, "targets": 8}
     batch = next(seqio.get_dataset(
@@ -140,9 +151,10 @@ def test_tasks_read_the_stored_features_and_refuse_a_catalog_without_them(featur
 
 
 def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(features_dir, tmp_path):
-    from mmt_jax import evaluate, infer
+    from mmt_jax import infer
+    from mmt_jax import task_inference
     from mmt_jax.predictor import Predictor, Query
-    from mmt_jax.train import build_model
+    from mmt_jax.task_inference import build_model
     from mmt_jax.training import checkpoints
     model_dir = str(tmp_path / "run")
     args = ["train", "--gin_file=runs/catalog.gin", "--gin_file=models/mmt4_tiny_lite0.gin",
@@ -156,8 +168,8 @@ def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(fea
     with contextlib.redirect_stdout(io.StringIO()):
         assert main.run(args) == 0
     config, params = checkpoints.load_checkpoint(model_dir)
-    assert config.fusion.representator == "precomputed" and config.image == extractors.preprocessing(SPEC)
-    rows = evaluate.predict_task(build_model(config), params, "features_train_test_color_removed100",
+    assert config.fusion.representator == "precomputed" and config.image == image_spec.preprocessing(SPEC)
+    rows = task_inference.predict_task(build_model(config), params, "features_train_test_color_removed100",
                                  "validation", {"inputs": 24, "targets": 8}, batch_size=4)
     pattern = os.path.join(features_dir, "product_catalog", CATALOG, "*",
                            "product_catalog-validation.tfrecord*")

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from mmt_jax.partitioning import Partitioner
-from mmt_jax.train import build_model, get_dataset
+from mmt_jax.task_inference import build_model
+from mmt_jax.train import get_dataset
 from mmt_jax.training import checkpoints, optimizers
 from mmt_jax.training.trainer import Trainer
 

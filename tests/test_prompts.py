@@ -5,6 +5,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
+from mmt_jax import image_spec
 from mmt_jax.data import feature_converter, images, prompts, records
 from mmt_jax.data import vocabulary as vocab_lib
 
@@ -102,18 +103,18 @@ def test_image_preprocessing_resizes_normalises_and_marks_missing_images():
     pixels = np.zeros((30, 60, 3), np.uint8)
     pixels[:, :30] = 255  # left half white
     png = records.encode_image(pixels, "PNG")
-    stretch = images.ImagePreprocessing(size=8)
+    stretch = image_spec.ImagePreprocessing(size=8)
     image, mask = images.decode_and_resize(tf.constant(png), stretch)
     assert image.shape == (8, 8, 3) and int(mask) == 1
     np.testing.assert_allclose(image[:, 0], 1.0, atol=1e-6)  # (255 - 127.5) / 127.5
     np.testing.assert_allclose(image[:, -1], -1.0, atol=1e-6)
-    crop = images.ImagePreprocessing(size=8, resize="center_crop", crop_fraction=1.0)
+    crop = image_spec.ImagePreprocessing(size=8, resize="center_crop", crop_fraction=1.0)
     image, _ = images.decode_and_resize(tf.constant(png), crop)  # central 30x30: the middle
     np.testing.assert_allclose(image[:, 0], 1.0, atol=1e-6)
     np.testing.assert_allclose(image[:, -1], -1.0, atol=1e-6)
     image, mask = images.decode_and_resize(tf.constant(b""), stretch)
     assert int(mask) == 0 and not np.any(image)
-    augment = images.ImagePreprocessing(size=8, augment=True)
+    augment = image_spec.ImagePreprocessing(size=8, augment=True)
     a = images.decode_and_resize(tf.constant(png), augment, tf.constant([1, 2]))[0]
     b = images.decode_and_resize(tf.constant(png), augment, tf.constant([1, 2]))[0]
     np.testing.assert_array_equal(a, b)

@@ -5,7 +5,8 @@ import seqio
 
 import tasks
 from mmt_jax.errors import UnknownTaskError
-from mmt_jax.data import feature_converter, images, preprocessors, tfds_catalog
+from mmt_jax import image_spec
+from mmt_jax.data import feature_converter, preprocessors, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib
 
 LENGTHS = {"inputs": 48, "targets": 24}
@@ -18,7 +19,7 @@ def registered(tmp_path_factory):
     tfds_catalog.prepare(config, data_dir, num_shards=2)
     names = tasks.register_catalog_tasks(
         "test_catalog", data_dir, config.name,
-        image=images.ImagePreprocessing(size=32))
+        image=image_spec.ImagePreprocessing(size=32))
     return names
 
 

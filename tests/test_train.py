@@ -227,21 +227,21 @@ def test_clear_errors(data_dir, tmp_path, capsys, extra, message):
 
 def test_predictions_of_a_trained_checkpoint_and_their_metrics(uninterrupted):
     import seqio
-    from mmt_jax import evaluate
-    from mmt_jax.train import build_model
+    from mmt_jax import task_inference
+    from mmt_jax.task_inference import build_model
     model_dir, _, _ = uninterrupted
     config, params = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
     model = build_model(config)
     lengths = {"inputs": 24, "targets": 8}
     task = "train_test_color_removed100"
-    rows = evaluate.predict_task(model, params, task, "validation", lengths, batch_size=4)
+    rows = task_inference.predict_task(model, params, task, "validation", lengths, batch_size=4)
     expected = list(seqio.get_mixture_or_task(task).get_dataset(
         lengths, split="validation", shuffle=False, num_epochs=1).as_numpy_iterator())
     assert len(rows) == len(expected) > 4  # more than one batch, the last one padded
     assert [r.inputs for r in rows] == [e["inputs_pretokenized"].decode() for e in expected]
     assert [r.target for r in rows] == [e["targets_pretokenized"].decode() for e in expected]
     assert all(r.score <= 0 for r in rows)
-    metrics = evaluate.evaluate_task(task, rows)
+    metrics = task_inference.evaluate_task(task, rows)
     exact = np.mean([r.prediction.strip().lower() == r.target.lower() for r in rows])
     assert metrics["attribute_accuracy"] == pytest.approx(exact)
     assert 0 <= metrics["attribute_recall_at_precision_0.9"] <= metrics["attribute_accuracy"]
@@ -291,12 +291,13 @@ def test_eval_clear_errors(uninterrupted, tmp_path, capsys, extra, message):
 
 
 def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterrupted, tmp_path):
-    from mmt_jax import evaluate, infer
+    from mmt_jax import infer
+    from mmt_jax import task_inference
     from mmt_jax.predictor import Predictor, Query
-    from mmt_jax.train import build_model
+    from mmt_jax.task_inference import build_model
     model_dir, data_dir, _ = uninterrupted
     config, params = checkpoints.load_checkpoint(model_dir)
-    rows = evaluate.predict_task(build_model(config), params, "train_test_color_removed100",
+    rows = task_inference.predict_task(build_model(config), params, "train_test_color_removed100",
                                  "validation", {"inputs": 24, "targets": 8}, batch_size=4)
     # the stored validation products, read back from the TFRecord files as the infer binary does
     pattern = os.path.join(data_dir, "product_catalog", "embedded-n96-s0-px32", "*",

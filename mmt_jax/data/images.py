@@ -5,13 +5,12 @@ the model gets `image` float32 `[size, size, 3]` and `image_mask` int32 `[1]` (0
 image; rank 1 because seqio's evaluator measures a length along every task feature; the pixels are
 then zeros and the encoder masks the image vectors out).
 
-With an `extractor` (vision/extractors.py) the model gets `image_features` float32 `[Lv, D]` instead:
+With an `extractor` (`image_spec`, vision/extractors.py) the model gets `image_features` float32
+`[Lv, D]` instead:
 the frozen network's output on the image preprocessed as above, computed when the catalog was written
 and stored in it (`tfds_catalog`), so the pixels are not decoded at all.
 
-Normalisation is `(pixel - mean) / std` on [0, 255] values, with the statistics the representator was
-trained with: `VIT_STATS` for Hugging Face ViT checkpoints, `EFFICIENTNET_LITE_STATS` for
-EfficientNet-Lite (`vision/efficientnet.py`); raw patches use the ViT statistics (values in [-1, 1]).
+The settings (`ImagePreprocessing`, normalisation statistics, extractor specs) are `image_spec`'s.
 """
 import dataclasses
 
@@ -19,50 +18,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-VIT_STATS = ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
-EFFICIENTNET_LITE_STATS = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
-RESIZE_METHODS = ("stretch", "center_crop")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagePreprocessing:
-    """How stored images become model inputs.
-
-    Attributes:
-      size: side of the square image the representator takes (e.g. 224 for ViT-B/32).
-      resize: "stretch" resizes the whole image to size x size (products are centred on a plain
-        background, so nothing is cut off); "center_crop" keeps the aspect ratio, resizes the shorter
-        side to size / crop_fraction and takes the central size x size square (ImageNet-style).
-      crop_fraction: see `resize`.
-      mean, std: per-channel normalisation on [0, 255] values.
-      augment: in training, a random crop of 80-100% of the area (same aspect ratio) and a random
-        horizontal flip, drawn from seqio's per-example seed. No colour jitter: colour is a label.
-      extractor: the frozen network (`vision.extractors.EXTRACTORS`) whose features of the image,
-        stored in the catalog, the model reads instead of pixels; None: pixels. Build the whole
-        preprocessing from a spec with `vision.extractors.preprocessing("efficientnet-lite0-px128")`.
-    """
-    size: int = 224
-    resize: str = "stretch"
-    crop_fraction: float = 0.875
-    mean: tuple[float, float, float] = VIT_STATS[0]
-    std: tuple[float, float, float] = VIT_STATS[1]
-    augment: bool = False
-    extractor: str | None = None
-
-    def __post_init__(self):
-        if self.resize not in RESIZE_METHODS:
-            raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
-        if self.size <= 0 or not 0 < self.crop_fraction <= 1:
-            raise ValueError(f"bad image preprocessing {self}")
-        if self.extractor is not None and self.augment:
-            raise ValueError("stored image features are computed once per product, so they cannot "
-                             "be augmented: set augment=False or extractor=None")
-
-    @property
-    def input_feature(self) -> str:
-        """The task feature the model reads: "image" (pixels) or "image_features"."""
-        return "image" if self.extractor is None else "image_features"
-
+from mmt_jax import image_spec
+from mmt_jax.image_spec import ImagePreprocessing
 
 def decode_and_resize(image_bytes: tf.Tensor, options: ImagePreprocessing,
                       seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -131,10 +88,9 @@ def preprocess_images(dataset: tf.data.Dataset, options: ImagePreprocessing) -> 
 
 
 def _stored_features(dataset: tf.data.Dataset, options: ImagePreprocessing) -> tf.data.Dataset:
-    from mmt_jax.vision import extractors
-    spec = extractors.spec(options)
+    spec = image_spec.spec(options)
     stored = dataset.element_spec.get("image_features")
-    expected = extractors.feature_shape(options)
+    expected = image_spec.feature_shape(options)
     if stored is None or tuple(stored.shape) != expected:
         found = "none" if stored is None else f"shape {list(stored.shape)}"
         raise ValueError(f"the catalog has no image features of {spec!r} (expected shape "

@@ -34,7 +34,9 @@ from typing import Iterator
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mmt_jax.data import records
+from mmt_jax import image_spec
+from mmt_jax.data import catalog, records
+from mmt_jax.vision import extractors
 
 NAME = "product_catalog"
 VERSION = "1.0.0"
@@ -71,8 +73,7 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         if self.image_features is not None:
-            from mmt_jax.vision import extractors
-            extractors.preprocessing(self.image_features)  # a clear error for an unknown spec
+            image_spec.preprocessing(self.image_features)  # a clear error for an unknown spec
 
 
 def embedded_config(num_products: int = 3000, seed: int = 0, image_size: int = 128,
@@ -136,8 +137,7 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
         features = FEATURES
         spec = self.builder_config.image_features
         if spec is not None:
-            from mmt_jax.vision import extractors
-            shape = extractors.feature_shape(extractors.preprocessing(spec))
+            shape = image_spec.feature_shape(image_spec.preprocessing(spec))
             features = tfds.features.FeaturesDict({
                 **FEATURES, "image_features": tfds.features.Tensor(shape=shape, dtype=tf.float16)})
         return self.dataset_info_from_configs(
@@ -147,7 +147,6 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # nothing is downloaded: catalogs come from local files or the generator
         config = self.builder_config
         if config.jsonl is None:
-            from mmt_jax.data import catalog
             return {split: self._generate_examples(
                         catalog.make_product(i, config.seed, config.image_size) for i in indices)
                     for split, indices in _embedded_indices_by_split(config).items()}
@@ -164,8 +163,7 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
             for product in products:
                 yield product.id, product.to_features()
             return
-        from mmt_jax.vision import extractors
-        options = extractors.preprocessing(spec)
+        options = image_spec.preprocessing(spec)
         products = iter(products)
         for chunk in iter(lambda: list(itertools.islice(products, extractors.BATCH_SIZE)), []):
             features, _ = extractors.extract_from_bytes([p.image for p in chunk], options)
@@ -306,7 +304,6 @@ def _swap_in(new: str, final: str, staging: str) -> None:
 
 def _embedded_indices_by_split(config: ProductCatalogConfig) -> dict[str, list[int]]:
     """Which products of the embedded catalog go to which split (from their ids' hashes)."""
-    from mmt_jax.data import catalog
     indices = collections.defaultdict(list)
     for index in range(config.num_products):
         indices[records.split_of(catalog.product_id(index, config.seed), config.validation_fraction,

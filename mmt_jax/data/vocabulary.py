@@ -17,6 +17,8 @@ from typing import Iterator
 import seqio
 import sentencepiece as spm
 
+from mmt_jax.data import catalog
+
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "catalog_spm.model")
 EXTRA_IDS = 100
 # What the shipped model was trained with; `train_catalog_vocabulary` defaults to these.
@@ -32,7 +34,6 @@ def vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
 def catalog_sentences(num_products: int, seed: int = 0) -> Iterator[str]:
     """The embedded catalog's text, one line per title, description, bullet point and value, plus
     the prompts and answers the tasks add."""
-    from mmt_jax.data import catalog
     for product in catalog.generate_catalog(num_products, seed, image_size=16):
         yield product.title
         yield product.description

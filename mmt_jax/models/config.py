@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from mmt_jax.data.images import ImagePreprocessing
+from mmt_jax.image_spec import ImagePreprocessing
 from mmt_jax.models.mmt4 import FusionConfig
 from mmt_jax.models.t5 import EncoderDecoder, T5Config
 from mmt_jax.vision.efficientnet import EfficientNetConfig

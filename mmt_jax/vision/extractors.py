@@ -4,18 +4,19 @@ A frozen representator gives the same vectors for a product every time it is rea
 computed once, when the catalog is written, instead of at every training step: the model then uses
 `FusionConfig(representator="precomputed", feature_dim=...)` and trains only from the projection on.
 An extractor is named by a spec, "<network>[+pixels]-px<size>", e.g. "efficientnet-lite0-px128": the
-network (`EXTRACTORS`) and the side of the square image it reads. The spec also fixes the image's
-decoding and normalisation (`preprocessing(spec)`), which the catalog, the tasks and the checkpoint all
-record, so the Predictor extracts features from a new product's image exactly as the catalog did.
+network (`LOADERS`) and the side of the square image it reads. The spec also fixes the image's
+decoding and normalisation (`image_spec.preprocessing(spec)`), which the catalog, the tasks and the
+checkpoint all record, so the Predictor extracts features from a new product's image exactly as the
+catalog did.
 
-    options = preprocessing("efficientnet-lite0-px128")    # ImagePreprocessing(size=128, ...)
-    features = extract(pixels, options.extractor)           # [B, 128, 128, 3] -> [B, 16, 1280]
+    options = image_spec.preprocessing("efficientnet-lite0-px128")   # ImagePreprocessing(size=128)
+    features = extract(pixels, options.extractor)     # [B, 128, 128, 3] -> [B, 16, 1280]
 
 Extracting equals the end-to-end frozen representator, `FusionConfig(representator="efficientnet",
 network=<the same config>, freeze_representator=True)`, on the same normalised pixels.
 
 "+pixels" adds the paper's patch representator on the CNN's grid: for each of the map's h*w cells, one
-more vector holding that cell's pixels at 8x8 (`PIXEL_SIDE`; the image resized to 8h x 8w, cut into
+more vector holding that cell's pixels at 8x8 (`image_spec.PIXEL_SIDE`; the image resized to 8h x 8w, cut into
 patches). An ImageNet CNN's last map keeps texture and shape but little of the colour (on the embedded
 catalog a linear probe of Lite0's pooled map finds the colour 44% of the time, the pattern 97%), so the
 two kinds complement each other. Each kind keeps its own dimensions, zero in the other's:
@@ -26,72 +27,34 @@ two kinds complement each other. Each kind keeps its own dimensions, zero in the
 so the single projection of Eq. 1 acts as one matrix per kind and its LayerNorm normalises each vector
 on its own: the pixel vectors are not drowned by the CNN's 1280 activations.
 """
-import dataclasses
 import functools
-import re
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmt_jax.data.images import EFFICIENTNET_LITE_STATS, ImagePreprocessing, decode_batch
+from mmt_jax import image_spec
+from mmt_jax.data.images import decode_batch
+from mmt_jax.image_spec import PIXEL_SIDE, PIXELS, ImagePreprocessing
+from mmt_jax.vision import efficientnet
 from mmt_jax.vision.patches import image_patches
 
 
-@dataclasses.dataclass(frozen=True)
-class Extractor:
-    """load: () -> (network module, params) with the pretrained weights (local files only);
-    stats: the (mean, std) on [0, 255] values that the weights were trained with."""
-    load: Callable[[], tuple]
-    stats: tuple
-
-
 def _lite0():
-    from mmt_jax.vision import efficientnet
     config, params = efficientnet.load_efficientnet_lite0()
     return efficientnet.EfficientNet(config), params
 
 
-EXTRACTORS = {"efficientnet-lite0": Extractor(_lite0, EFFICIENTNET_LITE_STATS)}
-PIXELS = "+pixels"
-PIXEL_SIDE = 8
+# network name -> () -> (module, params) with the pretrained weights (local files only); their
+# normalisation, grid and width are image_spec.EXTRACTOR_NETWORKS'.
+LOADERS = {"efficientnet-lite0": _lite0}
 BATCH_SIZE = 32  # images per call of the compiled network (the last batch is padded)
-
-
-def _network_name(extractor: str) -> str:
-    """"efficientnet-lite0+pixels" -> "efficientnet-lite0"; raises for an unknown network."""
-    network = extractor.removesuffix(PIXELS)
-    if network not in EXTRACTORS:
-        raise ValueError(f"unknown image feature extractor {extractor!r}; expected "
-                         f"<network>[{PIXELS}]-px<size> with network one of {sorted(EXTRACTORS)}, "
-                         "e.g. 'efficientnet-lite0-px128'")
-    return network
-
-
-def preprocessing(spec: str) -> ImagePreprocessing:
-    """"<network>[+pixels]-px<size>" -> the ImagePreprocessing that feeds it and names it."""
-    match = re.fullmatch(r"(.+)-px(\d+)", spec)
-    network = _network_name(match.group(1) if match else spec)
-    if not match:
-        raise ValueError(f"image feature extractor {spec!r} has no size; expected "
-                         f"<network>[{PIXELS}]-px<size>, e.g. 'efficientnet-lite0-px128'")
-    mean, std = EXTRACTORS[network].stats
-    return ImagePreprocessing(size=int(match.group(2)), mean=mean, std=std,
-                              extractor=match.group(1))
-
-
-def spec(options: ImagePreprocessing) -> str:
-    """The inverse of `preprocessing`."""
-    if options.extractor is None:
-        raise ValueError(f"{options} extracts no features")
-    return f"{options.extractor}-px{options.size}"
 
 
 @functools.lru_cache(maxsize=None)
 def _network(name: str):
     """The compiled extractor: normalised pixels `[B, S, S, 3]` -> `[B, Lv, D]`."""
-    module, params = EXTRACTORS[_network_name(name)].load()
+    module, params = LOADERS[image_spec.network_name(name)]()
     params = jax.device_put(params)
 
     def features(images):
@@ -121,20 +84,10 @@ def extract(images: np.ndarray, name: str) -> np.ndarray:
         padded = np.concatenate([chunk, np.zeros((BATCH_SIZE - len(chunk),) + chunk.shape[1:],
                                                  np.float32)])
         out.append(np.asarray(network(padded))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,) + feature_shape_of(name, images.shape[1]),
-                                                    np.float32)
-
-
-def feature_shape(options: ImagePreprocessing) -> tuple[int, int]:
-    """`(Lv, D)` of the features that `options` gives."""
-    return feature_shape_of(options.extractor, options.size)
-
-
-@functools.lru_cache(maxsize=None)
-def feature_shape_of(name: str, size: int) -> tuple[int, int]:
-    network = _network(name)
-    shape = jax.eval_shape(network, jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).shape
-    return tuple(shape[1:])
+    if not out:
+        empty = ImagePreprocessing(size=images.shape[1], extractor=name)
+        return np.zeros((0,) + image_spec.feature_shape(empty), np.float32)
+    return np.concatenate(out)
 
 
 def extract_from_bytes(encoded: list[bytes], options: ImagePreprocessing

@@ -1,0 +1,120 @@
+"""A task decoded by a model and scored with the task's own metrics: the library that the train
+binary's inference evaluation, the eval binary, the Predictor and the main job all call.
+
+`predict_task` runs greedy (or the model's) decoding over one split of one seqio task and returns a
+row per example (the text it saw, the reference, the prediction and its score); `evaluate_task`
+applies the task's metric functions (`mmt_jax/metrics.py`) to those rows. `build_model` makes the
+Model of a checkpoint's `ModelConfig` and `get_task` finds a task or mixture by name, as every entry
+point needs.
+"""
+import dataclasses
+import difflib
+import functools
+from typing import Mapping
+
+import jax
+import numpy as np
+import seqio
+
+from mmt_jax.data import vocabulary as vocab_lib
+from mmt_jax.errors import TrainingError, UnknownTaskError
+from mmt_jax.model import EncoderDecoderModel
+from mmt_jax.models.config import ModelConfig
+
+
+def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
+    """The Model for a config; `kwargs` (label_smoothing, z_loss, decode_fn ...) are gin-bindable."""
+    vocabulary = vocab_lib.vocabulary(model_config.vocabulary)
+    if vocabulary.vocab_size > model_config.t5.vocab_size:
+        raise TrainingError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's "
+                            f"embedding only {model_config.t5.vocab_size} (set t5.vocab_size)")
+    return EncoderDecoderModel(model_config.module(), input_vocabulary=vocabulary,
+                               output_vocabulary=vocabulary, **kwargs)
+
+
+def get_task(name: str):
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        known = sorted(seqio.TaskRegistry.names() | seqio.MixtureRegistry.names())
+        close = difflib.get_close_matches(name, known, n=5)
+        raise UnknownTaskError(f"no task or mixture {name!r}"
+                            + (f"; did you mean {', '.join(close)}?" if close else
+                               f"; {len(known)} are registered (import tasks?)")) from None
+
+
+@dataclasses.dataclass
+class Prediction:
+    id: str
+    inputs: str
+    target: str
+    prediction: str
+    score: float
+
+
+def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                 batch_size: int, max_examples: int | None = None) -> list[Prediction]:
+    """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call."""
+    task = seqio.get_mixture_or_task(task_name)
+    examples = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)
+    if max_examples is not None:
+        examples = examples.take(max_examples)
+    converter = model.FEATURE_CONVERTER_CLS(pack=False)
+    batches = converter(examples, task_feature_lengths).batch(batch_size)
+    predict = _compiled_predict(model)
+    vocabulary = task.output_features["targets"].vocabulary
+    rows = examples.as_numpy_iterator()
+    results = []
+    for batch in batches.as_numpy_iterator():
+        n = len(batch["decoder_target_tokens"])
+        padded = {k: _pad(v, batch_size) for k, v in batch.items()}  # one compiled shape
+        tokens, aux = predict(params, padded)
+        tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
+        for decoded, score in zip(tokens, scores):
+            row = next(rows)  # (not inside zip, which would draw one row too many per batch)
+            results.append(Prediction(
+                id=_text(row, "id"), inputs=_text(row, "inputs"), target=_text(row, "targets"),
+                prediction=vocabulary.decode(until_eos(decoded, vocabulary.eos_id)),
+                score=float(score)))
+    return results
+
+
+def evaluate_task(task_name: str, predictions: list[Prediction]) -> dict[str, float]:
+    """The task's predict and predict-with-aux metric functions over `predictions`."""
+    task = seqio.get_mixture_or_task(task_name)
+    targets = [p.target for p in predictions]
+    texts = [p.prediction for p in predictions]
+    scores = {"scores": np.array([p.score for p in predictions])}
+    results = {}
+    for fn in task.predict_metric_fns:
+        results.update(fn(targets, texts))
+    for fn in task.predict_with_aux_metric_fns:
+        results.update(fn(targets, texts, scores))
+    return results
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_predict(model):
+    """One jitted decoder per model, shared by all of its tasks (same batch shapes, one compile)."""
+    return jax.jit(model.predict_batch_with_aux)
+
+
+def _text(row: dict, feature: str) -> str:
+    value = row.get(f"{feature}_pretokenized", row.get(feature, b""))
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def until_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
+    tokens = tokens.tolist()
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)]) if len(x) < size else x
+
+
+def leaf_tasks(mixture_or_task_name: str) -> list[seqio.Task]:
+    """The tasks of a mixture (or the task itself) that have inference metrics."""
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    return [t for t in tasks if t.predict_metric_fns or t.predict_with_aux_metric_fns]
