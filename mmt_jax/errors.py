@@ -21,7 +21,16 @@ class InputError(ValueError):
     the checkpoint's training); the message names the record and the field."""
 
 
-class CorruptCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """Any checkpoint or weight file that cannot be read as what it claims to be (ours, Hugging
+    Face, t5x, a PyTorch pickle); the message names the file and, where known, the tensor."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint that cannot be mapped onto the model: names the file or tensor at fault."""
+
+
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files are not what was written (truncated, altered, missing) or that
     orbax cannot read back; names the checkpoint directory and the file at fault."""
 

@@ -24,9 +24,8 @@ import os
 import sys
 
 from mmt_jax.data.records import MAX_IMAGE_SIDE, ConversionError, RecordError
-from mmt_jax.errors import (CorruptCheckpointError, GinError, InputError, ModelDirInUseError,
-                            TrainingError, UnknownTaskError)
-from mmt_jax.training.hf_t5 import CheckpointFormatError
+from mmt_jax.errors import (CheckpointError, CheckpointFormatError, GinError, InputError,
+                            ModelDirInUseError, TrainingError, UnknownTaskError)
 
 
 def _convert(args) -> None:
@@ -268,9 +267,8 @@ def run(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(others or unknown)}")
     try:
         args.run(args)
-    except (FileNotFoundError, FileExistsError, CheckpointFormatError, ConversionError, GinError,
-            TrainingError, UnknownTaskError, InputError, RecordError, CorruptCheckpointError,
-            ModelDirInUseError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ConversionError, GinError,
+            TrainingError, UnknownTaskError, InputError, RecordError, ModelDirInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
+from mmt_jax.errors import CheckpointFormatError
 from mmt_jax.models.t5 import T5Config, param_shapes
 
 CONFIG_FILE = "config.json"
@@ -46,10 +47,6 @@ _ACTIVATIONS = {  # feed_forward_proj -> our mlp_activations
     "gated-relu": ("relu", "linear"),
     "gated-silu": ("silu", "linear"),
 }
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint that cannot be mapped onto the model: names the file or tensor at fault."""
 
 
 def _head_fields(hf_config: Mapping) -> tuple[bool, bool]:

@@ -32,7 +32,7 @@ from etils import epath
 from flax import serialization, traverse_util
 
 from mmt_jax.models.t5 import T5Config, param_shapes
-from mmt_jax.training.hf_t5 import CheckpointFormatError
+from mmt_jax.errors import CheckpointFormatError
 
 MSGPACK_FILE = "checkpoint"  # legacy layout
 ORBAX_STATE_DIR = "state"  # orbax layout

@@ -36,6 +36,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from mmt_jax.errors import CheckpointError
+
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 MAX_DIMS = 32  # numpy >= 1 holds at least this many; no real checkpoint comes near it.
@@ -59,9 +61,9 @@ STORAGE_DTYPES = {
 }
 
 
-class TorchPickleError(pickle.UnpicklingError, ValueError):
+class TorchPickleError(CheckpointError, pickle.UnpicklingError):
     """A `.pth` file that is not a readable PyTorch checkpoint; names the file and, where known, the
-    tensor or storage at fault. Also a `ValueError`, like the other checkpoint format errors."""
+    tensor or storage at fault."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path}: {reason}")
