@@ -68,9 +68,11 @@ setuptools.setup(
     python_requires=">=3.11",
     # The top-level gin/ directory is installed as the data package `mmt_jax.gin` (see
     # `mmt_jax.gin_search_path()`), so `include 'models/t5_1_1_small.gin'` resolves after any install.
-    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*", "tasks", "tasks.*"])
-    + ["mmt_jax.gin"],
-    package_dir={"mmt_jax.gin": "gin"},
+    # The top-level tasks/ directory is installed as `mmt_jax.tasks`, never as a bare `tasks` that
+    # could collide with another project's.
+    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*"])
+    + ["mmt_jax.gin", "mmt_jax.tasks"],
+    package_dir={"mmt_jax.gin": "gin", "mmt_jax.tasks": "tasks"},
     package_data={"mmt_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"],
                   # the shipped catalog SentencePiece vocabulary (data/vocabulary.py)
                   "mmt_jax.data": ["*.model"]},

@@ -21,7 +21,7 @@ import jax
 import optax
 import seqio
 
-import tasks
+from mmt_jax import tasks
 from mmt_jax import image_spec
 from mmt_jax.data import feature_converter, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib

@@ -25,8 +25,7 @@ import time
 
 import jax
 
-import tasks
-from mmt_jax import gin_config, task_inference, train
+from mmt_jax import gin_config, task_inference, tasks, train
 from mmt_jax.training import checkpoints
 
 IMAGE_ATTRIBUTES = ("color", "pattern", "sleeve_type")

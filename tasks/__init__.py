@@ -1,6 +1,8 @@
 """SeqIO tasks and mixtures. Importing this package registers them for the embedded catalog:
 
-    import tasks   # registers catalog_pretrain, catalog_color_removed100, catalog_match, ...
+    from mmt_jax import tasks   # registers catalog_pretrain, catalog_color_removed100, ...
+
+(the repository's tasks/ folder, installed as the package `mmt_jax.tasks`).
 
 The embedded catalog (`mmt_jax/data/tfds_catalog.embedded_config()`) lives under `default_data_dir()`
 and is generated there on first use (seconds). Images are prepared at 224 px with ViT statistics.
@@ -20,7 +22,7 @@ For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR
 import os
 
 from mmt_jax.data import tfds_catalog
-from tasks.catalog import DEFAULT_ATTRIBUTES, REMOVAL_SHARES, catalog_task, register_catalog_tasks
+from mmt_jax.tasks.catalog import DEFAULT_ATTRIBUTES, REMOVAL_SHARES, catalog_task, register_catalog_tasks
 
 __all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "catalog_task", "default_data_dir",
            "register_catalog_tasks"]

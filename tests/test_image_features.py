@@ -14,7 +14,7 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-import tasks
+from mmt_jax import tasks
 from mmt_jax import image_spec, main
 from mmt_jax.data import catalog, tfds_catalog
 from mmt_jax.models.mmt4 import FusionConfig, ImageFusion

@@ -77,7 +77,7 @@ def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
     assert len(two_process) == STEPS
 
     # One process, eight devices, the same global batches: process 0's rows, then process 1's.
-    import tasks
+    from mmt_jax import tasks
     from mmt_jax.data.images import ImagePreprocessing
     task = tasks.catalog_task("attributes_removed100", "multihost", data_dir, "embedded-n96-s0-px32",
                               image=ImagePreprocessing(size=16))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks
+from mmt_jax import tasks
 from mmt_jax.errors import UnknownTaskError
 from mmt_jax import image_spec
 from mmt_jax.data import feature_converter, preprocessors, tfds_catalog
@@ -117,7 +117,7 @@ def test_gin_names_a_user_catalog_task_and_registers_it_once(tmp_path):
                      "--num-shards", "1"]) == 0
     config = f"""
 from __gin__ import dynamic_registration
-import tasks
+from mmt_jax import tasks
 import tests.test_tasks as this_test
 this_test.train_stand_in.mixture_or_task_name = @tasks.catalog_task()
 tasks.catalog_task.task = "attributes_removed20"
