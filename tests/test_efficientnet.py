@@ -88,12 +88,15 @@ def test_lite0_matches_torch_reference(lite0, photos):
     np.testing.assert_allclose(np.asarray(logits(params, photos)), ref, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("implementation", ["shifted", "grouped", "auto"])
 @pytest.mark.parametrize("size, kernel, stride, padding", [
     (8, 3, 1, "same"), (8, 3, 2, "same"), (7, 5, 2, "same"), (9, 5, 1, "symmetric"),
     (8, 3, 2, "symmetric")])
-def test_depthwise_as_shifted_slices_equals_the_grouped_convolution(size, kernel, stride, padding):
+def test_every_depthwise_implementation_equals_the_grouped_convolution(size, kernel, stride, padding,
+                                                                      implementation):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 1, 6)), jnp.float32)
-    conv = en.Conv(6, kernel_size=kernel, stride=stride, groups=6, padding=padding)
+    conv = en.Conv(6, kernel_size=kernel, stride=stride, groups=6, padding=padding,
+                   depthwise=implementation)
     params = conv.init(jax.random.PRNGKey(0), x)["params"]
     params = {"kernel": nn.unbox(params["kernel"]), "bias": nn.unbox(params["bias"]) + 0.5}
     pads = [en._pads(size, kernel, stride, padding), en._pads(size + 1, kernel, stride, padding)]
@@ -101,6 +104,35 @@ def test_depthwise_as_shifted_slices_equals_the_grouped_convolution(size, kernel
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=6) + params["bias"]
     np.testing.assert_allclose(conv.apply({"params": params}, x), expected, atol=1e-5, rtol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(conv.apply({"params": p}, x) ** 2))(params)
+    expected_grads = jax.grad(lambda p: jnp.sum((jax.lax.conv_general_dilated(
+        x, p["kernel"], (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=6) + p["bias"]) ** 2))(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5),
+                           grads, expected_grads)
+
+
+@pytest.mark.parametrize("platform, grouped", [("cpu", False), ("cuda", True), ("tpu", True)])
+def test_auto_depthwise_is_chosen_by_the_platform_compiled_for(platform, grouped):
+    """"auto" keeps shifted slices only where the computation is lowered for CPU (exported here for
+    each platform from this CPU host); "shifted"/"grouped" force one whatever the platform."""
+    x, kernel, pads = jnp.ones((2, 8, 8, 6)), jnp.ones((3, 3, 1, 6)), [(0, 1), (0, 1)]
+
+    def lowered(implementation):
+        fn = jax.jit(lambda x, w: en.depthwise_conv(x, w, 2, pads, implementation))
+        text = jax.export.export(fn, platforms=[platform])(x, kernel).mlir_module()
+        return "feature_group_count = 6" in text, "stablehlo.slice" in text
+
+    assert lowered("auto") == (grouped, not grouped)
+    assert lowered("grouped") == (True, False)
+    assert lowered("shifted") == (False, True)
+
+
+def test_unknown_depthwise_implementation_is_refused():
+    with pytest.raises(ValueError, match="depthwise"):
+        en.efficientnet_config("lite0", depthwise="winograd")
+    with pytest.raises(ValueError, match="depthwise"):
+        en.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, [(1, 1)] * 2, "fft")
 
 
 def test_b0_config_builds_and_runs():

@@ -21,8 +21,13 @@ github.com/ml-illustrated/EfficientNet-Lite-PyTorch, a fork of lukemelas/Efficie
 `total = max((ceil(i / s) - 1) * s + k - i, 0)` split `total // 2` before and the rest after -- for a
 stride-2 3x3 conv on an even size that is (0, 1), not the (1, 1) of a symmetric `k // 2` port.
 `padding="symmetric"` gives the latter for weights trained that way (e.g. timm's own ports).
+
+Depthwise convolutions (`depthwise_conv`) run as XLA's grouped convolution on GPU/TPU and as a sum of
+shifted slices on CPU, whose grouped convolution is 5-40x slower; the platform the computation is
+compiled for decides (`config.depthwise="auto"`), and "shifted" or "grouped" forces either.
 """
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -42,6 +47,9 @@ CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 LITE_MEAN, LITE_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)  # TF efficientnet_lite_builder
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # TF efficientnet_builder (B0..B7)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# How a depthwise convolution runs (`depthwise_conv`).
+DEPTHWISE_IMPLEMENTATIONS = ("auto", "shifted", "grouped")
 
 # B0's stages: (repeats, kernel, stride, expand ratio, input filters, output filters).
 BASE_STAGES = (
@@ -81,6 +89,11 @@ class EfficientNetConfig:
     padding: str = "same"  # "same" (TF) or "symmetric" (k // 2 on both sides)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    depthwise: str = "auto"  # how depthwise convolutions run: see `depthwise_conv`
+
+    def __post_init__(self):
+        if self.depthwise not in DEPTHWISE_IMPLEMENTATIONS:
+            raise ValueError(f"unknown depthwise {self.depthwise!r}; known: {DEPTHWISE_IMPLEMENTATIONS}")
 
     def round_filters(self, filters: int, fixed: bool = False) -> int:
         if fixed or not self.width:
@@ -137,7 +150,9 @@ def _pads(size: int, kernel: int, stride: int, mode: str) -> tuple[int, int]:
 
 
 class Conv(nn.Module):
-    """A 2-D convolution with bias (the folded BN), NHWC, kernel `[k, k, in / groups, features]`."""
+    """A 2-D convolution with bias (the folded BN), NHWC, kernel `[k, k, in / groups, features]`.
+
+    A depthwise one (`groups` = in = out channels) runs as `depthwise_conv(..., self.depthwise)`."""
 
     features: int
     kernel_size: int = 1
@@ -146,6 +161,7 @@ class Conv(nn.Module):
     padding: str = "same"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -161,7 +177,7 @@ class Conv(nn.Module):
         pads = [_pads(x.shape[1], k, s, self.padding), _pads(x.shape[2], k, s, self.padding)]
         x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
         if self.groups == in_features == self.features and self.groups > 1:
-            y = _depthwise(x, kernel, s, pads)
+            y = depthwise_conv(x, kernel, s, pads, self.depthwise)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (s, s), pads,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -169,10 +185,36 @@ class Conv(nn.Module):
         return y + jnp.asarray(bias, self.dtype)
 
 
-def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
-    """A depthwise convolution (`[B, H, W, C]`, kernel `[k, k, 1, C]`) as the sum of k*k strided,
-    shifted slices times one kernel tap each: the same arithmetic as `conv_general_dilated` with
-    `feature_group_count=C`, which XLA's CPU backend runs 5-40x slower (bench/README.md)."""
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pads,
+                   implementation: str = "auto") -> jax.Array:
+    """A depthwise convolution: `x [B, H, W, C]`, `kernel [k, k, 1, C]`, `pads` ((top, bottom), (left,
+    right)) -> `[B, H', W', C]`.
+
+    implementation: "grouped" is `lax.conv_general_dilated` with `feature_group_count=C`, the native op on
+      GPU and TPU; "shifted" is the same arithmetic as a sum of k*k strided, shifted slices, because
+      XLA's CPU backend runs the grouped convolution 5-40x slower (bench/depthwise_bench.py); "auto"
+      stages both with `lax.platform_dependent`, so the platform the computation is compiled for
+      (not the default backend) keeps one of them: shifted slices on CPU, grouped elsewhere.
+    """
+    shifted = functools.partial(_depthwise_shifted, stride=stride, pads=pads)
+    grouped = functools.partial(_depthwise_grouped, stride=stride, pads=pads)
+    if implementation == "shifted":
+        return shifted(x, kernel)
+    if implementation == "grouped":
+        return grouped(x, kernel)
+    if implementation == "auto":
+        return jax.lax.platform_dependent(x, kernel, cpu=shifted, default=grouped)
+    raise ValueError(f"unknown depthwise implementation {implementation!r}; "
+                     f"known: {DEPTHWISE_IMPLEMENTATIONS}")
+
+
+def _depthwise_grouped(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+
+
+def _depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
     k = kernel.shape[0]
     x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     out_h, out_w = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
@@ -212,7 +254,8 @@ class MBConvBlock(nn.Module):
         cfg = self.config
         act = jax.nn.relu6 if cfg.lite else jax.nn.swish
         conv = lambda name, features, **kw: Conv(features, padding=cfg.padding, dtype=cfg.dtype,
-                                                  param_dtype=cfg.param_dtype, name=name, **kw)
+                                                  param_dtype=cfg.param_dtype,
+                                                  depthwise=cfg.depthwise, name=name, **kw)
         mid = self.in_filters * self.expand
         h = x
         if self.expand != 1:
@@ -242,7 +285,8 @@ class EfficientNet(nn.Module):
     def setup(self):
         cfg = self.config
         conv = lambda name, features, **kw: Conv(features, padding=cfg.padding, dtype=cfg.dtype,
-                                                  param_dtype=cfg.param_dtype, name=name, **kw)
+                                                  param_dtype=cfg.param_dtype,
+                                                  depthwise=cfg.depthwise, name=name, **kw)
         self.stem = conv("stem", cfg.stem_filters, kernel_size=3, stride=2)
         specs = cfg.blocks()
         self.blocks = [MBConvBlock(cfg, **spec, drop_connect=cfg.drop_connect * i / len(specs),

@@ -3,7 +3,8 @@
 `VisionTransformer(config)(images [B, H, W, 3]) -> [B, 1 + (H/p) * (W/p), hidden]`, CLS first; the same
 computation as Hugging Face's `ViTModel(...).last_hidden_state` (pre-norm blocks with biases, exact GELU,
 `1/sqrt(head_dim)` attention scaling, learned position embeddings, a final LayerNorm), so public ViT
-checkpoints load with `mmt_jax.vision.hf_vit.load_hf_vit`.
+checkpoints load with `mmt_jax.vision.hf_vit.load_hf_vit`. The attention is T5's
+`layers.attention.MultiHeadAttention` with `use_bias=True, scale_logits=True`: one attention core.
 
 Parameter tree (kernels stored 2-D `[in, out]`, logical axes in `params_axes`):
   patch_embedding/{kernel [p*p*3, hidden] (image_features, embed), bias [hidden]}
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import partitioning
 
+from mmt_jax.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from mmt_jax.layers.dense import DenseGeneral, LayerNorm, default_kernel_init
 from mmt_jax.layers.mlp import ACTIVATIONS
 from mmt_jax.vision.patches import image_patches
@@ -38,6 +40,9 @@ class ViTConfig:
 
     dropout_rate: applied to the embeddings, the attention weights and each block's residual branches
       (Hugging Face's `hidden_dropout_prob` and `attention_probs_dropout_prob` in one number).
+    attention_implementation: the kernel of the attention core shared with T5
+      (`layers.attention.dot_product_attention`): "auto" (cuDNN's fused kernel where it fits, else
+      XLA), "xla" or "cudnn".
     Freezing it as a fixed feature extractor is MMT4's `FusionConfig.freeze_representator`.
     """
 
@@ -51,6 +56,7 @@ class ViTConfig:
     activation: str = "gelu_exact"
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -61,6 +67,9 @@ class ViTConfig:
                              f"{self.num_heads}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; known: {sorted(ACTIVATIONS)}")
+        if self.attention_implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention_implementation {self.attention_implementation!r}; "
+                             f"known: {IMPLEMENTATIONS}")
 
     @property
     def grid_size(self) -> int:
@@ -95,37 +104,6 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**dict(VIT_PRESETS[name], **overrides))
 
 
-class ViTAttention(nn.Module):
-    """Bidirectional self-attention with biases and `1/sqrt(head_dim)` scaling: `[B, L, E] -> [B, L, E]`.
-
-    (`layers.attention.MultiHeadAttention` is T5's: no biases, no scaling, so it does not fit.)
-    """
-
-    num_heads: int
-    head_dim: int
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, enable_dropout=False):
-        def projection(name):
-            return DenseGeneral((self.num_heads, self.head_dim), kernel_axes=("embed", "joined_kv"),
-                                use_bias=True, dtype=self.dtype, name=name)
-
-        kv_axes = ("batch", "length", "heads", "kv")
-        query = partitioning.with_sharding_constraint(projection("query")(x), kv_axes)
-        key = partitioning.with_sharding_constraint(projection("key")(x), kv_axes)
-        value = partitioning.with_sharding_constraint(projection("value")(x), kv_axes)
-        query = query / jnp.sqrt(self.head_dim).astype(query.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not enable_dropout)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        out = partitioning.with_sharding_constraint(out, kv_axes)
-        return DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("joined_kv", "embed"),
-                            use_bias=True, dtype=self.dtype, name="out")(out)
-
-
 class ViTMlp(nn.Module):
     """`wo(act(wi x + b) ) + b`: `[B, L, E] -> [B, L, E]` through `[B, L, mlp_dim]`."""
 
@@ -153,8 +131,10 @@ class ViTBlock(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
         h = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="pre_attention_norm")(x)
-        h = ViTAttention(cfg.num_heads, cfg.head_dim, cfg.dropout_rate, cfg.dtype, name="attention")(
-            h, enable_dropout=enable_dropout)
+        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dropout_rate=cfg.dropout_rate,
+                               dtype=cfg.dtype, use_bias=True, scale_logits=True,
+                               implementation=cfg.attention_implementation, name="attention")(
+            h, h, enable_dropout=enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
         h = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="pre_mlp_norm")(x)
         h = ViTMlp(cfg.mlp_dim, cfg.activation, cfg.dtype, name="mlp")(h)
