@@ -52,7 +52,7 @@ class EncoderDecoderModel:
         # A module with an image branch (MMT4) reads images, or stored image features: its batches
         # come from the multimodal converters. t5x reads this instance attribute as it reads its own
         # models' (models.py:386).
-        fusion = getattr(module, "fusion", None)
+        fusion = getattr(module, "encoder_input", None)
         if feature_converter_cls is None and fusion is not None:
             from mmt_jax.data import feature_converter
             feature_converter_cls = (

@@ -32,7 +32,9 @@ class ModelConfig:
     image: ImagePreprocessing | None = None
 
     def module(self) -> EncoderDecoder:
-        return EncoderDecoder(self.t5, self.fusion)
+        """The Flax module: the T5 stack with the fusion's encoder-input part (MMT4's
+        `FusedImageTextInput`, a FusionConfig being its factory) or, without one, text alone."""
+        return EncoderDecoder(self.t5, encoder_input=self.fusion)
 
     def to_json_dict(self) -> dict:
         image = None if self.image is None else {

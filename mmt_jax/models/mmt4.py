@@ -1,7 +1,10 @@
-"""MMT4's image branch (Fig. 3, Eq. 1-2): representator -> Linear -> LayerNorm, plus segment embeddings.
+"""MMT4's encoder input (Fig. 3, Eq. 1-3): images through a representator -> Linear -> LayerNorm,
+segment embeddings, and the per-segment relative position layout, as an encoder-input part of the T5
+stack (`models/encoder_inputs.py`).
 
-`EncoderDecoder(config, fusion=FusionConfig(...))` in `models/t5.py` is MMT4; with `fusion=None` it is
-the text-only T5 of the paper's comparison, the same code with no image segment.
+`EncoderDecoder(config, FusionConfig(...))` in `models/t5.py` is MMT4 (a `FusionConfig` is the factory
+of its part, `FusedImageTextInput`); `EncoderDecoder(config)` is the text-only T5 of the paper's
+comparison, the same stack with no image segment. Everything image-related lives here.
 
 Encoder sequence: `[image vectors (token type 0) ; text tokens (token type 1)]`, i.e.
   X_v = LayerNorm(W_proj f_v(V)) + SE(0),   X_t = WE(T) + SE(1)          (Eq. 1, 2)
@@ -16,7 +19,8 @@ from flax import linen as nn
 from flax.linen import partitioning
 
 from mmt_jax.layers.dense import DenseGeneral, Embed, LayerNorm
-from mmt_jax.layers.relative_position import CROSS_SEGMENT_OPTIONS
+from mmt_jax.layers.relative_position import CROSS_SEGMENT_OPTIONS, segment_positions
+from mmt_jax.models.encoder_inputs import EncoderInputs, SegmentLayout
 from mmt_jax.vision.efficientnet import EfficientNet, EfficientNetConfig
 from mmt_jax.vision.patches import image_patches
 from mmt_jax.vision.vit import ViTConfig, VisionTransformer
@@ -69,10 +73,29 @@ class FusionConfig:
             raise ValueError(f"representator={self.representator!r} needs network= a "
                              f"{expected.__name__}, got {type(self.network).__name__}")
 
+    @property
+    def bias_layout(self) -> SegmentLayout:
+        """Eq. 3: two segments, per-segment positions, `cross_segment` between them; image pairs on
+        the grid with `image_positions='grid'`."""
+        return SegmentLayout(num_segments=2, cross_segment=self.cross_segment,
+                             grid_segment=IMAGE_TYPE if self.image_positions == "grid" else None)
 
-class ImageFusion(nn.Module):
-    """Image inputs -> `(vectors [B, Lv, E] with SE(0) added, key mask [B, Lv])`; also embeds the
-    text side's segment (`text_segment`)."""
+    def __call__(self, config) -> "FusedImageTextInput":
+        """The encoder-input part factory (`models/encoder_inputs.py`): MMT4's part for a T5 stack of
+        `config` (a `T5Config`), its parameters under `image_fusion` as in every MMT4 checkpoint."""
+        return FusedImageTextInput(self, config.emb_dim, config.dtype, name="image_fusion")
+
+
+class FusedImageTextInput(nn.Module):
+    """MMT4's encoder-input part: `(token_embedder, encoder_input_tokens [B, Lt], encoder_images
+    [B, H, W, 3] | encoder_image_features [B, Lv, Dp], encoder_image_mask [B] | [B, Lv])` ->
+    `EncoderInputs` of `[image vectors ; text]`, `L = Lv + Lt`, with token types `[1, L]` (0 image,
+    1 text), per-segment positions `[1, L]` (`0..Lv-1, 0..Lt-1`) and, with `image_positions='grid'`,
+    the image vectors' (row, column) `[1, L, 2]`. Without image input: the text segment alone.
+
+    Parameters (under `image_fusion`): `projection` (W_proj), `projection_norm`, `segment_embedder`
+    (SE, `[2, embed]`), and `representator` for the ViT/CNN representators.
+    """
 
     fusion: FusionConfig
     emb_dim: int
@@ -88,6 +111,38 @@ class ImageFusion(nn.Module):
         network = {"vit": VisionTransformer, "efficientnet": EfficientNet}.get(self.fusion.representator)
         if network is not None:
             self.representator = network(self.fusion.network)
+
+    @property
+    def bias_layout(self) -> SegmentLayout:
+        return self.fusion.bias_layout
+
+    def __call__(self, token_embedder: nn.Module, encoder_input_tokens: jax.Array, *,
+                 encoder_images=None, encoder_image_features=None, encoder_image_mask=None,
+                 enable_dropout: bool = False) -> EncoderInputs:
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        text, text_mask = self.text_segment(token_embedder(tokens)), tokens > 0
+        text_types = jnp.full((1, tokens.shape[1]), TEXT_TYPE, jnp.int32)
+        grid_layout = self.bias_layout.grid_segment is not None
+        text_grid = jnp.zeros((1, tokens.shape[1], 2), jnp.int32) if grid_layout else None
+        if encoder_images is None and encoder_image_features is None:  # the text segment alone
+            return EncoderInputs(text, text_mask, text_types, self._positions(text_types), text_grid)
+        image, image_mask = self.image_vectors(encoder_images, encoder_image_features,
+                                               encoder_image_mask, enable_dropout=enable_dropout)
+        types = jnp.concatenate([jnp.full((1, image.shape[1]), IMAGE_TYPE, jnp.int32), text_types],
+                                axis=1)
+        grid = None
+        if grid_layout:  # text rows are never read: zeros
+            grid = jnp.concatenate([self.grid_positions(encoder_images, image.shape[1]), text_grid],
+                                   axis=1)
+        return EncoderInputs(jnp.concatenate([image.astype(text.dtype), text], axis=1),
+                             jnp.concatenate([image_mask, text_mask], axis=1),
+                             types, self._positions(types), grid)
+
+    def _positions(self, types):
+        """Per-segment positions (Eq. 3), or one sequence over the concatenation ('global')."""
+        if self.bias_layout.cross_segment == "global":
+            return None
+        return segment_positions(types)
 
     def representation(self, encoder_images=None, encoder_image_features=None, *,
                        enable_dropout=False):
@@ -113,8 +168,9 @@ class ImageFusion(nn.Module):
             return jax.lax.stop_gradient(self.representator(images, enable_dropout=False))
         return self.representator(images, enable_dropout=enable_dropout)
 
-    def __call__(self, encoder_images=None, encoder_image_features=None, encoder_image_mask=None, *,
-                 enable_dropout=False):
+    def image_vectors(self, encoder_images=None, encoder_image_features=None,
+                      encoder_image_mask=None, *, enable_dropout=False):
+        """Image inputs -> `(vectors [B, Lv, E] with SE(0) added (Eq. 1, 2), key mask [B, Lv])`."""
         features = self.representation(encoder_images, encoder_image_features,
                                         enable_dropout=enable_dropout)
         x = self.projection_norm(self.projection(features))  # Eq. 1
@@ -146,3 +202,6 @@ class ImageFusion(nn.Module):
     def text_segment(self, embedded_text: jax.Array) -> jax.Array:
         """`WE(T) + SE(1)` (Eq. 2)."""
         return embedded_text + self.segment_embedder(jnp.full(embedded_text.shape[:2], TEXT_TYPE))
+
+
+ImageFusion = FusedImageTextInput  # its name before it became the encoder-input part

@@ -31,8 +31,9 @@ from mmt_jax.layers.attention import (MultiHeadAttention, combine_masks, make_at
 from mmt_jax.layers.dense import DenseGeneral, Embed, RMSNorm
 from mmt_jax.layers.mlp import MlpBlock
 from mmt_jax.layers.moe import MoeBlock, MoeConfig
-from mmt_jax.layers.relative_position import RelativePositionBias, segment_positions
-from mmt_jax.models.mmt4 import IMAGE_TYPE, TEXT_TYPE, FusionConfig, ImageFusion
+from mmt_jax.layers.relative_position import RelativePositionBias
+from mmt_jax.models.encoder_inputs import (EncoderInputFactory, EncoderInputs, SegmentLayout,
+                                           text_encoder_input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,41 +222,39 @@ class DecoderLayer(nn.Module):
         return _constrain(y + _dropout(cfg, h, enable_dropout))
 
 
-def _relpos_bias(config, bidirectional, num_segments=1, cross_segment="bucket", grid_segment=None):
+def _relpos_bias(config, bidirectional, layout=SegmentLayout()):
     return RelativePositionBias(
         config.num_heads, bidirectional, config.relative_attention_num_buckets,
-        config.relative_attention_max_distance, num_segments=num_segments,
-        cross_segment=cross_segment, grid_segment=grid_segment, dtype=config.dtype,
+        config.relative_attention_max_distance, num_segments=layout.num_segments,
+        cross_segment=layout.cross_segment, grid_segment=layout.grid_segment, dtype=config.dtype,
         name="relpos_bias")
 
 
 class Encoder(nn.Module):
-    """Embedded inputs `[B, L, E]` -> encodings `[B, L, E]`.
+    """An encoder-input part's `EncoderInputs` (`models/encoder_inputs.py`) -> encodings `[B, L, E]`.
 
-    `mask [B, L]` marks real positions (padding and absent images are False). `token_type_ids [B, L]`
-    (MMT4: 0 image, 1 text) make the relative position bias per segment; without them the sequence is
-    one segment, as in T5. `packing_segment_ids [B, L]` separate examples packed into one row.
+    The part gives the embedded sequence, its mask, and each position's segment (`token_types`),
+    position and grid cell; `layout` (the part's `bias_layout`) says how the one relative position
+    bias shared by all layers treats the segments. Without segments the sequence is one, as in T5.
+    `packing_segment_ids [B, L]` separate examples packed into one row.
     """
 
     config: T5Config
-    num_segments: int = 1
-    cross_segment: str = "bucket"
-    grid_segment: int | None = None
+    layout: SegmentLayout = SegmentLayout()
 
     @nn.compact
-    def __call__(self, embedded, mask, token_type_ids=None, packing_segment_ids=None,
-                 grid_positions=None, *, enable_dropout=False):
+    def __call__(self, inputs: EncoderInputs, packing_segment_ids=None, *, enable_dropout=False):
         cfg = self.config
+        embedded, mask = inputs.embedded, inputs.mask
         attention_mask = make_attention_mask(mask, mask)
         if packing_segment_ids is not None:
             attention_mask = combine_masks(
                 attention_mask, make_segment_mask(packing_segment_ids, packing_segment_ids))
-        if token_type_ids is None or self.cross_segment == "global":
+        positions = inputs.positions
+        if positions is None:
             positions = jnp.arange(embedded.shape[1])[None]
-        else:
-            positions = segment_positions(token_type_ids)
-        bias = _relpos_bias(cfg, True, self.num_segments, self.cross_segment, self.grid_segment)(
-            positions, positions, token_type_ids, token_type_ids, grid_positions, grid_positions)
+        bias = _relpos_bias(cfg, True, self.layout)(
+            positions, positions, inputs.token_types, inputs.token_types, inputs.grid, inputs.grid)
         x = _constrain(_dropout(cfg, embedded.astype(cfg.dtype), enable_dropout))
         placed = moe_layers(cfg.encoder_moe_layers, cfg.num_encoder_layers)
         for i in range(cfg.num_encoder_layers):
@@ -300,79 +299,52 @@ class Decoder(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    """T5 (`fusion=None`) or MMT4 (`fusion=FusionConfig(...)`), with t5x's module interface
-    (`__call__`, `encode`, `decode`).
+    """A T5 encoder-decoder whose encoder input is a part, with t5x's module interface (`__call__`,
+    `encode`, `decode`).
+
+    encoder_input: the factory of the encoder-input part (`models/encoder_inputs.py`), called with
+      `config`; None: `TextEncoderInput`, plain T5. Other fronts come in through their own part (MMT4:
+      `EncoderDecoder(config, FusionConfig(...))`, a FusionConfig being its part's factory); the
+      stack passes them the batch's other encoder-side features by keyword and reads back the
+      embedded sequence, its mask and the segments its relative position bias needs.
 
     Masks: padding is token id 0; packed batches pass segment ids (block-diagonal masks); the decoder
-    is causal. MMT4's encoder sequence is `[image vectors ; text tokens]`; `encode_with_mask` also
-    gives its key mask for the decoder's cross-attention.
+    is causal. `encode_with_mask` also gives the encoder sequence's key mask for the decoder's
+    cross-attention (it can be longer than the tokens).
     """
 
     config: T5Config
-    fusion: FusionConfig | None = None
+    encoder_input: EncoderInputFactory | None = None
 
     def setup(self):
         cfg = self.config
         self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype, name="token_embedder")
-        if self.fusion is None:
-            self.encoder = Encoder(cfg)
-        else:
-            self.image_fusion = ImageFusion(self.fusion, cfg.emb_dim, cfg.dtype)
-            grid = IMAGE_TYPE if self.fusion.image_positions == "grid" else None
-            self.encoder = Encoder(cfg, num_segments=2, cross_segment=self.fusion.cross_segment,
-                                   grid_segment=grid)
+        # A part names itself when its parameters have a fixed place in the tree; else `input_part`.
+        self.input_part = (self.encoder_input or text_encoder_input)(cfg)
+        self.encoder = Encoder(cfg, self.input_part.bias_layout)
         self.decoder = Decoder(cfg, self.token_embedder)
 
-    def _fused_inputs(self, encoder_input_tokens, encoder_images, encoder_image_features,
-                      encoder_image_mask, enable_dropout=False):
-        """`(embedded [B, Le, E], mask [B, Le], token types [B, Le] or None, grid [1, Le, 2] or None)`."""
-        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
-        text, text_mask = self.token_embedder(tokens), tokens > 0
-        has_image = encoder_images is not None or encoder_image_features is not None
-        if self.fusion is None:
-            if has_image:
-                raise ValueError("this model is text-only (fusion=None) but the batch has images")
-            return text, text_mask, None, None
-        text = self.image_fusion.text_segment(text)
-        types = jnp.full(tokens.shape, TEXT_TYPE, jnp.int32)
-        if not has_image:  # text-only input to MMT4: the text segment alone
-            return text, text_mask, types, None
-        image, image_mask = self.image_fusion(encoder_images, encoder_image_features,
-                                              encoder_image_mask, enable_dropout=enable_dropout)
-        image_types = jnp.full(image.shape[:2], IMAGE_TYPE, jnp.int32)
-        grid = None
-        if self.fusion.image_positions == "grid":  # text rows are never read: zeros
-            grid = jnp.concatenate([self.image_fusion.grid_positions(encoder_images, image.shape[1]),
-                                    jnp.zeros((1, tokens.shape[1], 2), jnp.int32)], axis=1)
-        return (jnp.concatenate([image.astype(text.dtype), text], axis=1),
-                jnp.concatenate([image_mask, text_mask], axis=1),
-                jnp.concatenate([image_types, types], axis=1), grid)
+    def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
+        inputs = self.input_part(self.token_embedder, encoder_input_tokens,
+                                 enable_dropout=enable_dropout, **features)
+        length = jnp.shape(encoder_input_tokens)[1]
+        if encoder_segment_ids is not None and inputs.embedded.shape[1] != length:
+            raise ValueError(
+                f"packed batches (encoder_segment_ids) need one encoder position per token; this "
+                f"batch's encoder input has {inputs.embedded.shape[1]} positions for {length} tokens")
+        encoded = self.encoder(inputs, encoder_segment_ids, enable_dropout=enable_dropout)
+        return encoded, inputs.mask
 
-    def _encode(self, encoder_input_tokens, encoder_segment_ids, encoder_images,
-                encoder_image_features, encoder_image_mask, enable_dropout):
-        if encoder_segment_ids is not None and (encoder_images is not None
-                                                or encoder_image_features is not None):
-            raise ValueError("packed batches (encoder_segment_ids) cannot carry images")
-        embedded, mask, types, grid = self._fused_inputs(
-            encoder_input_tokens, encoder_images, encoder_image_features, encoder_image_mask,
-            enable_dropout)
-        encoded = self.encoder(embedded, mask, types, encoder_segment_ids, grid,
-                               enable_dropout=enable_dropout)
-        return encoded, mask
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False,
+               **features):
+        """`[B, Lt]` tokens, and the part's other features by their batch keys -> `[B, Le, E]`
+        (`Le = Lt` for text; MMT4: `Lv + Lt`)."""
+        return self._encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, features)[0]
 
-    def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_images=None,
-               encoder_image_features=None, encoder_image_mask=None, *, enable_dropout=False):
-        """`[B, Lt]` tokens (and images `[B, H, W, 3]` or features `[B, Lv, Dp]`) -> `[B, Le, E]`,
-        `Le = Lv + Lt`."""
-        return self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
-                            encoder_image_features, encoder_image_mask, enable_dropout)[0]
-
-    def encode_with_mask(self, encoder_input_tokens, encoder_segment_ids=None, encoder_images=None,
-                         encoder_image_features=None, encoder_image_mask=None, *,
-                         enable_dropout=False):
+    def encode_with_mask(self, encoder_input_tokens, encoder_segment_ids=None, *,
+                         enable_dropout=False, **features):
         """`(encoded [B, Le, E], key mask [B, Le])`: what the decoder's cross-attention needs."""
-        return self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
-                            encoder_image_features, encoder_image_mask, enable_dropout)
+        return self._encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, features)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
@@ -402,12 +374,12 @@ class EncoderDecoder(nn.Module):
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, encoder_images=None, encoder_image_features=None,
-                 encoder_image_mask=None, *, enable_dropout=False, decode=False,
-                 max_decode_length=None):
+                 decoder_positions=None, *, enable_dropout=False, decode=False,
+                 max_decode_length=None, **features):
+        """Teacher-forced logits `[B, Ld, vocab]`; `features`: the encoder-input part's (`encode`)."""
         del encoder_positions
-        encoded, mask = self._encode(encoder_input_tokens, encoder_segment_ids, encoder_images,
-                                     encoder_image_features, encoder_image_mask, enable_dropout)
+        encoded, mask = self._encode(encoder_input_tokens, encoder_segment_ids, enable_dropout,
+                                     features)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, decoder_positions,
                            encoder_mask=mask, enable_dropout=enable_dropout, decode=decode,
