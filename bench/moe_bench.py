@@ -24,7 +24,7 @@ import optax
 
 from mmt_jax.layers.mlp import MlpBlock
 from mmt_jax.layers.moe import MoeBlock, MoeConfig
-from mmt_jax.model import EncoderDecoderModel
+from mmt_jax.model import model_for
 from mmt_jax.models.t5 import EncoderDecoder, t5_config
 from mmt_jax.training.train_state import TrainState, train_step
 
@@ -68,7 +68,7 @@ def model_contenders(args):
                                 decoder_moe_layers="odd"))):
         config = t5_config("small", vocab_size=1024, num_encoder_layers=4, num_decoder_layers=4,
                            **overrides)
-        model = EncoderDecoderModel(EncoderDecoder(config))
+        model = model_for(EncoderDecoder(config))
         params = model.get_initial_variables(jax.random.key(0), shapes)["params"]
         state = TrainState.create(params, optax.adamw(1e-4))
         step = jax.jit(functools.partial(train_step, model), donate_argnums=0)

@@ -1,11 +1,19 @@
-"""The Model: loss, initial variables, decoding and scoring around a Flax module (t5x's model protocol).
+"""The Models: loss, initial variables, decoding and scoring around a Flax module (t5x's model protocol).
 
-`EncoderDecoderModel` exposes exactly what t5x's train/eval/infer binaries call (shared/t5x_contract.md):
+One Model per family, chosen from the module's config by `model_class` / `model_for`:
+
+  EncoderDecoderModel            dense T5 and MMT4: cross entropy + z-loss, `dropout` rng stream
+  `- MoeEncoderDecoderModel      sparse MoE layers: + the `router_noise` rng stream, the MoE layers'
+                                 sown losses (weighted by the module's `MoeConfig`) and `moe/*` metrics
+
+Both expose exactly what t5x's train/eval/infer binaries call (shared/t5x_contract.md):
 `FEATURE_CONVERTER_CLS`, `get_initial_variables`, `loss_fn`, `eval_fn`, `predict_batch`,
 `predict_batch_with_aux`, `score_batch`, `input_vocabulary`, `output_vocabulary`, `optimizer_def`,
-`module`. It never imports t5x. Subclasses change what the encoder sees by overriding `encode`.
+`module`. They never import t5x; the t5x adapter (mmt_jax/t5x/models.py) wraps the same classes and
+delegates its loss to them, and both take the loss defaults from `losses.DEFAULT_LOSS`, so our trainer
+and t5x's give one loss for one batch. Subclasses change what the encoder sees by overriding `encode`.
 """
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import clu.metrics
 import jax
@@ -14,13 +22,30 @@ import seqio
 from flax import traverse_util
 
 from mmt_jax import decoding
-from mmt_jax.losses import cross_entropy_with_logits
+from mmt_jax.data import feature_converter
+from mmt_jax.losses import (DEFAULT_LOSS, NUM_REAL_TARGET_TOKENS, LossConfig,  # noqa: F401
+                            cross_entropy_with_logits)
 
 Batch = Mapping[str, jax.Array]
-NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 FLOAT_FEATURES = {"encoder_images": jnp.float32, "encoder_image_features": jnp.float32}
 ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_images",
                     "encoder_image_features", "encoder_image_mask")
+# What every MoE layer sows into `intermediates` (DESIGN.md; t5x contrib/moe reads the same names).
+MOE_STATISTICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage",
+                  "router_confidence")
+
+
+def model_class(module) -> type["EncoderDecoderModel"]:
+    """The Model class of a module, from its config: `MoeEncoderDecoderModel` when
+    `module.config.has_moe` (some layer is a sparse MoE block), else `EncoderDecoderModel`. A
+    module without a `config` (a third-party one) is dense."""
+    config = getattr(module, "config", None)
+    return MoeEncoderDecoderModel if getattr(config, "has_moe", False) else EncoderDecoderModel
+
+
+def model_for(module, *args, **kwargs) -> "EncoderDecoderModel":
+    """`model_class(module)(module, *args, **kwargs)`: the one way to build the Model of a module."""
+    return model_class(module)(module, *args, **kwargs)
 
 
 class EncoderDecoderModel:
@@ -36,25 +61,24 @@ class EncoderDecoderModel:
       decode_fn: `decoding.greedy`, `decoding.beam_search` or `decoding.temperature_sample` (other
         keywords bound with functools.partial or gin); `num_decodes` of `predict_batch_with_aux` is
         the beam size or the number of samples.
-      label_smoothing, z_loss: see `losses.cross_entropy_with_logits`.
-      loss_normalizing_factor: divide the summed token loss by this constant, or by the number of
-        real target tokens when `"NUM_REAL_TARGET_TOKENS"` (the default), or not at all when None.
+      label_smoothing, z_loss, loss_normalizing_factor: `losses.LossConfig`; the defaults are
+        `losses.DEFAULT_LOSS`'s (no smoothing, z-loss 1e-4, mean over the real target tokens).
     """
 
     FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
 
     def __init__(self, module, input_vocabulary=None, output_vocabulary=None, optimizer_def=None,
-                 feature_converter_cls=None,
-                 decode_fn: Callable = decoding.greedy, label_smoothing: float = 0.0,
-                 z_loss: float = 1e-4, loss_normalizing_factor: Any = NUM_REAL_TARGET_TOKENS,
+                 feature_converter_cls=None, decode_fn: Callable = decoding.greedy,
+                 label_smoothing: float = DEFAULT_LOSS.label_smoothing,
+                 z_loss: float = DEFAULT_LOSS.z_loss,
+                 loss_normalizing_factor: float | str | None = DEFAULT_LOSS.loss_normalizing_factor,
                  eos_id: int = 1):
         self.module = module
         # A module with an image branch (MMT4) reads images, or stored image features: its batches
         # come from the multimodal converters. t5x reads this instance attribute as it reads its own
         # models' (models.py:386).
-        fusion = getattr(module, "encoder_input", None)
+        fusion = getattr(module, "encoder_input", None)  # MMT4: its FusionConfig (None: text)
         if feature_converter_cls is None and fusion is not None:
-            from mmt_jax.data import feature_converter
             feature_converter_cls = (
                 feature_converter.MultimodalFeaturesEncDecFeatureConverter
                 if fusion.representator == "precomputed"
@@ -65,10 +89,20 @@ class EncoderDecoderModel:
         self._output_vocabulary = output_vocabulary
         self.optimizer_def = optimizer_def
         self._decode_fn = decode_fn
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.loss_normalizing_factor = loss_normalizing_factor
+        self.loss_config = LossConfig(label_smoothing, z_loss, loss_normalizing_factor)
         self.eos_id = eos_id
+
+    @property
+    def label_smoothing(self) -> float:
+        return self.loss_config.label_smoothing
+
+    @property
+    def z_loss(self) -> float:
+        return self.loss_config.z_loss
+
+    @property
+    def loss_normalizing_factor(self) -> float | str | None:
+        return self.loss_config.loss_normalizing_factor
 
     @property
     def input_vocabulary(self):
@@ -88,72 +122,52 @@ class EncoderDecoderModel:
         return self.module.init(rng, **inputs, enable_dropout=False)
 
     # ---- forward -----------------------------------------------------------------------------
+    def rngs(self, dropout_rng) -> dict | None:
+        """The module's rng streams for one step: `dropout` (None outside training)."""
+        return None if dropout_rng is None else {"dropout": dropout_rng}
+
+    def _apply(self, params, batch: Batch, dropout_rng=None, mutable=False, other_variables=None):
+        """The teacher-forced forward pass (`module.apply(...)`'s result); dropout and every other
+        training-only randomness (`rngs`) is on iff `dropout_rng` is given."""
+        inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
+        return self.module.apply({"params": params, **(other_variables or {})}, **inputs,
+                                 enable_dropout=dropout_rng is not None, rngs=self.rngs(dropout_rng),
+                                 mutable=mutable)
+
     def _compute_logits(self, params, batch: Batch, dropout_rng=None):
         """Teacher-forced logits `[B, Ld, vocab]` (float32)."""
-        return self._forward(params, batch, dropout_rng)[0]
+        return self._apply(params, batch, dropout_rng)
 
-    def _forward(self, params, batch: Batch, dropout_rng=None):
-        """`(logits, moe_statistics)`: the MoE layers' sown statistics, each averaged over the MoE
-        layers ({} for a dense model). In training the router noise has its own rng stream, derived
-        from the dropout rng (so it is folded with the step like dropout)."""
-        rngs = None
-        if dropout_rng is not None:
-            rngs = {"dropout": dropout_rng, "router_noise": jax.random.fold_in(dropout_rng, 1)}
-        inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
-        config = getattr(self.module, "config", None)
-        if not getattr(config, "has_moe", False):
-            return self.module.apply({"params": params}, **inputs, enable_dropout=rngs is not None,
-                                     rngs=rngs), {}
-        logits, state = self.module.apply({"params": params}, **inputs,
-                                          enable_dropout=rngs is not None, rngs=rngs,
-                                          mutable=["intermediates"])
-        sown = traverse_util.flatten_dict(state["intermediates"])
-        names = sorted({path[-1] for path in sown})
-        return logits, {name: jnp.mean(jnp.stack([jnp.mean(jnp.asarray(v[0])) for path, v in
-                                                  sown.items() if path[-1] == name]))
-                        for name in names}
-
+    # ---- loss --------------------------------------------------------------------------------
     def loss_fn(self, params, batch: Batch, dropout_rng):
-        """`(scalar loss, {name: clu Metric})`; dropout is on iff `dropout_rng` is given.
+        """`(scalar loss, {name: clu Metric})`; dropout is on iff `dropout_rng` is given."""
+        expected = model_class(self.module)
+        if not isinstance(self, expected):
+            raise TypeError(f"{type(self).__name__} does not compute the loss of this module; its "
+                            f"Model is {expected.__name__}: build it with model.model_for(module)")
+        return self.loss_from_logits(self._compute_logits(params, batch, dropout_rng), batch)
 
-        With MoE layers the loss adds `aux_loss_weight * L_aux + z_loss_weight * L_z` (MoEMoE's
-        `CE + lambda L_aux`, the losses averaged over MoE layers) and the metrics `moe/<statistic>`.
-        """
-        logits, moe_statistics = self._forward(params, batch, dropout_rng)
-        loss, metrics = self._loss_and_metrics(logits, batch)
-        if moe_statistics:
-            moe = self.module.config.moe
-            loss = (loss + moe.aux_loss_weight * moe_statistics["auxiliary_loss"]
-                    + moe.z_loss_weight * moe_statistics["router_z_loss"])
-            metrics = {**metrics, "loss": clu.metrics.Average.from_model_output(loss),
-                       **{f"moe/{name}": clu.metrics.Average.from_model_output(value)
-                          for name, value in moe_statistics.items()}}
-        return loss, metrics
-
-    def _loss_and_metrics(self, logits, batch: Batch):
+    def loss_from_logits(self, logits, batch: Batch):
+        """The cross-entropy loss (with z-loss and smoothing, normalised per `self.loss_config`) of
+        teacher-forced `logits` and the metrics `loss`, `cross_ent_loss`, `z_loss`, `accuracy`,
+        `num_tokens` (the last four per real target token)."""
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         weights = (targets > 0) if weights is None else weights
         weights = jnp.asarray(weights, jnp.float32)
         token_loss, token_z_loss = cross_entropy_with_logits(
-            logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+            logits, targets, weights, label_smoothing=self.loss_config.label_smoothing,
+            z_loss=self.loss_config.z_loss)
         num_tokens = jnp.sum(weights)
-        if self.loss_normalizing_factor == NUM_REAL_TARGET_TOKENS:
-            normalizer = jnp.maximum(num_tokens, 1.0)
-        elif self.loss_normalizing_factor is None:
-            normalizer = 1.0
-        else:
-            normalizer = float(self.loss_normalizing_factor)
-        loss = jnp.sum(token_loss) / normalizer
+        loss = jnp.sum(token_loss) / self.loss_config.normalizer(num_tokens)
         correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
+        per_token = jnp.maximum(num_tokens, 1.0)
         metrics = {
             "loss": clu.metrics.Average.from_model_output(loss),
             "cross_ent_loss": clu.metrics.Average.from_model_output(
-                jnp.sum(token_loss - token_z_loss) / jnp.maximum(num_tokens, 1.0)),
-            "z_loss": clu.metrics.Average.from_model_output(
-                jnp.sum(token_z_loss) / jnp.maximum(num_tokens, 1.0)),
-            "accuracy": clu.metrics.Average.from_model_output(
-                jnp.sum(correct) / jnp.maximum(num_tokens, 1.0)),
+                jnp.sum(token_loss - token_z_loss) / per_token),
+            "z_loss": clu.metrics.Average.from_model_output(jnp.sum(token_z_loss) / per_token),
+            "accuracy": clu.metrics.Average.from_model_output(jnp.sum(correct) / per_token),
             "num_tokens": clu.metrics.Average.from_model_output(num_tokens),
         }
         return loss, metrics
@@ -220,3 +234,58 @@ class EncoderDecoderModel:
 
     def predict_batch(self, params, batch: Batch, rng=None):
         return self.predict_batch_with_aux(params, batch, rng=rng)[0]
+
+
+class MoeEncoderDecoderModel(EncoderDecoderModel):
+    """An encoder-decoder with sparse MoE layers (`module.config.moe`, MoEMoE sec. 4.4).
+
+    Adds to the dense Model:
+      - the `router_noise` rng stream (the routers' training noise), derived from the dropout rng
+        as `fold_in(dropout_rng, 1)`, so it is folded with the step and microbatch like dropout;
+      - the MoE layers' sown losses, each averaged over the MoE layers, weighted by the module's
+        `MoeConfig`: `loss = CE + aux_loss_weight * auxiliary_loss + z_loss_weight * router_z_loss`
+        (MoEMoE's `CE + lambda L_aux`);
+      - the metrics `moe/<statistic>` for every statistic in `MOE_STATISTICS`, and `loss` the total.
+    """
+
+    ROUTER_NOISE_FOLD = 1
+
+    def rngs(self, dropout_rng) -> dict | None:
+        rngs = super().rngs(dropout_rng)
+        if rngs is not None:
+            rngs["router_noise"] = jax.random.fold_in(dropout_rng, self.ROUTER_NOISE_FOLD)
+        return rngs
+
+    @property
+    def moe_config(self):
+        return self.module.config.moe
+
+    def moe_statistics(self, intermediates) -> dict[str, jax.Array]:
+        """`{statistic: value averaged over the MoE layers}` from the `intermediates` collection;
+        raises if a layer sowed none of them (the module has no MoE layer after all)."""
+        sown = traverse_util.flatten_dict(intermediates)
+        statistics = {}
+        for name in MOE_STATISTICS:
+            values = [jnp.mean(jnp.asarray(v[0])) for path, v in sown.items() if path[-1] == name]
+            if not values:
+                raise ValueError(f"the module's MoE layers sowed no {name!r} into intermediates")
+            statistics[name] = jnp.mean(jnp.stack(values))
+        return statistics
+
+    def loss_fn(self, params, batch: Batch, dropout_rng):
+        """`(CE + weighted MoE losses, metrics with moe/*)`; dropout and router noise are on iff
+        `dropout_rng` is given."""
+        logits, state = self._apply(params, batch, dropout_rng, mutable=["intermediates"])
+        return self.loss_from_logits_and_statistics(
+            logits, self.moe_statistics(state["intermediates"]), batch)
+
+    def loss_from_logits_and_statistics(self, logits, statistics: Mapping[str, jax.Array],
+                                        batch: Batch):
+        loss, metrics = self.loss_from_logits(logits, batch)
+        moe = self.moe_config
+        loss = (loss + moe.aux_loss_weight * statistics["auxiliary_loss"]
+                + moe.z_loss_weight * statistics["router_z_loss"])
+        metrics = {**metrics, "loss": clu.metrics.Average.from_model_output(loss),
+                   **{f"moe/{name}": clu.metrics.Average.from_model_output(value)
+                      for name, value in statistics.items()}}
+        return loss, metrics

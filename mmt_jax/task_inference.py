@@ -18,18 +18,19 @@ import seqio
 
 from mmt_jax.data import vocabulary as vocab_lib
 from mmt_jax.errors import TrainingError, UnknownTaskError
-from mmt_jax.model import EncoderDecoderModel
+from mmt_jax.model import EncoderDecoderModel, model_for
 from mmt_jax.models.config import ModelConfig
 
 
 def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
-    """The Model for a config; `kwargs` (label_smoothing, z_loss, decode_fn ...) are gin-bindable."""
+    """The Model of a config's family (`model.model_for`: dense or MoE); `kwargs` (label_smoothing,
+    z_loss, decode_fn ...) are gin-bindable."""
     vocabulary = vocab_lib.vocabulary(model_config.vocabulary)
     if vocabulary.vocab_size > model_config.t5.vocab_size:
         raise TrainingError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's "
                             f"embedding only {model_config.t5.vocab_size} (set t5.vocab_size)")
-    return EncoderDecoderModel(model_config.module(), input_vocabulary=vocabulary,
-                               output_vocabulary=vocabulary, **kwargs)
+    return model_for(model_config.module(), input_vocabulary=vocabulary,
+                     output_vocabulary=vocabulary, **kwargs)
 
 
 def get_task(name: str):

@@ -221,9 +221,12 @@ def test_cached_decode_equals_full_forward_with_moe_layers():
 
 
 def test_the_loss_adds_the_weighted_aux_loss_and_reports_the_statistics():
+    from mmt_jax.model import MoeEncoderDecoderModel, model_for
     from tests.test_decoding import make_model
     model, params = make_model(moe=_moe_config(aux_loss_weight=0.1, z_loss_weight=0.01),
                                decoder_moe_layers="all")
+    model = model_for(model.module)  # make_model builds the dense class; the loss needs the MoE one
+    assert isinstance(model, MoeEncoderDecoderModel)
     rng = np.random.default_rng(0)
     targets = rng.integers(2, 64, (2, 5)).astype(np.int32)
     batch = {"encoder_input_tokens": rng.integers(2, 64, (2, 6)).astype(np.int32),
@@ -246,11 +249,11 @@ def test_the_loss_adds_the_weighted_aux_loss_and_reports_the_statistics():
 # ---- training modes and sparse upcycling --------------------------------------------------------
 
 def _tiny_moe_model(**overrides):
-    from mmt_jax.model import EncoderDecoderModel
+    from mmt_jax.model import model_for
     from mmt_jax.models.t5 import EncoderDecoder, t5_config
     config = t5_config("tiny", vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
                        **overrides)
-    return EncoderDecoderModel(EncoderDecoder(config))
+    return model_for(EncoderDecoder(config))
 
 
 def _lm_batch(batch=8, seed=0):

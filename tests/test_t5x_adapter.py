@@ -1,8 +1,10 @@
 """The t5x adapter (mmt_jax/t5x) against t5x itself, where t5x is installed (it is not on the package
 registry, so CI skips this file; tests/test_layers.py checks the package never imports it).
 
-The gin model file builds t5x's MODEL; t5x's loss, scoring and decoding over it agree with mmt_jax's
-own Model on the same parameters; and t5x's Adafactor has a factor rule for every parameter axis."""
+The gin model file builds t5x's MODEL; its loss is our Model's (same defaults, same number), and t5x's
+scoring and decoding over it agree with mmt_jax's own Model on the same parameters; and t5x's
+Adafactor has a factor rule for every parameter axis. (tests/test_model_protocol.py checks the
+delegation against a stand-in for t5x where t5x is not installed.)"""
 import os
 
 import gin
@@ -13,7 +15,8 @@ import pytest
 t5x_adafactor = pytest.importorskip("t5x.adafactor")
 
 import mmt_jax  # noqa: E402
-from mmt_jax.model import EncoderDecoderModel  # noqa: E402
+from mmt_jax.losses import DEFAULT_LOSS  # noqa: E402
+from mmt_jax.model import model_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +52,20 @@ def test_t5x_paths_agree_with_ours(t5x_model):
     variables = t5x_model.get_initial_variables(jax.random.key(0), shapes)  # no input_types: eval.py
     assert set(variables) == {"params", "params_axes"}
     params = variables["params"]
-    ours = EncoderDecoderModel(t5x_model.module, t5x_model.input_vocabulary,
-                               t5x_model.output_vocabulary, loss_normalizing_factor=None, z_loss=0.0)
+    # Our Model with its defaults, built apart from the adapter: the same loss as under t5x.
+    ours = model_for(t5x_model.module, t5x_model.input_vocabulary, t5x_model.output_vocabulary)
+    assert ours.loss_config == DEFAULT_LOSS == t5x_model.mmt_model.loss_config
     np.testing.assert_allclose(t5x_model.score_batch(params, batch), ours.score_batch(params, batch),
                                rtol=1e-5)
-    t5x_loss, _ = t5x_model.loss_fn(params, batch, None)
-    our_loss, _ = ours.loss_fn(params, batch, None)
-    np.testing.assert_allclose(t5x_loss, our_loss, rtol=1e-5)
+    for rng in (None, jax.random.key(3)):
+        t5x_loss, _ = t5x_model.loss_fn(params, batch, rng)
+        our_loss, _ = ours.loss_fn(params, batch, rng)
+        np.testing.assert_allclose(t5x_loss, our_loss, rtol=1e-6)
+    np.testing.assert_allclose(t5x_model.eval_fn(params, batch)[0],
+                               ours.loss_fn(params, batch, None)[0], rtol=1e-6)
     tokens, aux = t5x_model.predict_batch_with_aux(params, batch, num_decodes=2)
     ours_tokens, ours_aux = ours.predict_batch_with_aux(params, batch, num_decodes=2,
-                                                        decode_fn=t5x_model._mmt._decode_fn)
+                                                        decode_fn=t5x_model.mmt_model._decode_fn)
     np.testing.assert_array_equal(tokens, ours_tokens)
     np.testing.assert_allclose(aux["scores"], ours_aux["scores"], rtol=1e-5)
 

@@ -1,13 +1,20 @@
-"""t5x's `EncoderDecoderModel` over an mmt_jax module (T5 or MMT4), and Adafactor factor rules for
-mmt_jax's logical axis names. Imports t5x: see the package docstring.
+"""t5x's `EncoderDecoderModel` over an mmt_jax module (T5, MMT4, MoE), and Adafactor factor rules
+for mmt_jax's logical axis names. Imports t5x: see the package docstring.
 
-t5x's own EncoderDecoderModel cannot drive MMT4 unchanged (shared/t5x_contract.md (a)): its
-`encode` sees only the text tokens and it derives the cross-attention mask from them, which has the
-wrong length once image vectors lead the encoder sequence. So this subclass keeps t5x's loss,
-metrics and scoring (they go through `_compute_logits`) and takes initialisation and decoding from
-mmt_jax's Model, which knows the image branch.
+The adapter subclasses t5x's EncoderDecoderModel (t5x's binaries check `isinstance(model,
+BaseTransformerModel)` before verifying vocabularies, and its scoring with intermediates lives there)
+but computes nothing of its own that our Model computes: it holds `mmt_jax.model.model_for(module)`
+(the dense or the MoE Model, chosen from the module's config) and delegates to it
+
+  - the loss and metrics (`loss_fn`, `eval_fn`): our Model's, so the same parameters and batch give
+    the same loss under t5x's trainer as under ours, MoE losses and `moe/*` metrics included; the
+    defaults (label smoothing, z-loss, normalisation) are `mmt_jax.losses.DEFAULT_LOSS`'s;
+  - the forward pass and its rng streams (`_compute_logits`, used by t5x's `score_batch`);
+  - initialisation and decoding: t5x's own `encode` sees only the text tokens and derives the
+    cross-attention mask from them, which has the wrong length once image vectors lead the encoder
+    sequence (shared/t5x_contract.md (a)).
 """
-from typing import Any, Callable
+from typing import Callable
 
 from flax.core import freeze
 from t5x import adafactor
@@ -15,6 +22,7 @@ from t5x import models as t5x_models
 
 from mmt_jax import decoding
 from mmt_jax import model as mmt_model
+from mmt_jax.losses import DEFAULT_LOSS
 
 # mmt_jax's parameter axes beyond t5x's standard ones (partitioning.standard_logical_axis_rules).
 _EXTRA_FACTOR_RULES = {
@@ -38,32 +46,46 @@ def logical_factor_rules():
 
 
 class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
-    """t5x's model protocol over `module` (`models.t5.EncoderDecoder`, with or without fusion).
+    """t5x's model protocol over `module` (`models.t5.EncoderDecoder`, with or without fusion or MoE).
 
     Args beyond t5x's: `decode_fn` is one of `mmt_jax.decoding`'s (greedy, beam_search,
-    temperature_sample), whose signature differs from t5x's decoding functions.
+    temperature_sample), whose signature differs from t5x's decoding functions. The loss options
+    default to `mmt_jax.losses.DEFAULT_LOSS`, as our own Model's do (not to t5x's defaults).
     """
 
     def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def,
                  decode_fn: Callable = decoding.beam_search, feature_converter_cls=None,
-                 label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 loss_normalizing_factor: Any = None):
-        self._mmt = mmt_model.EncoderDecoderModel(
+                 label_smoothing: float = DEFAULT_LOSS.label_smoothing,
+                 z_loss: float = DEFAULT_LOSS.z_loss,
+                 loss_normalizing_factor=DEFAULT_LOSS.loss_normalizing_factor):
+        self._mmt = mmt_model.model_for(
             module, input_vocabulary, output_vocabulary, optimizer_def,
-            feature_converter_cls=feature_converter_cls, decode_fn=decode_fn)
+            feature_converter_cls=feature_converter_cls, decode_fn=decode_fn,
+            label_smoothing=label_smoothing, z_loss=z_loss,
+            loss_normalizing_factor=loss_normalizing_factor)
+        # t5x keeps the loss options as attributes; they mirror ours and t5x's loss is never used.
         super().__init__(module, input_vocabulary, output_vocabulary, optimizer_def,
                          feature_converter_cls=self._mmt.FEATURE_CONVERTER_CLS,
                          label_smoothing=label_smoothing, z_loss=z_loss,
                          loss_normalizing_factor=loss_normalizing_factor)
 
+    @property
+    def mmt_model(self) -> mmt_model.EncoderDecoderModel:
+        """Our Model that this adapter delegates to."""
+        return self._mmt
+
     def get_initial_variables(self, rng, input_shapes, input_types=None):
         return self._mmt.get_initial_variables(rng, input_shapes, input_types)
 
+    def loss_fn(self, params, batch, dropout_rng):
+        return self._mmt.loss_fn(params, batch, dropout_rng)
+
+    def eval_fn(self, params, batch):
+        return self._mmt.eval_fn(params, batch)
+
     def _compute_logits(self, params, batch, dropout_rng=None, mutable=False, other_variables=None):
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
-        return self.module.apply({"params": params, **(other_variables or {})}, **inputs,
-                                 enable_dropout=rngs is not None, rngs=rngs, mutable=mutable)
+        return self._mmt._apply(params, batch, dropout_rng, mutable=mutable,
+                                other_variables=other_variables)
 
     def predict_batch_with_aux(self, params, batch, rng=None, decoder_params=None,
                                return_all_decodes: bool = False, num_decodes: int = 1,

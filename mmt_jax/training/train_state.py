@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mmt_jax.model import NUM_REAL_TARGET_TOKENS
+from mmt_jax.losses import NUM_REAL_TARGET_TOKENS
 
 
 class TrainState(struct.PyTreeNode):

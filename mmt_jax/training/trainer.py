@@ -19,7 +19,7 @@ from mmt_jax.training.train_state import TrainState, train_step
 
 class Trainer:
     """Args:
-      model: an `EncoderDecoderModel`.
+      model: a Model of `mmt_jax.model` (`model_for(module)`: dense or MoE).
       partitioner: the mesh and logical axis rules.
       optimizer: an optax transformation (see `training/optimizers.py`).
       input_shapes, input_types: the global batch's arrays (name -> shape / dtype).
