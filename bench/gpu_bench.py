@@ -14,7 +14,7 @@ Measures, in this order (a timeout leaves the parts already done, printed and in
   3. greedy decoding, ours: `jax.jit(model.predict_batch)` (mmt_jax/decoding.py) with bfloat16 weights;
   4. MMT4-base train step (ViT-B/16 at 224 px -> Linear -> LayerNorm, fused with the T5.1.1-base
      encoder; ours only: there is no PyTorch MMT4 to compare with);
-  5. the PyTorch peers on the same card, same weights (converted with `mmt_jax.training.hf_t5`):
+  5. the PyTorch peers on the same card, same weights (converted with `mmt_jax.checkpoints.hf_t5`):
      `T5ForConditionalGeneration` trained with float32 parameters under
      `torch.autocast(bfloat16)` (the same mixed precision as ours) and `torch.optim.AdamW(fused=True)`
      (foreach on CPU), eager and `torch.compile(model)`; greedy `generate` with bfloat16 weights

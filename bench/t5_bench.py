@@ -8,7 +8,7 @@ Measures, for each size:
      `model.generate(do_sample=False, num_beams=1, min_new_tokens=max_new_tokens=N)`.
 
 Both sides start from the same weights (the Hugging Face model is converted with
-`mmt_jax.training.hf_t5`), so the first training losses and the decoded tokens are printed as a check
+`mmt_jax.checkpoints.hf_t5`), so the first training losses and the decoded tokens are printed as a check
 that the two do the same work. Contenders are warmed up (compiled) first and then timed in alternating
 rounds, so machine-load drift affects all of them alike; figures are medians over all timed steps.
 
@@ -116,7 +116,7 @@ def build_hf_model(size: str, seed: int, attn_impl=None):
 def to_ours(hf_model):
     """(T5Config, nested numpy params) of the same weights, via the package's HF importer."""
     from flax import traverse_util
-    from mmt_jax.training import hf_t5
+    from mmt_jax.checkpoints import hf_t5
     hf_config = dict(hf_model.config.to_dict(), tie_word_embeddings=False)
     config = hf_t5.config_from_hf(hf_config)
     tensors = {k: v.detach().cpu().numpy() for k, v in hf_model.state_dict().items()}

@@ -26,7 +26,7 @@ import time
 import jax
 
 from mmt_jax import gin_config, task_inference, tasks, train
-from mmt_jax.training import checkpoints
+from mmt_jax.checkpoints import store
 
 IMAGE_ATTRIBUTES = ("color", "pattern", "sleeve_type")
 
@@ -74,7 +74,7 @@ def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: i
     attributes = tasks.DEFAULT_ATTRIBUTES
     accuracy, rows = {}, {}
     for name, (_, suffix) in models.items():
-        config, params = checkpoints.load_checkpoint(
+        config, params = store.load_checkpoint(
             os.path.join(workdir, name.lower(), f"checkpoint_{finetune_steps}"))
         model = task_inference.build_model(config)
         params = jax.device_put(params)

@@ -18,10 +18,10 @@ import jax
 import seqio
 
 from mmt_jax import eval_plots
+from mmt_jax.checkpoints import store
 from mmt_jax.errors import InputError
 from mmt_jax.task_inference import (build_model, evaluate_task, get_task, leaf_tasks,
                                     predict_task)
-from mmt_jax.training import checkpoints
 
 
 def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str,
@@ -33,8 +33,8 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
     tasks = leaf_tasks(mixture_or_task_name)
     if not tasks:
         raise InputError(f"{mixture_or_task_name!r} has no task with inference metrics to evaluate")
-    path = checkpoints.resolve(checkpoint_path)
-    config, params = checkpoints.load_checkpoint(path)
+    path = store.resolve(checkpoint_path)
+    config, params = store.load_checkpoint(path)
     for task in tasks:
         _check_image_preprocessing(task, config, path)
     model = build_model(config)

@@ -30,7 +30,7 @@ from mmt_jax.errors import (CheckpointError, CheckpointFormatError, GinError, In
 
 def _convert(args) -> None:
     from mmt_jax.models.config import ModelConfig
-    from mmt_jax.training import checkpoints, hf_t5, t5x_checkpoint
+    from mmt_jax.checkpoints import hf_t5, store, t5x_checkpoint
     if args.from_hf or args.from_t5x:
         if not args.to:
             raise SystemExit("convert --from-hf/--from-t5x needs --to CHECKPOINT_DIR")
@@ -38,12 +38,12 @@ def _convert(args) -> None:
             config, params = hf_t5.load_hf_t5(args.from_hf)
         else:
             config, params = t5x_checkpoint.load_t5x(args.from_t5x, args.num_heads)
-        path = checkpoints.save_checkpoint(args.to, params, ModelConfig(config), force=args.force)
+        path = store.save_checkpoint(args.to, params, ModelConfig(config), force=args.force)
         print(f"converted {args.from_hf or args.from_t5x} -> {path} ({_describe(config, params)})")
     elif args.from_checkpoint:
         if not args.to_hf:
             raise SystemExit("convert --from-checkpoint needs --to-hf DIR")
-        model_config, params = checkpoints.load_checkpoint(args.from_checkpoint)
+        model_config, params = store.load_checkpoint(args.from_checkpoint)
         if model_config.fusion is not None:
             raise CheckpointFormatError(f"{args.from_checkpoint} is an MMT4 checkpoint; only its text "
                                         "part has a Hugging Face T5 form, and exporting it is not "

@@ -27,12 +27,12 @@ import tensorflow as tf
 from PIL import Image
 
 from mmt_jax import decoding
+from mmt_jax.checkpoints import store
 from mmt_jax.data import images as images_lib
 from mmt_jax.data import records
 from mmt_jax.errors import InputError
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.task_inference import build_model, until_eos
-from mmt_jax.training import checkpoints
 from mmt_jax.vision import extractors
 
 
@@ -88,7 +88,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
         """From a checkpoint directory, or the newest checkpoint of a training run's model_dir."""
-        config, params = checkpoints.load_checkpoint(path)
+        config, params = store.load_checkpoint(path)
         return cls(build_model(config), params, config, **kwargs)
 
     @property

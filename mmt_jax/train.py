@@ -26,11 +26,11 @@ from clu import metric_writers
 from tqdm.auto import tqdm
 
 from mmt_jax import task_inference
+from mmt_jax.checkpoints.checkpointer import Checkpointer
 from mmt_jax.errors import TrainingError
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.partitioning import Partitioner
-from mmt_jax.training.checkpointer import Checkpointer
 from mmt_jax.training.trainer import Trainer
 
 

@@ -15,8 +15,8 @@ from mmt_jax import main
 from mmt_jax.errors import CorruptCheckpointError, ModelDirInUseError
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.models.t5 import t5_config
-from mmt_jax.training import checkpoint_digests, checkpoints
-from mmt_jax.training.checkpointer import Checkpointer
+from mmt_jax.checkpoints import digests, store
+from mmt_jax.checkpoints.checkpointer import Checkpointer
 from mmt_jax.training.train_state import TrainState
 
 CONFIG = ModelConfig(t5_config("tiny", vocab_size=64, num_encoder_layers=1, num_decoder_layers=1))
@@ -50,12 +50,12 @@ def _flip_bytes(path, count=4):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    return checkpoints.save_checkpoint(str(tmp_path / "ckpt"), _params(), CONFIG)
+    return store.save_checkpoint(str(tmp_path / "ckpt"), _params(), CONFIG)
 
 
 def test_a_saved_checkpoint_is_sealed_and_loads(checkpoint):
-    assert checkpoint_digests.verify(checkpoint)
-    config, params = checkpoints.load_checkpoint(checkpoint)
+    assert digests.verify(checkpoint)
+    config, params = store.load_checkpoint(checkpoint)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, _params())
     assert not [n for n in os.listdir(os.path.dirname(checkpoint)) if n != "ckpt"]  # no staging
 
@@ -65,7 +65,7 @@ def test_an_altered_file_is_named(checkpoint, fault, capsys, tmp_path):
     victim = _largest_file(checkpoint)
     {"truncated": _truncate, "flipped": _flip_bytes, "deleted": os.remove}[fault](victim)
     with pytest.raises(CorruptCheckpointError) as e:
-        checkpoints.load_checkpoint(checkpoint)
+        store.load_checkpoint(checkpoint)
     relative = os.path.relpath(victim, checkpoint)
     assert e.value.file == relative and e.value.checkpoint == checkpoint
     # The binaries say it in one line, exit 2.
@@ -79,10 +79,10 @@ def test_an_altered_file_is_named(checkpoint, fault, capsys, tmp_path):
 def test_an_unsealed_unreadable_checkpoint_is_one_error(checkpoint):
     """Checkpoints written before digests existed are read unverified; a broken one still gives a
     CorruptCheckpointError, not orbax's traceback."""
-    os.remove(os.path.join(checkpoint, checkpoint_digests.MANIFEST))
+    os.remove(os.path.join(checkpoint, digests.MANIFEST))
     _truncate(_largest_file(checkpoint))
     with pytest.raises(CorruptCheckpointError, match="unreadable"):
-        checkpoints.load_checkpoint(checkpoint)
+        store.load_checkpoint(checkpoint)
 
 
 def test_replacing_a_checkpoint_keeps_the_old_one_until_the_new_one_is_whole(checkpoint,
@@ -90,15 +90,15 @@ def test_replacing_a_checkpoint_keeps_the_old_one_until_the_new_one_is_whole(che
     def fail(directory):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_digests, "seal", fail)
+    monkeypatch.setattr(digests, "seal", fail)
     with pytest.raises(OSError):
-        checkpoints.save_checkpoint(checkpoint, _params(1), CONFIG, force=True)
+        store.save_checkpoint(checkpoint, _params(1), CONFIG, force=True)
     monkeypatch.undo()
-    _, params = checkpoints.load_checkpoint(checkpoint)
+    _, params = store.load_checkpoint(checkpoint)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, _params())
     assert sorted(os.listdir(os.path.dirname(checkpoint))) == ["ckpt"]
-    checkpoints.save_checkpoint(checkpoint, _params(1), CONFIG, force=True)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoints.load_checkpoint(checkpoint)[1],
+    store.save_checkpoint(checkpoint, _params(1), CONFIG, force=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, store.load_checkpoint(checkpoint)[1],
                            _params(1))
 
 
@@ -115,7 +115,7 @@ def test_restore_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
         for step in (1, 2, 3):
             assert checkpointer.save(_state(step), batches_read=step)
     for step in (1, 2, 3):  # sealed inside orbax's temporary directory, still whole after the rename
-        assert checkpoint_digests.verify(os.path.join(model_dir, f"checkpoint_{step}"))
+        assert digests.verify(os.path.join(model_dir, f"checkpoint_{step}"))
     _flip_bytes(_largest_file(os.path.join(model_dir, "checkpoint_3")))
     _truncate(_largest_file(os.path.join(model_dir, "checkpoint_2"), under="opt_state"))
     abstract = _state(0)
@@ -130,7 +130,7 @@ def test_restore_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
     assert float(state.params["encoder"]["kernel"][0, 0]) == 1.0
     assert len(said) == 2 and "checkpoint_3 is corrupt" in said[0] and "checkpoint_2" in said[1]
     assert sorted(os.listdir(os.path.join(model_dir, "corrupt"))) == ["checkpoint_2", "checkpoint_3"]
-    assert checkpoint_digests.verify(os.path.join(model_dir, "checkpoint_2"))
+    assert digests.verify(os.path.join(model_dir, "checkpoint_2"))
 
 
 def test_one_run_per_model_dir_and_no_stale_lock_after_a_kill(tmp_path):
@@ -141,7 +141,7 @@ def test_one_run_per_model_dir_and_no_stale_lock_after_a_kill(tmp_path):
     Checkpointer(model_dir, CONFIG, period=1).close()  # released on close
     # A holder killed with SIGKILL leaves no stale lock.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mmt_jax.training.model_dir_lock import "
+        [sys.executable, "-c", "import sys, time; from mmt_jax.checkpoints.model_dir_lock import "
          "ModelDirLock; ModelDirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
          model_dir], stdout=subprocess.PIPE, text=True)
     try:

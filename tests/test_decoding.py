@@ -12,7 +12,7 @@ import torch
 from mmt_jax import decoding
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.t5 import EncoderDecoder, t5_config
-from mmt_jax.training import hf_t5
+from mmt_jax.checkpoints import hf_t5
 from tests.hf_reference import build_hf_t5, save_hf_checkpoint
 from tests.test_hf_parity import padded_tokens
 

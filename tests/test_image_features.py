@@ -155,7 +155,7 @@ def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(fea
     from mmt_jax import task_inference
     from mmt_jax.predictor import Predictor, Query
     from mmt_jax.task_inference import build_model
-    from mmt_jax.training import checkpoints
+    from mmt_jax.checkpoints import store
     model_dir = str(tmp_path / "run")
     args = ["train", "--gin_file=runs/catalog.gin", "--gin_file=models/mmt4_tiny_lite0.gin",
             "--gin_file=runs/lite0_features.gin", f"--gin.IMAGE_FEATURES='{SPEC}'",
@@ -167,7 +167,7 @@ def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(fea
             "--gin.train.train.log_period=1"]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main.run(args) == 0
-    config, params = checkpoints.load_checkpoint(model_dir)
+    config, params = store.load_checkpoint(model_dir)
     assert config.fusion.representator == "precomputed" and config.image == image_spec.preprocessing(SPEC)
     rows = task_inference.predict_task(build_model(config), params, "features_train_test_color_removed100",
                                  "validation", {"inputs": 24, "targets": 8}, batch_size=4)

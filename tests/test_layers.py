@@ -103,7 +103,7 @@ def test_dropout_is_active_only_with_an_rng():
 
 def test_package_never_imports_torch_transformers_or_t5x():
     code = ("import sys, mmt_jax.main, mmt_jax.model, mmt_jax.decoding, mmt_jax.partitioning, "
-            "mmt_jax.training.hf_t5, mmt_jax.training.checkpoints, mmt_jax.train, mmt_jax.demo, "
+            "mmt_jax.checkpoints.hf_t5, mmt_jax.checkpoints.store, mmt_jax.train, mmt_jax.demo, "
             "mmt_jax.evaluate, mmt_jax.eval_plots, mmt_jax.predictor, mmt_jax.infer, mmt_jax.tasks; "
             "bad = [m for m in ('torch', 'transformers', 't5x', 'mmt_jax.t5x') if m in sys.modules]; "
             "assert not bad, bad")

@@ -8,7 +8,7 @@ import pytest
 import safetensors.numpy
 
 from mmt_jax import main
-from mmt_jax.training import checkpoints, hf_t5
+from mmt_jax.checkpoints import hf_t5, store
 from tests.hf_reference import build_hf_t5, save_hf_checkpoint
 
 
@@ -22,7 +22,7 @@ def test_convert_from_hf_and_back(hf_dir, tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     assert main.run(["convert", "--from-hf", hf_dir, "--to", ckpt]) == 0
     assert "T5.1.1" in capsys.readouterr().out
-    config, params = checkpoints.load_checkpoint(ckpt)
+    config, params = store.load_checkpoint(ckpt)
     ref_config, ref_params = hf_t5.load_hf_t5(hf_dir)
     assert config.t5 == ref_config and config.fusion is None
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
@@ -100,6 +100,6 @@ def test_demo_runs_the_main_job_and_prints_the_table(tmp_path, capsys):
     assert all(0 <= a <= 1 for model in accuracy.values() for a in model.values())
     assert "| color |" in out and "| sleeve_type |" in out and "Examples (" in out
     assert "$ mmt-jax train --gin_file=runs/catalog.gin --gin_file=models/mmt4_tiny_lite0.gin" in out
-    config, params = checkpoints.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
+    config, params = store.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
     assert config.fusion.representator == "precomputed" and "image_fusion" in params
     assert config.image.extractor == "efficientnet-lite0+pixels"  # the demo's stored features

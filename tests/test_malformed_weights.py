@@ -1,6 +1,6 @@
 """Malformed weight files end in a clear error naming the file, never a crash or garbage values.
 
-The PyTorch `.pth` reader (`vision/torch_pickle.py`) is given crafted pickles whose tensor views point
+The PyTorch `.pth` reader (`checkpoints/torch_pickle.py`) is given crafted pickles whose tensor views point
 outside their storage (negative offset, negative stride with a large size, overflowing sizes), and a seeded
 fuzz of a real `torch.save` checkpoint (random bytes, truncations, bit flips in the raw file, in the pickle
 and in the data entries, wrong dtype names, random views). The Hugging Face reader (`load_hf_t5`) is given
@@ -23,8 +23,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from mmt_jax.vision import torch_pickle
-from mmt_jax.vision.torch_pickle import TorchPickleError
+from mmt_jax.checkpoints import torch_pickle
+from mmt_jax.checkpoints.torch_pickle import TorchPickleError
 
 # --- crafted checkpoints: the pickle written opcode by opcode, so malicious values are exact ---------
 
@@ -370,7 +370,7 @@ def hf_dir(tmp_path):
     from flax import traverse_util
 
     from mmt_jax.models.t5 import T5Config, param_shapes
-    from mmt_jax.training import hf_t5
+    from mmt_jax.checkpoints import hf_t5
 
     config = T5Config(vocab_size=32, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16, num_encoder_layers=1,
                       num_decoder_layers=1)
@@ -384,7 +384,7 @@ def hf_dir(tmp_path):
 
 def _assert_hf_clear(directory, file, *words):
     """`load_hf_t5` raises CheckpointFormatError naming the checkpoint (and `file`, and `words`)."""
-    from mmt_jax.training.hf_t5 import CheckpointFormatError, load_hf_t5
+    from mmt_jax.checkpoints.hf_t5 import CheckpointFormatError, load_hf_t5
 
     with pytest.raises(CheckpointFormatError) as info:
         load_hf_t5(str(directory))

@@ -10,7 +10,7 @@ from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.mmt4 import FusionConfig
 from mmt_jax.models.t5 import EncoderDecoder, t5_config
 from mmt_jax.partitioning import Partitioner
-from mmt_jax.training.checkpoints import initialize_from
+from mmt_jax.checkpoints.store import initialize_from
 from mmt_jax.vision.patches import image_patches
 
 CONFIG = t5_config("tiny", vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64)

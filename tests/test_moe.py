@@ -292,7 +292,7 @@ def test_training_modes_freeze_and_frozen_parameters_have_no_optimizer_state(mod
 
 def test_sparse_upcycling_copies_the_dense_mlp_into_every_expert():
     from flax import traverse_util
-    from mmt_jax.training.checkpoints import initialize_from
+    from mmt_jax.checkpoints.store import initialize_from
     dense = _tiny_moe_model()
     batch = _lm_batch(batch=2)
     shapes = {k: v.shape for k, v in batch.items()}

@@ -14,7 +14,8 @@ import numpy as np
 from mmt_jax.partitioning import Partitioner
 from mmt_jax.task_inference import build_model
 from mmt_jax.train import get_dataset
-from mmt_jax.training import checkpoints, optimizers
+from mmt_jax.checkpoints import store
+from mmt_jax.training import optimizers
 from mmt_jax.training.trainer import Trainer
 
 STEPS, BATCH, LENGTHS = 4, 8, {"inputs": 24, "targets": 8}
@@ -81,7 +82,7 @@ def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
     from mmt_jax.data.images import ImagePreprocessing
     task = tasks.catalog_task("attributes_removed100", "multihost", data_dir, "embedded-n96-s0-px32",
                               image=ImagePreprocessing(size=16))
-    config, _ = checkpoints.load_checkpoint(model_dir)
+    config, _ = store.load_checkpoint(model_dir)
     model = build_model(config)
     shards = [get_dataset(model, task, "train", LENGTHS, BATCH, seed=0,
                           shard=(i, 2)).as_numpy_iterator() for i in range(2)]
@@ -98,7 +99,7 @@ def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
         state, metrics = trainer.train_step(state, trainer.global_batch(batch), jax.random.key(1))
         one_process.append(float(metrics["loss"].compute()))
     np.testing.assert_allclose(two_process, one_process, rtol=2e-5)
-    _, saved = checkpoints.load_checkpoint(model_dir)
+    _, saved = store.load_checkpoint(model_dir)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
                            saved, jax.device_get(state.params))
 
@@ -115,4 +116,4 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
     chief, _ = _finish(started)
     step = int(chief.split("stopped by signal at step ")[1].split(";")[0])
     assert step % 5 == 0 and step < 100000
-    assert checkpoints.resolve(model_dir).endswith(f"checkpoint_{step}")
+    assert store.resolve(model_dir).endswith(f"checkpoint_{step}")

@@ -29,7 +29,7 @@ from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.models.mmt4 import FusionConfig
 from mmt_jax.models.t5 import t5_config
-from mmt_jax.training import hf_t5
+from mmt_jax.checkpoints import hf_t5
 from mmt_jax.vision.efficientnet import efficientnet_config
 from mmt_jax.vision.vit import vit_config
 

@@ -18,8 +18,8 @@ from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmt_jax.models.t5 import EncoderDecoder, t5_config
-from mmt_jax.training import t5x_checkpoint
-from mmt_jax.training.hf_t5 import CheckpointFormatError
+from mmt_jax.checkpoints import t5x_checkpoint
+from mmt_jax.errors import CheckpointFormatError
 
 SIZES = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=2,
              num_decoder_layers=1, relative_attention_num_buckets=8)
@@ -224,13 +224,13 @@ def test_num_heads_errors(model):
 
 def test_convert_command_from_t5x(model, tmp_path, capsys):
     from mmt_jax import main
-    from mmt_jax.training import checkpoints
+    from mmt_jax.checkpoints import store
     config, params = model
     save_orbax(str(tmp_path / "model_dir"), 5, params)
     out = str(tmp_path / "converted")
     assert main.run(["convert", "--from-t5x", str(tmp_path / "model_dir"), "--to", out]) == 0
     assert "converted" in capsys.readouterr().out
-    loaded_config, loaded = checkpoints.load_checkpoint(out)
+    loaded_config, loaded = store.load_checkpoint(out)
     assert loaded_config.t5 == config
     assert_trees_equal(loaded, params)
     assert main.run(["convert", "--from-t5x", str(tmp_path / "nothing"), "--to", out + "2"]) == 2

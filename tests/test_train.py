@@ -20,8 +20,8 @@ import pytest
 
 from mmt_jax import main
 from mmt_jax.partitioning import Partitioner
-from mmt_jax.training import checkpoint_digests, checkpoints
-from mmt_jax.training.checkpointer import Checkpointer
+from mmt_jax.checkpoints import digests, store
+from mmt_jax.checkpoints.checkpointer import Checkpointer
 from mmt_jax.training.trainer import Trainer
 
 
@@ -88,15 +88,15 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
     out = capsys.readouterr().out
     assert "resumed from" in out and "(step 2)" in out
     np.testing.assert_allclose(_losses(out), straight[2:], rtol=1e-5)
-    _, resumed = checkpoints.load_checkpoint(os.path.join(interrupted, "checkpoint_6"))
-    _, reference = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
+    _, resumed = store.load_checkpoint(os.path.join(interrupted, "checkpoint_6"))
+    _, reference = store.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), resumed,
                            reference)
 
 
 def _assert_same_params(model_dir_a, model_dir_b, step=6):
-    _, a = checkpoints.load_checkpoint(os.path.join(model_dir_a, f"checkpoint_{step}"))
-    _, b = checkpoints.load_checkpoint(os.path.join(model_dir_b, f"checkpoint_{step}"))
+    _, a = store.load_checkpoint(os.path.join(model_dir_a, f"checkpoint_{step}"))
+    _, b = store.load_checkpoint(os.path.join(model_dir_b, f"checkpoint_{step}"))
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
 
 
@@ -158,7 +158,7 @@ def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(unint
         steps = [int(n.split("_")[1]) for n in names
                  if n.startswith("checkpoint_") and n.split("_")[1].isdigit()]
         for step in steps:
-            assert checkpoint_digests.verify(os.path.join(run_dir, f"checkpoint_{step}")), step
+            assert digests.verify(os.path.join(run_dir, f"checkpoint_{step}")), step
         return steps
 
     def assert_resumed_from_the_newest(out, steps):
@@ -183,7 +183,7 @@ def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(unint
 
 def test_checkpoint_restores_onto_another_mesh(uninterrupted):
     model_dir, _, _ = uninterrupted
-    config, saved = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
+    config, saved = store.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
     from mmt_jax.data import vocabulary
     from mmt_jax.model import EncoderDecoderModel
     from mmt_jax.training import optimizers
@@ -230,7 +230,7 @@ def test_predictions_of_a_trained_checkpoint_and_their_metrics(uninterrupted):
     from mmt_jax import task_inference
     from mmt_jax.task_inference import build_model
     model_dir, _, _ = uninterrupted
-    config, params = checkpoints.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
+    config, params = store.load_checkpoint(os.path.join(model_dir, "checkpoint_6"))
     model = build_model(config)
     lengths = {"inputs": 24, "targets": 8}
     task = "train_test_color_removed100"
@@ -296,7 +296,7 @@ def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterr
     from mmt_jax.predictor import Predictor, Query
     from mmt_jax.task_inference import build_model
     model_dir, data_dir, _ = uninterrupted
-    config, params = checkpoints.load_checkpoint(model_dir)
+    config, params = store.load_checkpoint(model_dir)
     rows = task_inference.predict_task(build_model(config), params, "train_test_color_removed100",
                                  "validation", {"inputs": 24, "targets": 8}, batch_size=4)
     # the stored validation products, read back from the TFRecord files as the infer binary does

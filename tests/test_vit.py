@@ -14,8 +14,8 @@ import torch
 import transformers
 from flax import traverse_util
 
-from mmt_jax.training.hf_t5 import CheckpointFormatError
-from mmt_jax.vision import hf_vit
+from mmt_jax.errors import CheckpointFormatError
+from mmt_jax.checkpoints import hf_vit
 from mmt_jax.vision.vit import VisionTransformer, ViTConfig, vit_config
 
 HF_TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

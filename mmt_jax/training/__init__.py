@@ -1,1 +1,1 @@
-"""Training-side pieces: train state and steps, checkpoints, weight import."""
+"""Training-side pieces: the train state and step, the trainer that shards and jits it, optimizers."""

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import optax
 
+from mmt_jax.checkpoints import store
 from mmt_jax.errors import TrainingError
 from mmt_jax.partitioning import Partitioner
-from mmt_jax.training import checkpoints
 from mmt_jax.training.train_state import TrainState, train_step
 
 
@@ -73,8 +73,8 @@ class Trainer:
         params = self._init_params(jax.random.key(seed))
         fresh_paths, upcycled = [], []
         if initial_checkpoint:
-            _, pretrained = checkpoints.load_checkpoint(initial_checkpoint)
-            merged, fresh_paths, upcycled = checkpoints.initialize_from(jax.device_get(params),
+            _, pretrained = store.load_checkpoint(initial_checkpoint)
+            merged, fresh_paths, upcycled = store.initialize_from(jax.device_get(params),
                                                                         pretrained)
             params = jax.device_put(merged, self.params_shardings)
         return self._create(params), fresh_paths, upcycled

@@ -38,7 +38,7 @@ from flax import linen as nn
 from flax.linen import partitioning
 
 from mmt_jax.layers.dense import DenseGeneral
-from mmt_jax.vision.torch_pickle import load_state_dict
+from mmt_jax.checkpoints.torch_pickle import load_state_dict
 
 # Logical axis names of the convolution parameters (kernels `[kh, kw, in / groups, out]`, biases `[out]`).
 # All of them are small and meant to be replicated. The classifier uses the existing `embed`/`vocab`.

@@ -3,7 +3,7 @@
 `VisionTransformer(config)(images [B, H, W, 3]) -> [B, 1 + (H/p) * (W/p), hidden]`, CLS first; the same
 computation as Hugging Face's `ViTModel(...).last_hidden_state` (pre-norm blocks with biases, exact GELU,
 `1/sqrt(head_dim)` attention scaling, learned position embeddings, a final LayerNorm), so public ViT
-checkpoints load with `mmt_jax.vision.hf_vit.load_hf_vit`. The attention is T5's
+checkpoints load with `mmt_jax.checkpoints.hf_vit.load_hf_vit`. The attention is T5's
 `layers.attention.MultiHeadAttention` with `use_bias=True, scale_logits=True`: one attention core.
 
 Parameter tree (kernels stored 2-D `[in, out]`, logical axes in `params_axes`):

@@ -17,8 +17,8 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
+from mmt_jax.checkpoints.hf_t5 import read_hf_config, read_safetensors
 from mmt_jax.errors import CheckpointFormatError
-from mmt_jax.training.hf_t5 import read_hf_config, read_safetensors
 from mmt_jax.vision.vit import ViTConfig
 
 _ACTIVATIONS = {  # hidden_act -> our activation name

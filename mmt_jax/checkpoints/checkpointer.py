@@ -3,7 +3,7 @@
 Each step directory holds `params` and `model_config` (exactly what `checkpoints.load_checkpoint`
 reads, so eval, infer and convert take a training checkpoint as it is), the optimizer state
 `opt_state`, `progress` (the step and the number of batches the data pipeline has delivered, which
-is where a resumed run starts reading), and `digests.json` (`checkpoint_digests`). orbax writes each
+is where a resumed run starts reading), and `digests.json` (`digests`). orbax writes each
 step into `checkpoint_<step>.orbax-checkpoint-tmp` and renames it when every item is written; the
 digests are written into that temporary directory just before the rename, so a step directory is
 complete and sealed or absent, whatever moment a crash strikes. Saves run in the background while
@@ -17,10 +17,10 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from mmt_jax.checkpoints import digests, store
+from mmt_jax.checkpoints.model_dir_lock import ModelDirLock
 from mmt_jax.errors import CorruptCheckpointError
 from mmt_jax.models.config import ModelConfig
-from mmt_jax.training import checkpoint_digests
-from mmt_jax.training.model_dir_lock import ModelDirLock
 from mmt_jax.training.train_state import TrainState
 
 ITEMS = ("params", "opt_state", "model_config", "progress")
@@ -64,10 +64,8 @@ class Checkpointer:
             return False
         self.manager.wait_until_finished()  # one save in flight, so `_seal` knows which it is
         self._saving_step = step
-        started = self.manager.save(step, force=force, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            model_config=ocp.args.JsonSave(self.model_config.to_json_dict()),
+        started = self.manager.save(step, force=force, args=store.saved_items(
+            state.params, self.model_config, opt_state=ocp.args.StandardSave(state.opt_state),
             progress=ocp.args.JsonSave({"step": step, "batches_read": batches_read})))
         if not self.async_save:
             self.wait()
@@ -80,7 +78,7 @@ class Checkpointer:
         if not os.path.isdir(temporary):
             raise RuntimeError(f"orbax committed no {temporary}; its temporary layout changed, so "
                                "checkpoints cannot be sealed (pin orbax-checkpoint as setup.py does)")
-        checkpoint_digests.seal(temporary)
+        digests.seal(temporary)
 
     def restore(self, abstract_state: TrainState, shardings: TrainState, step: int | None = None,
                 say=print) -> tuple[TrainState, dict]:
@@ -92,7 +90,7 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.model_dir}: no checkpoint to restore")
         for candidate in steps:
             try:
-                verified = checkpoint_digests.verify(self.path(candidate))
+                verified = digests.verify(self.path(candidate))
             except CorruptCheckpointError as e:
                 if step is not None:
                     raise
@@ -103,7 +101,7 @@ class Checkpointer:
             except Exception as e:  # orbax and tensorstore raise many types for unreadable files
                 if verified:
                     raise
-                raise checkpoint_digests.unreadable(self.path(candidate), e) from None
+                raise digests.unreadable(self.path(candidate), e) from None
         raise CorruptCheckpointError(self.model_dir, "checkpoint_*",
                                      f"none of steps {steps} verifies (all moved to {CORRUPT_DIR}/)")
 

@@ -1,7 +1,7 @@
 """Model checkpoints on disk with orbax: parameters plus the model config that built them.
 
 A checkpoint directory holds two orbax items, `params` (the parameter tree, tensorstore/OCDBT) and
-`model_config` (`models.config.ModelConfig` as JSON), and `digests.json` (`checkpoint_digests`); the
+`model_config` (`models.config.ModelConfig` as JSON), and `digests.json` (`digests`); the
 trainer's `checkpoint_<step>` directories hold the same beside the optimizer state, so every reader
 here reads those too. A checkpoint is written beside its destination, sealed, and renamed into
 place, so a reader never sees a half-written one and an interrupted save leaves the previous one
@@ -17,12 +17,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from mmt_jax.checkpoints import digests
 from mmt_jax.models.config import ModelConfig
-from mmt_jax.training import checkpoint_digests
 
 
 def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def saved_items(params, config: ModelConfig, **more) -> ocp.args.Composite:
+    """What every checkpoint holds, for orbax to write: `params` and `model_config`, and the
+    trainer's `more` items (`checkpointer.Checkpointer`: the optimizer state and progress)."""
+    return ocp.args.Composite(params=ocp.args.StandardSave(params),
+                              model_config=ocp.args.JsonSave(config.to_json_dict()), **more)
 
 
 def save_checkpoint(directory: str, params, config: ModelConfig, *, force: bool = False) -> str:
@@ -34,10 +41,8 @@ def save_checkpoint(directory: str, params, config: ModelConfig, *, force: bool 
     staging = f"{directory}.writing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _checkpointer().save(staging, ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            model_config=ocp.args.JsonSave(config.to_json_dict())))
-        checkpoint_digests.seal(staging)
+        _checkpointer().save(staging, saved_items(params, config))
+        digests.seal(staging)
         if os.path.exists(directory):
             replaced = f"{directory}.replaced-{os.getpid()}"
             os.replace(directory, replaced)
@@ -73,7 +78,7 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     for item in ("params", "model_config"):
         if not os.path.exists(os.path.join(directory, item)):
             raise FileNotFoundError(f"{directory}: not an mmt_jax checkpoint (no '{item}' item)")
-    verified = checkpoint_digests.verify(directory)
+    verified = digests.verify(directory)
     try:
         # Read every array onto this host's first device whatever mesh wrote it (without a target,
         # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
@@ -87,7 +92,7 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     except Exception as e:  # orbax and tensorstore raise many types for unreadable files
         if verified:
             raise
-        raise checkpoint_digests.unreadable(directory, e) from None
+        raise digests.unreadable(directory, e) from None
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return ModelConfig.from_json_dict(restored["model_config"]), params
 
