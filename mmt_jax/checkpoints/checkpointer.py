@@ -96,12 +96,8 @@ class Checkpointer:
                     raise
                 say(f"{e}; moved it to {self._quarantine(candidate)} and trying the one before")
                 continue
-            try:
+            with digests.reading(self.path(candidate), verified):
                 return self._restore(candidate, abstract_state, shardings)
-            except Exception as e:  # orbax and tensorstore raise many types for unreadable files
-                if verified:
-                    raise
-                raise digests.unreadable(self.path(candidate), e) from None
         raise CorruptCheckpointError(self.model_dir, "checkpoint_*",
                                      f"none of steps {steps} verifies (all moved to {CORRUPT_DIR}/)")
 

@@ -13,6 +13,7 @@ rename; nothing we restore reads it).
 Digests are of files, not arrays, so they cover every item (parameters, optimizer state, model
 config, progress), need no device transfer, and work for checkpoints written by many processes.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -86,8 +87,17 @@ def verify(directory: str) -> bool:
     return True
 
 
-def unreadable(directory: str, error: Exception) -> CorruptCheckpointError:
-    """The error for a checkpoint without digests that orbax could not read: corrupt, most likely,
-    though without digests no file can be named."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    return CorruptCheckpointError(directory, "(no digests to name the file)", f"unreadable: {reason}")
+@contextlib.contextmanager
+def reading(directory: str, verified: bool):
+    """Around orbax's read of `directory` (`verified`: what `verify` returned). A failure of a
+    checkpoint without digests becomes one `CorruptCheckpointError` (corrupt, most likely, though no
+    file can be named) instead of orbax's or tensorstore's traceback; a verified checkpoint's
+    failure is not corruption and passes through as it is."""
+    try:
+        yield
+    except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+        if verified:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CorruptCheckpointError(directory, "(no digests to name the file)",
+                                     f"unreadable: {reason}") from None

@@ -78,8 +78,7 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     for item in ("params", "model_config"):
         if not os.path.exists(os.path.join(directory, item)):
             raise FileNotFoundError(f"{directory}: not an mmt_jax checkpoint (no '{item}' item)")
-    verified = digests.verify(directory)
-    try:
+    with digests.reading(directory, digests.verify(directory)):
         # Read every array onto this host's first device whatever mesh wrote it (without a target,
         # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
         metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, "params")).item_metadata
@@ -89,10 +88,6 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
             getattr(metadata, "tree", metadata))
         restored = _checkpointer().restore(directory, ocp.args.Composite(
             params=ocp.args.StandardRestore(target), model_config=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax and tensorstore raise many types for unreadable files
-        if verified:
-            raise
-        raise digests.unreadable(directory, e) from None
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return ModelConfig.from_json_dict(restored["model_config"]), params
 
