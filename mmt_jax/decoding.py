@@ -2,6 +2,8 @@
 
 `tokens_to_logits(tokens [N, 1], cache) -> (logits [N, vocab], new_cache)` runs one decoder step; every
 cache leaf with a leading batch axis has `N` rows (scalar leaves such as `cache_index` are shared).
+A scanned layer stack (layers/layer_stack.py) stacks its layers' caches under the subtree `SCANNED`:
+there the batch axis is the second, after the layer axis, and `[layers]` leaves are the shared ones.
 Decoding starts from token 0 (T5's BOS) and writes `max_decode_length` tokens; after a row emits `eos_id`
 it is padded with 0. Every decode function takes the same keywords (`batch_size, max_decode_length, eos_id, rng,
 num_decodes`) and repeats each cache row `num_decodes` times (beams or samples), so the caller expands
@@ -15,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mmt_jax.layers.layer_stack import SCANNED
+
 TokensToLogits = Callable[[jax.Array, dict], tuple[jax.Array, dict]]
 NEG_INF = -1.0e7
 # Cache leaves equal across the beams of one example (cross-attention projections of the encoder
@@ -27,10 +31,18 @@ def _leaf_name(path) -> str:
     return str(getattr(last, "key", getattr(last, "name", last)))
 
 
+def _batch_axis(path) -> int:
+    """0, or 1 for a leaf of a scanned stack's cache (`[layers, batch, ...]`)."""
+    return int(any(getattr(key, "key", None) == SCANNED for key in path))
+
+
 def expand_batch(tree, times: int):
-    """Repeats every batch-leading leaf `times` times along axis 0: `[B, ...]` -> `[B*times, ...]`."""
-    return jax.tree_util.tree_map(
-        lambda x: x if jnp.ndim(x) == 0 else jnp.repeat(x, times, axis=0), tree)
+    """Repeats every leaf with a batch axis `times` times along it: `[B, ...]` -> `[B*times, ...]`."""
+    def expand(path, x):
+        axis = _batch_axis(path)
+        return x if jnp.ndim(x) <= axis else jnp.repeat(x, times, axis=axis)
+
+    return jax.tree_util.tree_map_with_path(expand, tree)
 
 
 def greedy(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, max_decode_length: int,
@@ -102,9 +114,10 @@ def _gather_beams(tree, beam_indices, batch_size: int, beam_size: int):
     flat_indices = (beam_indices + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)
 
     def gather(path, x):
-        if jnp.ndim(x) == 0 or _leaf_name(path) in BEAM_INVARIANT_CACHE:
+        axis = _batch_axis(path)
+        if jnp.ndim(x) <= axis or _leaf_name(path) in BEAM_INVARIANT_CACHE:
             return x
-        return jnp.take(x, flat_indices, axis=0)
+        return jnp.take(x, flat_indices, axis=axis)
 
     return jax.tree_util.tree_map_with_path(gather, tree)
 

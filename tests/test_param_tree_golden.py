@@ -3,7 +3,7 @@ shipped model families, checked against files under tests/golden/, so a rename (
 partitioning axis) cannot slip through a refactor; checkpoints, t5x checkpoints and converted Hugging
 Face checkpoints all rely on these names (shared/DESIGN.md: t5x's T5.1.1 checkpoint tree).
 
-Covered: T5.1.1 small; MMT4 on T5.1.1 small with each representator (patches, ViT-B/32,
+Covered: T5.1.1 small, unrolled and scanned; MMT4 on T5.1.1 small with each representator (patches, ViT-B/32,
 EfficientNet-Lite0, precomputed features); the MoE model of gin/models/moe_tiny_catalog.gin
 (T5.1.1 tiny, 8 experts, top-2, MoE in the odd decoder layers). Trees come from `jax.eval_shape` of
 `EncoderDecoderModel.get_initial_variables` (what the trainer initialises), so nothing is computed.
@@ -58,6 +58,11 @@ def _moe():
 # name: (what it is, ModelConfig factory, image inputs {feature: shape without batch})
 CONFIGS = {
     "t5_1_1_small": ("T5.1.1 small, text only: t5_config('small')", _t5_small, {}),
+    "t5_1_1_small_scanned": ("T5.1.1 small with scanned layer stacks (layers/layer_stack.py: "
+                             "layers_{i}/X -> layers/X [num_layers, ...]): "
+                             "t5_config('small', scan_layers=True, remat_policy='full')",
+                             lambda: ModelConfig(t5_config("small", scan_layers=True,
+                                                           remat_policy="full")), {}),
     "mmt4_patches": ("MMT4 on T5.1.1 small, 32 px patches of 224 px images",
                      lambda: _mmt4(representator="patches", patch_size=32),
                      {"encoder_images": (224, 224, 3)}),
@@ -237,7 +242,26 @@ _MMT4_ONLY = re.compile(r"image_fusion/.*|encoder/relpos_bias/"
 _MOE_ONLY = re.compile(r"(encoder|decoder)/layers_\d+/mlp/(router/.*|expert/.*)")
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"t5_1_1_small"}))
+def test_scanned_golden_is_the_unrolled_tree_stacked():
+    """The documented mapping (layers/layer_stack.py): `layers_{i}/X [shape] (axes)` of the unrolled
+    tree is `layers/X [num_layers, shape] (layers, axes)` of the scanned one; nothing else differs."""
+    unrolled = _read_golden("t5_1_1_small")["params"]
+    depth = {stack: len({e["path"].split("/")[1] for e in unrolled
+                         if e["path"].startswith(f"{stack}/layers_")})
+             for stack in ("encoder", "decoder")}
+    expected = {}
+    for e in unrolled:
+        stack, name, rest = (e["path"].split("/", 2) + [None, None])[:3]
+        if name is not None and re.fullmatch(r"layers_\d+", name):
+            expected[f"{stack}/layers/{rest}"] = ([depth[stack]] + e["shape"], ["layers"] + e["axes"])
+        else:
+            expected[e["path"]] = (e["shape"], e["axes"])
+    scanned = {e["path"]: (e["shape"], e["axes"])
+               for e in _read_golden("t5_1_1_small_scanned")["params"]}
+    assert scanned == expected
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"t5_1_1_small", "t5_1_1_small_scanned"}))
 def test_other_goldens_are_the_hf_tree_plus_known_extras(name):
     """MMT4 and MoE trees: the text T5's HF-importable tree, plus only image-branch or MoE params
     (a text-only or converted HF checkpoint initialises everything else)."""

@@ -34,6 +34,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from mmt_jax.errors import CheckpointFormatError
+from mmt_jax.layers import layer_stack
 from mmt_jax.models.t5 import T5Config, param_shapes
 
 CONFIG_FILE = "config.json"
@@ -277,9 +278,10 @@ def load_hf_t5(directory: str, dtype=np.float32) -> tuple[T5Config, dict]:
 
 
 def save_hf_t5(params: Mapping, config: T5Config, directory: str) -> None:
-    """Writes `config.json` + `model.safetensors` that transformers' `T5ForConditionalGeneration` reads."""
+    """Writes `config.json` + `model.safetensors` that transformers' `T5ForConditionalGeneration` reads
+    (a scanned model's stacked layers unrolled first)."""
     os.makedirs(directory, exist_ok=True)
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = traverse_util.flatten_dict(layer_stack.unscanned(params), sep="/")
     tensors = {}
     for ours, (hf, transpose) in name_map(config).items():
         value = np.asarray(flat[ours], np.float32)

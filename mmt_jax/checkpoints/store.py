@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mmt_jax.checkpoints import digests
+from mmt_jax.layers import layer_stack
 from mmt_jax.models.config import ModelConfig
 
 
@@ -100,11 +101,14 @@ def initialize_from(fresh_params, pretrained_params):
     counterpart `.../mlp/W` is pretrained starts as that kernel in every expert; the router starts
     fresh.
 
+    Either tree may be scanned (`T5Config.scan_layers`): both are matched unrolled, with unrolled
+    names, and the result comes back in the fresh tree's layout (layers/layer_stack.py).
+
     Returns `(params, fresh_paths, upcycled_paths)` ('/'-joined). A path in both trees with
     different shapes, or a pretrained path the model lacks, is an error naming it.
     """
-    fresh = traverse_util.flatten_dict(fresh_params, sep="/")
-    pretrained = traverse_util.flatten_dict(pretrained_params, sep="/")
+    fresh = traverse_util.flatten_dict(layer_stack.unscanned(fresh_params), sep="/")
+    pretrained = traverse_util.flatten_dict(layer_stack.unscanned(pretrained_params), sep="/")
     dense_of = {path: path.replace("/mlp/expert/", "/mlp/") for path in fresh
                 if "/mlp/expert/" in path and path.replace("/mlp/expert/", "/mlp/") in pretrained}
     unused = sorted(set(pretrained) - set(fresh) - set(dense_of.values()))
@@ -127,4 +131,5 @@ def initialize_from(fresh_params, pretrained_params):
         else:
             merged[path] = value
             fresh_paths.append(path)
-    return traverse_util.unflatten_dict(merged, sep="/"), sorted(fresh_paths), sorted(dense_of)
+    merged = layer_stack.scanned(traverse_util.unflatten_dict(merged, sep="/"), fresh_params)
+    return merged, sorted(fresh_paths), sorted(dense_of)

@@ -16,6 +16,8 @@ without renaming):
 A layer placed as MoE (`T5Config.moe`, `decoder_moe_layers`, `encoder_moe_layers`) has instead
   .../layers_{i}/mlp/router/kernel [embed, experts] and .../mlp/expert/{wi_0, wi_1, wo}/kernel
   [experts, ...] (layers/moe.py).
+With `T5Config.scan_layers`, each stack's `layers_{i}/X` are one `layers/X [num_layers, ...]`
+(layers/layer_stack.py has the mapping and the converters both ways).
 """
 import dataclasses
 from typing import Any, Sequence
@@ -29,6 +31,7 @@ from flax.linen import partitioning
 from mmt_jax.layers.attention import (MultiHeadAttention, combine_masks, make_attention_mask,
                                       make_causal_mask, make_segment_mask)
 from mmt_jax.layers.dense import DenseGeneral, Embed, RMSNorm
+from mmt_jax.layers.layer_stack import apply_stack, check_remat_policy
 from mmt_jax.layers.mlp import MlpBlock
 from mmt_jax.layers.moe import MoeBlock, MoeConfig
 from mmt_jax.layers.relative_position import RelativePositionBias
@@ -46,6 +49,10 @@ class T5Config:
     MoE (MoEMoE sec. 4.4): with `moe` set, the MLP of the layers named by `decoder_moe_layers` and
     `encoder_moe_layers` is a `MoeBlock`: "all", "odd", "even" (0-based layer indices), "last",
     "last-2" (the last two), "none", or explicit indices. The paper's best: decoder only (Table 4).
+
+    Scale (layers/layer_stack.py): `scan_layers` runs each stack as one scan over a layer (compile
+    time flat in depth; parameters stacked under `layers/`), `remat_policy` ("none", "minimal",
+    "full") says what each layer's forward keeps for the backward pass. Neither changes results.
     """
 
     vocab_size: int = 32128
@@ -65,13 +72,20 @@ class T5Config:
     moe: MoeConfig | None = None
     decoder_moe_layers: str | tuple[int, ...] = "none"
     encoder_moe_layers: str | tuple[int, ...] = "none"
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self):
+        check_remat_policy(self.remat_policy)
         for stack in ("encoder", "decoder"):
-            layers = moe_layers(getattr(self, f"{stack}_moe_layers"),
-                                getattr(self, f"num_{stack}_layers"))
+            num_layers = getattr(self, f"num_{stack}_layers")
+            layers = moe_layers(getattr(self, f"{stack}_moe_layers"), num_layers)
             if layers and self.moe is None:
                 raise ValueError(f"{stack}_moe_layers places MoE layers but T5Config.moe is None")
+            if self.scan_layers and 0 < len(layers) < num_layers:
+                raise ValueError(f"scan_layers needs identical layers, but {stack}_moe_layers="
+                                 f"{getattr(self, f'{stack}_moe_layers')!r} makes some MoE and some "
+                                 "dense; place MoE on 'all' or 'none' of the stack's layers")
 
     def to_json_dict(self) -> dict:
         fields = dataclasses.asdict(self)
@@ -183,7 +197,7 @@ class EncoderLayer(nn.Module):
     use_moe: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, bias, *, enable_dropout=False):
+    def __call__(self, x, mask, bias, enable_dropout=False):
         cfg = self.config
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(x)
         h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, dropout_rate=cfg.dropout_rate,
@@ -202,7 +216,7 @@ class DecoderLayer(nn.Module):
     use_moe: bool = False
 
     @nn.compact
-    def __call__(self, y, encoded, decoder_mask, encoder_decoder_mask, bias, *, enable_dropout=False,
+    def __call__(self, y, encoded, decoder_mask, encoder_decoder_mask, bias, enable_dropout=False,
                  decode=False, max_decode_length=None):
         cfg = self.config
         attention = lambda name, cross: MultiHeadAttention(  # noqa: E731
@@ -257,9 +271,10 @@ class Encoder(nn.Module):
             positions, positions, inputs.token_types, inputs.token_types, inputs.grid, inputs.grid)
         x = _constrain(_dropout(cfg, embedded.astype(cfg.dtype), enable_dropout))
         placed = moe_layers(cfg.encoder_moe_layers, cfg.num_encoder_layers)
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, i in placed, name=f"layers_{i}")(
-                x, attention_mask, bias, enable_dropout=enable_dropout)
+        x = apply_stack(EncoderLayer, [dict(config=cfg, use_moe=i in placed)
+                                       for i in range(cfg.num_encoder_layers)],
+                        x, (attention_mask, bias), (enable_dropout,),
+                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
         return _dropout(cfg, x, enable_dropout)
 
@@ -282,10 +297,11 @@ class Decoder(nn.Module):
         y = _dropout(cfg, self.shared_embedding(tokens).astype(cfg.dtype), enable_dropout)
         y = _constrain(y)
         placed = moe_layers(cfg.decoder_moe_layers, cfg.num_decoder_layers)
-        for i in range(cfg.num_decoder_layers):
-            y = DecoderLayer(cfg, i in placed, name=f"layers_{i}")(
-                y, encoded, decoder_mask, encoder_decoder_mask, bias, enable_dropout=enable_dropout,
-                decode=decode, max_decode_length=max_decode_length)
+        y = apply_stack(DecoderLayer, [dict(config=cfg, use_moe=i in placed)
+                                       for i in range(cfg.num_decoder_layers)],
+                        y, (encoded, decoder_mask, encoder_decoder_mask, bias),
+                        (enable_dropout, decode, max_decode_length),
+                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
         y = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
         y = _dropout(cfg, y, enable_dropout)
         if cfg.logits_via_embedding:

@@ -8,13 +8,14 @@ checkpoints load with `mmt_jax.checkpoints.hf_vit.load_hf_vit`. The attention is
 
 Parameter tree (kernels stored 2-D `[in, out]`, logical axes in `params_axes`):
   patch_embedding/{kernel [p*p*3, hidden] (image_features, embed), bias [hidden]}
-  cls_token [1, 1, hidden], position_embedding [1, 1 + n, hidden] (unmodeled, abspos_buckets, embed)
+  cls_token [1, 1, hidden], position_embedding [1, 1 + n, hidden], both (unmodeled, abspos_buckets, embed)
   layers_{i}/pre_attention_norm/{scale, bias} [hidden]
   layers_{i}/attention/{query, key, value}/{kernel [hidden, heads*head_dim] (embed, joined_kv), bias}
   layers_{i}/attention/out/{kernel [heads*head_dim, hidden] (joined_kv, embed), bias}
   layers_{i}/pre_mlp_norm/{scale, bias}
   layers_{i}/mlp/wi/{kernel [hidden, mlp_dim] (embed, mlp), bias}, layers_{i}/mlp/wo/{kernel, bias}
   final_norm/{scale, bias}
+With `ViTConfig.scan_layers`, `layers_{i}/X` are one `layers/X [num_layers, ...]` (layers/layer_stack.py).
 Patches are flattened row by row with channels last (`vision.patches.image_patches`), which is the order
 of a transposed Hugging Face `Conv2d` patch kernel `[hidden, 3, p, p] -> [p, p, 3, hidden]`.
 """
@@ -28,6 +29,7 @@ from flax.linen import partitioning
 
 from mmt_jax.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from mmt_jax.layers.dense import DenseGeneral, LayerNorm, default_kernel_init
+from mmt_jax.layers.layer_stack import apply_stack, check_remat_policy
 from mmt_jax.layers.mlp import ACTIVATIONS
 from mmt_jax.vision.patches import image_patches
 
@@ -43,6 +45,8 @@ class ViTConfig:
     attention_implementation: the kernel of the attention core shared with T5
       (`layers.attention.dot_product_attention`): "auto" (cuDNN's fused kernel where it fits, else
       XLA), "xla" or "cudnn".
+    scan_layers, remat_policy: as `T5Config`'s (layers/layer_stack.py): one scan over the blocks
+      (parameters stacked under `layers/`), and what each block keeps for the backward pass.
     Freezing it as a fixed feature extractor is MMT4's `FusionConfig.freeze_representator`.
     """
 
@@ -57,8 +61,11 @@ class ViTConfig:
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     attention_implementation: str = "auto"
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self):
+        check_remat_policy(self.remat_policy)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
@@ -127,7 +134,7 @@ class ViTBlock(nn.Module):
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, x, *, enable_dropout=False):
+    def __call__(self, x, enable_dropout=False):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
         h = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="pre_attention_norm")(x)
@@ -166,7 +173,7 @@ class VisionTransformer(nn.Module):
                          dtype=cfg.dtype, kernel_init=default_kernel_init, name="patch_embedding")(x)
         cls = partitioning.param_with_axes(
             "cls_token", nn.initializers.normal(0.02), (1, 1, cfg.hidden_size), jnp.float32,
-            axes=("unmodeled", "unmodeled", "embed"))
+            axes=("unmodeled", "abspos_buckets", "embed"))  # position slot 0; a name twice breaks sharding
         position = partitioning.param_with_axes(
             "position_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.hidden_size),
             jnp.float32, axes=("unmodeled", "abspos_buckets", "embed"))
@@ -174,6 +181,6 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x], axis=1) + jnp.asarray(position, cfg.dtype)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
         x = partitioning.with_sharding_constraint(x, ACT_AXES)
-        for i in range(cfg.num_layers):
-            x = ViTBlock(cfg, name=f"layers_{i}")(x, enable_dropout=enable_dropout)
+        x = apply_stack(ViTBlock, [dict(config=cfg)] * cfg.num_layers, x, (), (enable_dropout,),
+                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
         return LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="final_norm")(x)
