@@ -5,19 +5,21 @@
         --gin.tasks.catalog_task.with_description=True --gin.TASK=\"attributes_removed100\" \
         --gin.EVAL_OUTPUT_DIR=\"runs/demo/eval\"
 
-writes `report.json` (every task's metrics), `predictions/<task>.jsonl` and the plots of
+writes `report.json` (every task's metrics, and a warning for a task whose predictions are all the
+same), `predictions/<task>.jsonl` and the plots of
 `eval_plots.py` into the output directory. Decoding and scoring are `task_inference`'s.
 """
 import dataclasses
 import functools
 import json
 import os
+import sys
 from typing import Mapping
 
 import jax
 import seqio
 
-from mmt_jax import eval_plots
+from mmt_jax import eval_plots, task_health
 from mmt_jax.checkpoints import store
 from mmt_jax.errors import InputError
 from mmt_jax.task_inference import (build_model, evaluate_task, get_task, leaf_tasks,
@@ -47,11 +49,16 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
         rows[task.name] = predict_task(model, params, task.name, split, task_feature_lengths,
                                        batch_size, max_examples)
         metrics = evaluate_task(task.name, rows[task.name])
-        report["tasks"][task.name] = {"num_examples": len(rows[task.name]), "metrics": metrics}
+        constant = task_health.constant_predictions_warning(
+            task.name, [row.prediction for row in rows[task.name]])
+        report["tasks"][task.name] = {"num_examples": len(rows[task.name]), "metrics": metrics,
+                                      "warnings": [constant] if constant else []}
         with open(os.path.join(output_dir, "predictions", f"{task.name}.jsonl"), "w") as f:
             for row in rows[task.name]:
                 f.write(json.dumps(dataclasses.asdict(row), ensure_ascii=False) + "\n")
         print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if constant:
+            print(f"warning: {constant}", file=sys.stderr, flush=True)
     report["plots"] = eval_plots.write_plots(report, rows, output_dir)
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2, allow_nan=True)

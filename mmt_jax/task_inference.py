@@ -2,7 +2,8 @@
 binary's inference evaluation, the eval binary, the Predictor and the main job all call.
 
 `predict_task` runs greedy (or the model's) decoding over one split of one seqio task and returns a
-row per example (the text it saw, the reference, the prediction and its score); `evaluate_task`
+row per example (the text it saw, the reference, the prediction and its score); `score_task` gives
+each reference's loss without decoding (what `task_health` compares with the label prior); `evaluate_task`
 applies the task's metric functions (`mmt_jax/metrics.py`) to those rows. `build_model` makes the
 Model of a checkpoint's `ModelConfig` and `get_task` finds a task or mixture by name, as every entry
 point needs.
@@ -53,30 +54,51 @@ class Prediction:
     score: float
 
 
-def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
-                 batch_size: int, max_examples: int | None = None) -> list[Prediction]:
-    """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call."""
+def _task_batches(model, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                  batch_size: int, max_examples: int | None):
+    """`(rows, batch padded to batch_size, n)` over `split` in order: the rows are the task's
+    examples (text included) behind the batch's first `n` lines."""
     task = seqio.get_mixture_or_task(task_name)
     examples = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)
     if max_examples is not None:
         examples = examples.take(max_examples)
     converter = model.FEATURE_CONVERTER_CLS(pack=False)
     batches = converter(examples, task_feature_lengths).batch(batch_size)
-    predict = _compiled_predict(model)
-    vocabulary = task.output_features["targets"].vocabulary
     rows = examples.as_numpy_iterator()
-    results = []
     for batch in batches.as_numpy_iterator():
         n = len(batch["decoder_target_tokens"])
         padded = {k: _pad(v, batch_size) for k, v in batch.items()}  # one compiled shape
-        tokens, aux = predict(params, padded)
+        yield [next(rows) for _ in range(n)], padded, n
+
+
+def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                 batch_size: int, max_examples: int | None = None) -> list[Prediction]:
+    """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call."""
+    predict = _compiled(model, "predict_batch_with_aux")
+    vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    results = []
+    for rows, batch, n in _task_batches(model, task_name, split, task_feature_lengths, batch_size,
+                                        max_examples):
+        tokens, aux = predict(params, batch)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-        for decoded, score in zip(tokens, scores):
-            row = next(rows)  # (not inside zip, which would draw one row too many per batch)
+        for row, decoded, score in zip(rows, tokens, scores):
             results.append(Prediction(
                 id=_text(row, "id"), inputs=_text(row, "inputs"), target=_text(row, "targets"),
                 prediction=vocabulary.decode(until_eos(decoded, vocabulary.eos_id)),
                 score=float(score)))
+    return results
+
+
+def score_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+               batch_size: int, max_examples: int | None = None) -> list[tuple[str, float]]:
+    """`(reference text, its negative log-likelihood in nats)` per example of `split`, in order: the
+    teacher-forced loss of each example's whole target (EOS included), no decoding."""
+    score = _compiled(model, "score_batch")
+    results = []
+    for rows, batch, n in _task_batches(model, task_name, split, task_feature_lengths, batch_size,
+                                        max_examples):
+        log_likelihoods = np.asarray(score(params, batch))[:n]
+        results += [(_text(row, "targets"), -float(ll)) for row, ll in zip(rows, log_likelihoods)]
     return results
 
 
@@ -95,9 +117,10 @@ def evaluate_task(task_name: str, predictions: list[Prediction]) -> dict[str, fl
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_predict(model):
-    """One jitted decoder per model, shared by all of its tasks (same batch shapes, one compile)."""
-    return jax.jit(model.predict_batch_with_aux)
+def _compiled(model, method: str):
+    """One jitted `model.<method>` per model, shared by all of its tasks (same batch shapes, one
+    compile)."""
+    return jax.jit(getattr(model, method))
 
 
 def _text(row: dict, feature: str) -> str:

@@ -25,7 +25,7 @@ import seqio
 from clu import metric_writers
 from tqdm.auto import tqdm
 
-from mmt_jax import task_inference
+from mmt_jax import task_health, task_inference
 from mmt_jax.checkpoints.checkpointer import Checkpointer
 from mmt_jax.errors import TrainingError
 from mmt_jax.model import EncoderDecoderModel
@@ -74,8 +74,10 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
           mesh_shape=(-1, 1, 1), logical_axis_rules=None, num_microbatches: int = 1,
           checkpoint_period: int = 1000, keep_checkpoints: int | None = 3,
           log_period: int = 50, eval_period: int = 0, eval_batches: int = 8,
-          eval_split: str = "validation", infer_eval_examples: int = 0, initial_checkpoint: str | None = None,
-          dropout: bool = True, seed: int = 0, model_kwargs: Mapping | None = None) -> RunResult:
+          eval_split: str = "validation", infer_eval_examples: int = 0,
+          collapse_check_steps: int = 300, collapse_check_examples: int = 128,
+          initial_checkpoint: str | None = None, dropout: bool = True, seed: int = 0,
+          model_kwargs: Mapping | None = None) -> RunResult:
     """Trains `model_config` on a seqio task to `total_steps`; see the module docstring.
 
     Args:
@@ -88,7 +90,11 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
         (0: never).
       infer_eval_examples: also decode that many examples of each task of the mixture that has
         inference metrics, at the same steps, and log the tasks' metrics as `<task>/<metric>`
-        (0: loss only).
+        (0: loss only); a task whose predictions are all the same is warned about.
+      collapse_check_steps, collapse_check_examples: at every evaluation from this step on (0:
+        never), score that many held-out examples of each task with inference metrics and warn,
+        naming the task, when its loss is still at its label prior's entropy (`task_health`); the
+        figures are logged as `<task>/loss_per_example` and `<task>/prior_entropy`.
       initial_checkpoint: an mmt_jax checkpoint whose matching parameters start this run (e.g. a
         converted T5, or the pretrained MMT4), ignored when `model_dir` already has a checkpoint.
       dropout: apply the model's dropout rate in training.
@@ -108,6 +114,10 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
     with Checkpointer(model_dir, model_config, checkpoint_period, keep_checkpoints) as checkpointer:
         is_chief = jax.process_index() == 0
         say = print if is_chief else (lambda *a, **k: None)
+
+        def warn(message: str) -> None:
+            if is_chief:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
 
         if checkpointer.latest_step() is not None:
             state, progress = checkpointer.restore(trainer.abstract_state,
@@ -177,7 +187,11 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                     if infer_eval_examples:
                         eval_metrics.update(_inference_metrics(
                             model, state.params, mixture_or_task_name, eval_split,
-                            task_feature_lengths, batch_size, infer_eval_examples))
+                            task_feature_lengths, batch_size, infer_eval_examples, warn))
+                    if collapse_check_steps and step >= collapse_check_steps:
+                        eval_metrics.update(_prior_check(
+                            model, state.params, mixture_or_task_name, eval_split,
+                            task_feature_lengths, batch_size, collapse_check_examples, step, warn))
                     eval_writer.write_scalars(step, eval_metrics)
                     say(f"step {step}: eval "
                         + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -203,13 +217,34 @@ def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
 
 
 def _inference_metrics(model, params, mixture_or_task_name: str, split: str, task_feature_lengths,
-                       batch_size: int, max_examples: int) -> dict:
+                       batch_size: int, max_examples: int, warn) -> dict:
     metrics = {}
     for task in task_inference.leaf_tasks(mixture_or_task_name):
         rows = task_inference.predict_task(model, params, task.name, split, task_feature_lengths,
-                                     batch_size, max_examples)
+                                           batch_size, max_examples)
         metrics.update({f"{task.name}/{k}": v
                         for k, v in task_inference.evaluate_task(task.name, rows).items()})
+        constant = task_health.constant_predictions_warning(task.name, [r.prediction for r in rows])
+        if constant:
+            warn(constant)
+    return metrics
+
+
+def _prior_check(model, params, mixture_or_task_name: str, split: str, task_feature_lengths,
+                 batch_size: int, max_examples: int, step: int, warn) -> dict:
+    """Each task's held-out loss per example beside its label prior's entropy; warns at the prior."""
+    metrics = {}
+    for task in task_inference.leaf_tasks(mixture_or_task_name):
+        scored = task_inference.score_task(model, params, task.name, split, task_feature_lengths,
+                                           batch_size, max_examples)
+        entropy = task_health.label_prior_entropy([target for target, _ in scored])
+        if entropy is None:
+            continue
+        metrics[f"{task.name}/loss_per_example"] = sum(loss for _, loss in scored) / len(scored)
+        metrics[f"{task.name}/prior_entropy"] = entropy
+        message = task_health.prior_loss_warning(task.name, scored, step)
+        if message:
+            warn(message)
     return metrics
 
 

@@ -44,14 +44,15 @@ def _losses(out: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """Six steps with evaluation (loss, and decoded accuracy on 4 products per task) every 3:
-    `(model_dir, data_dir, stdout)`."""
+    """Six steps with evaluation (loss, and decoded accuracy on 4 products per task) every 3, and the
+    label-prior check from step 6: `(model_dir, data_dir, stdout and stderr)`."""
     model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         assert main.run(_args(data_dir, model_dir, 6, "--gin.train.train.eval_period=3",
                               "--gin.train.train.eval_batches=1",
-                              "--gin.train.train.infer_eval_examples=4")) == 0
+                              "--gin.train.train.infer_eval_examples=4",
+                              "--gin.train.train.collapse_check_steps=6")) == 0
     return model_dir, data_dir, out.getvalue()
 
 
@@ -241,10 +242,26 @@ def test_predictions_of_a_trained_checkpoint_and_their_metrics(uninterrupted):
     assert [r.inputs for r in rows] == [e["inputs_pretokenized"].decode() for e in expected]
     assert [r.target for r in rows] == [e["targets_pretokenized"].decode() for e in expected]
     assert all(r.score <= 0 for r in rows)
+    scored = task_inference.score_task(model, params, task, "validation", lengths, batch_size=4)
+    assert [target for target, _ in scored] == [r.target for r in rows]
+    assert all(loss > 0 for _, loss in scored)
     metrics = task_inference.evaluate_task(task, rows)
     exact = np.mean([r.prediction.strip().lower() == r.target.lower() for r in rows])
     assert metrics["attribute_accuracy"] == pytest.approx(exact)
     assert 0 <= metrics["attribute_recall_at_precision_0.9"] <= metrics["attribute_accuracy"]
+
+
+def test_training_names_the_tasks_still_at_their_label_prior(uninterrupted):
+    """Six steps teach nothing: from `collapse_check_steps` on, every attribute task's held-out loss
+    is above its answers' entropy, and the run says so per task (and logs both figures)."""
+    model_dir, data_dir, out = uninterrupted
+    warnings = [line for line in out.splitlines() if line.startswith("warning: task ")]
+    for attribute in ("color", "pattern", "sleeve_type"):
+        task = f"train_test_{attribute}_removed100"
+        assert any(line.startswith(f"warning: task {task} has not learned from its inputs by step 6")
+                   for line in warnings), out[-3000:]
+        assert f"{task}/prior_entropy" in out and f"{task}/loss_per_example" in out
+    assert not any("by step 3" in line for line in warnings)  # checked from step 6 only
 
 
 def _eval_args(data_dir, checkpoint, output_dir, task, *extra):
@@ -268,6 +285,10 @@ def test_eval_binary_writes_the_report_predictions_and_plots(uninterrupted, tmp_
         assert len(rows) == result["num_examples"] > 0 and all(r["id"] for r in rows)
         exact = np.mean([r["prediction"].strip().lower() == r["target"].lower() for r in rows])
         assert result["metrics"]["attribute_accuracy"] == pytest.approx(exact)
+        # A task whose predictions are all one string is flagged (six steps often teach only that).
+        constant = len({r["prediction"] for r in rows}) == 1
+        assert result["warnings"] == ([f"task {task}: all {len(rows)} predictions are "
+                                       f"{rows[0]['prediction']!r}"] if constant else [])
     assert (out / "attribute_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert main.run(_eval_args(data_dir, model_dir, tmp_path / "match", "match")) == 0
