@@ -47,8 +47,9 @@ def prior_loss_warning(task_name: str, scored: Sequence[tuple[str, float]], step
     answers = len({target for target, _ in scored})
     return (f"task {task_name} has not learned from its inputs by step {step}: its held-out loss "
             f"is {loss:.3f} nats per example, the entropy of its {answers} answers' frequencies is "
-            f"{entropy:.3f} (a model that ignores the inputs reaches that); lower the learning rate "
-            "or add warm-up (README: Training that does not collapse)")
+            f"{entropy:.3f} (a model that ignores the inputs reaches that); train with Adafactor "
+            "(--gin_file=runs/adafactor.gin), or a lower learning rate or a warm-up (README: "
+            "Training that does not collapse)")
 
 
 def constant_predictions_warning(task_name: str, predictions: Sequence[str]) -> str | None:

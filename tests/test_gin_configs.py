@@ -76,6 +76,30 @@ def test_run_gins_set_their_task_and_lengths(run, task, lengths, extra):
         gin.clear_config()
 
 
+def test_adafactor_gin_swaps_the_optimizer_and_keeps_the_schedule():
+    """runs/adafactor.gin: one --gin_file selects Adafactor (a bare `--gin.train.train.optimizer=
+    @optimizers.adafactor()` cannot: nothing has registered it), with train.gin's schedule."""
+    import jax
+    import optax
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(mmt_jax.gin_search_path())
+        gin.parse_config_files_and_bindings(
+            ["runs/catalog.gin", "models/mmt4_tiny.gin", "runs/adafactor.gin"],
+            ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10", "TASK = 'match'", "LEARNING_RATE = 3e-3"])
+        optimizer = gin.query_parameter("train.train.optimizer").scoped_configurable_fn()
+        assert gin.query_parameter("optimizers.adafactor.learning_rate").selector == (
+            "optimizers.linear_decay")  # train.gin's: peak LEARNING_RATE, WARMUP_STEPS
+    finally:
+        gin.clear_config()
+    state = optimizer.init({"kernel": jnp.ones((256, 128))})  # optax factors dims >= 128
+    factored = [s for s in jax.tree_util.tree_leaves(
+        state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+        if isinstance(s, optax.FactoredState)]
+    # Adafactor's factored second moments: a row and a column vector instead of a [256, 128] array.
+    assert {factored[0].v_row["kernel"].shape, factored[0].v_col["kernel"].shape} == {(256,), (128,)}
+
+
 def test_mixed_precision_is_a_gin_binding():
     gin.clear_config()
     try:
