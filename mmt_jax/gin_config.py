@@ -9,7 +9,11 @@ The train and eval binaries (`main.py`) and the main job (`demo.py`) all run thr
 Gin files are searched in the package's `gin/` (`mmt_jax.gin_search_path()`), then in
 `search_paths`.
 """
+import contextlib
+import importlib.util
 import logging
+import os
+import sys
 from typing import Callable, Sequence
 
 import gin
@@ -21,6 +25,41 @@ from mmt_jax.errors import GinError
 def _not_path_noise(record: logging.LogRecord) -> bool:
     # gin logs an error for each search path a file is not in before it finds it.
     return not record.getMessage().startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _namespace_folders_masked(names: Sequence[str]):
+    """While gin parses: the names of the package's gin folders (`runs`, `models`, `t5x`) do not
+    import as namespace packages.
+
+    gin reads `runs/train.gin` first as the resource `train.gin` of a Python package `runs`; a
+    user's own `runs/` folder on sys.path (beside a script, or a notebook's directory) imports as a
+    namespace package with no file, and gin 0.5 then fails with a TypeError instead of going on to
+    its search path. Marking such a name as not importable (`sys.modules[name] = None`) makes gin
+    skip it; a real package of that name (with a file) is left alone.
+    """
+    masked = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin is None:
+            sys.modules[name] = None
+            masked.append(name)
+    try:
+        yield
+    finally:
+        for name in masked:
+            del sys.modules[name]
+
+
+def _gin_folders() -> list[str]:
+    root = gin_search_path()
+    return [name for name in os.listdir(root)
+            if name.isidentifier() and os.path.isdir(os.path.join(root, name))]
 
 
 def run_configured(configurable: Callable, gin_files: Sequence[str], bindings: Sequence[str],
@@ -35,7 +74,8 @@ def run_configured(configurable: Callable, gin_files: Sequence[str], bindings: S
     for path in [gin_search_path(), *search_paths]:
         gin.add_config_file_search_path(path)
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
+        with _namespace_folders_masked(_gin_folders()):
+            gin.parse_config_files_and_bindings(list(gin_files), list(bindings))
         run = gin.get_configurable(configurable)
     except (ValueError, KeyError, ImportError, OSError, NameError, SyntaxError) as e:
         raise GinError(f"gin: {e}") from None

@@ -57,6 +57,8 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
         raise TrainingError(f"task {mixture_or_task_name!r} tokenises with "
                             f"{getattr(task_vocab, 'sentencepiece_model_file', task_vocab)}, the model "
                             f"with {model.output_vocabulary.sentencepiece_model_file}")
+    if num_epochs is None:  # repeated: an empty task would keep tf.data spinning forever
+        _check_not_empty(provider, split, task_feature_lengths)
     index, processes = shard or (jax.process_index(), jax.process_count())
     if batch_size % processes:
         raise TrainingError(f"batch size {batch_size} does not divide over {processes} processes")
@@ -66,6 +68,18 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
         shard_info=seqio.ShardInfo(index, processes) if processes > 1 else None,
         feature_converter=model.FEATURE_CONVERTER_CLS(pack=False))
     return ds.batch(batch_size // processes, drop_remainder=True)
+
+
+def _check_not_empty(provider, split: str, task_feature_lengths: Mapping[str, int]) -> None:
+    """A TrainingError naming the first task (of a mixture) without a single example in `split`,
+    and what its source holds when the source can say (a catalog: its attributes)."""
+    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+        first = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1,
+                                 use_cached=False).take(1)
+        if next(first.as_numpy_iterator(), None) is None:
+            describe = getattr(task.source, "describe", None)
+            raise TrainingError(f"task {task.name} has no examples in its '{split}' split"
+                                + (f": {describe(split)}" if describe else ""))
 
 
 def train(*, model_config: ModelConfig, mixture_or_task_name: str,

@@ -21,6 +21,7 @@ names an extractor, the catalog's stored `image_features` and `image_mask` for
 `MultimodalFeaturesEncDecFeatureConverter`); text tasks emit only tokens, for
 `seqio.EncDecFeatureConverter`.
 """
+import collections
 import functools
 import inspect
 from typing import Sequence
@@ -61,6 +62,19 @@ class CatalogSource(seqio.TfdsDataSource):
         super().__init__(tfds_name=tfds_catalog.tfds_name(catalog), tfds_data_dir=data_dir)
         self._to_generate = tfds_catalog.embedded_config_from_name(catalog)
         self._catalog_dir = data_dir
+        self._catalog = catalog
+
+    def describe(self, split: str) -> str:
+        """What the catalog holds in `split`: its products and the attributes they name, with
+        counts (for an error about a task that finds nothing in it)."""
+        counts, products = collections.Counter(), 0
+        for record in self.get_dataset(split=split, shuffle=False).as_numpy_iterator():
+            products += 1
+            counts.update(name.decode("utf-8") for name in record["attribute_names"])
+        named = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items())) or "none"
+        return (f"catalog {self._catalog} under {self._catalog_dir} has {products} products in "
+                f"'{split}', naming the attributes: {named}; name yours with "
+                "tasks.catalog_task.attributes=(...)")
 
     @property
     def tfds_dataset(self):

@@ -133,3 +133,32 @@ def test_moe_gin_builds_odd_decoder_moe_layers_and_trains_experts_only():
     assert config.has_moe
     with pytest.raises(ValueError, match="needs MoE layers"):
         optimizer.init({"encoder": {"layers_0": {"mlp": {"wo": {"kernel": jnp.zeros((2, 2))}}}}})
+
+
+def test_a_runs_folder_on_sys_path_does_not_break_gin(tmp_path, monkeypatch):
+    """A script or notebook beside the user's own runs/ folder (README: model dirs under runs/) has
+    that folder on sys.path as a namespace package; gin must still find runs/*.gin in the package
+    (gin 0.5 alone fails with a TypeError), and the folder must import as before afterwards."""
+    import importlib.util
+    import sys
+    from mmt_jax import gin_config
+
+    (tmp_path / "runs" / "mmt4").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("runs").origin is None  # the trap: a namespace package
+
+    @gin.configurable("probe_for_test")
+    def probe(task_feature_lengths=gin.REQUIRED):
+        return task_feature_lengths
+
+    try:
+        lengths = gin_config.run_configured(
+            probe, ["runs/catalog.gin", "models/mmt4_tiny.gin"],
+            ["MODEL_DIR = 'runs/mmt4'", "TRAIN_STEPS = 1", "TASK = 'match'",
+             "probe_for_test.task_feature_lengths = %TASK_FEATURE_LENGTHS"])
+    finally:
+        gin.clear_config()
+    assert lengths == {"inputs": 64, "targets": 16}
+    assert "runs" not in sys.modules or sys.modules["runs"] is not None
+    assert importlib.util.find_spec("runs").origin is None  # unmasked again

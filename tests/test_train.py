@@ -220,6 +220,13 @@ def test_non_finite_loss_stops_and_names_the_step(data_dir, tmp_path, capsys):
     (["--gin.INITIAL_CHECKPOINT_PATH='/nowhere/checkpoint_1'"], "no such checkpoint"),
     (["--gin.BATCH_SIZE=12"], "does not divide over the 8 data-parallel shards"),
     (["--gin.MESH_SHAPE=(3, 1, 1)"], "needs 3 devices, 8 are available"),
+    # An attribute the catalog never names: an empty task, which repeated would spin forever.
+    (["--gin.tasks.catalog_task.attributes=('fit',)", "--gin.CATALOG_PREFIX='train_test_fit'"],
+     "task train_test_fit_fit_removed100 has no examples in its 'train' split: catalog "
+     "embedded-n96-s0-px32 under "),
+    (["--gin.tasks.catalog_task.attributes=('fit',)", "--gin.CATALOG_PREFIX='train_test_fit'"],
+     "has 81 products in 'train', naming the attributes: brand (81), color (81), material (81), "
+     "pattern (81), sleeve_type (30); name yours with tasks.catalog_task.attributes=(...)"),
 ])
 def test_clear_errors(data_dir, tmp_path, capsys, extra, message):
     assert main.run(_args(data_dir, str(tmp_path / "run"), 2, *extra)) == 2
