@@ -22,10 +22,11 @@ For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR
 import os
 
 from mmt_jax.data import tfds_catalog
-from mmt_jax.tasks.catalog import DEFAULT_ATTRIBUTES, REMOVAL_SHARES, catalog_task, register_catalog_tasks
+from mmt_jax.tasks.catalog import (DEFAULT_ATTRIBUTES, REMOVAL_SHARES, attribute_task_names,
+                                   catalog_task, register_catalog_tasks)
 
-__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "catalog_task", "default_data_dir",
-           "register_catalog_tasks"]
+__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "catalog_task",
+           "default_data_dir", "register_catalog_tasks"]
 
 
 def default_data_dir() -> str:

@@ -9,6 +9,7 @@ call registers, with `P` the prefix:
     P_pretrain           mixture of the two
   fine-tuning (MMT4 paper, section 4)
     P_<attribute>_removed<R>     "<title> <attribute>:" -> value, R% of titles without the value
+                                 (<attribute> as in task names: `attribute_task_names`)
     P_attributes_removed<R>      mixture over the attributes
     P_title              "title:" + image -> title
     P_match              "<title> match:" + image -> yes/no, balanced negatives
@@ -24,6 +25,7 @@ names an extractor, the catalog's stored `image_features` and `image_mask` for
 import collections
 import functools
 import inspect
+import re
 from typing import Sequence
 
 import seqio
@@ -149,16 +151,17 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                      [f"{prefix}_span_corruption{suffix}", f"{prefix}_mlm{suffix}"], names)
 
     attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
+    slugs = attribute_task_names(attributes)
     for share in removal_shares:
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
-            add(f"{prefix}_{attribute}_{removed}", functools.partial(
+            add(f"{prefix}_{slugs[attribute]}_{removed}", functools.partial(
                 prompts.attribute_examples, attribute=attribute, removal_share=share,
                 with_description=with_description),
                 attribute_metrics)
         for suffix in ("", "_text"):
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
-                         [f"{prefix}_{a}_{removed}{suffix}" for a in attributes], names)
+                         [f"{prefix}_{slugs[a]}_{removed}{suffix}" for a in attributes], names)
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
         modalities=("image",))
@@ -176,6 +179,24 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
 
 
 _REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered with
+
+
+def attribute_task_names(attributes: Sequence[str]) -> dict[str, str]:
+    """`{attribute: the part of its task names}`: catalogs name attributes as people write them
+    ("product type", "Sleeve Length", "colour/finish"), task names allow only letters, digits and
+    `_`, so each is lower-cased and every run of other characters becomes one `_` ("product_type",
+    "sleeve_length", "colour_finish"). The prompt keeps the name as written. Two attributes with the
+    same task name are an error naming both."""
+    names, seen = {}, {}
+    for attribute in attributes:
+        name = re.sub(r"\W+", "_", attribute.lower()).strip("_")
+        if not name:
+            raise ValueError(f"attribute {attribute!r} has no letter or digit to name its tasks by")
+        if name in seen and seen[name] != attribute:
+            raise ValueError(f"attributes {seen[name]!r} and {attribute!r} would both be tasks "
+                             f"named {name!r}; rename one in the catalog")
+        names[attribute], seen[name] = name, attribute
+    return names
 
 
 def _full_arguments(*args, **kwargs) -> dict:

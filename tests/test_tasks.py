@@ -148,3 +148,31 @@ def test_mixtures_keep_the_image(registered):
     assert batch["encoder_images"].shape == (8, 32, 32, 3) and batch["encoder_images"].any()
     pretrain = _batch("test_catalog_pretrain", feature_converter.MultimodalEncDecFeatureConverter)
     assert (pretrain["encoder_image_mask"] == 1).all()
+
+
+def test_attribute_names_as_catalogs_spell_them(tmp_path):
+    """Catalogs name attributes as people write them; seqio task names allow only word characters.
+    Each becomes a task name of its own (`attribute_task_names`), the prompt keeps the name."""
+    import json
+    from mmt_jax import main
+    spelled = {"product type": "t-shirt", "Sleeve Length": "long", "colour/finish": "matte red"}
+    with open(tmp_path / "catalog.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"id": f"p{i}", "title": f"Acme shirt {i}", "split": "train",
+                                "attributes": spelled}) + "\n")
+    out = str(tmp_path / "tfds")
+    assert main.run(["data", "convert", "--jsonl", str(tmp_path / "catalog.jsonl"), "--out", out,
+                     "--name", "spelled"]) == 0
+    assert tasks.attribute_task_names(list(spelled)) == {
+        "product type": "product_type", "Sleeve Length": "sleeve_length",
+        "colour/finish": "colour_finish"}
+    names = tasks.register_catalog_tasks("spelled", out, "spelled", attributes=list(spelled))
+    for attribute, value in spelled.items():
+        task = f"spelled_{tasks.attribute_task_names([attribute])[attribute]}_removed0_text"
+        assert task in names
+        example = next(seqio.get_mixture_or_task(task).get_dataset(
+            LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+        assert example["inputs_pretokenized"].decode().endswith(f" {attribute}:")
+        assert example["targets_pretokenized"].decode() == value
+    with pytest.raises(ValueError, match="'Colour' and 'colour' would both be tasks named 'colour'"):
+        tasks.attribute_task_names(["Colour", "colour"])
