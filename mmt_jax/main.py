@@ -23,8 +23,12 @@ import argparse
 import os
 import sys
 
-from mmt_jax.data.records import MAX_IMAGE_SIDE, ConversionError, RecordError
-from mmt_jax.errors import (CheckpointError, CheckpointFormatError, GinError, InputError,
+# TensorFlow's C++ notices (oneDNN, CUDA stubs, tf.data's note on a cache read in part) are not the
+# user's business on the command line; set before TensorFlow loads, and an explicit value wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from mmt_jax.data.records import MAX_IMAGE_SIDE, ConversionError, RecordError  # noqa: E402
+from mmt_jax.errors import (CheckpointError, CheckpointFormatError, GinError, InputError,  # noqa: E402
                             ModelDirInUseError, TrainingError, UnknownTaskError)
 
 
