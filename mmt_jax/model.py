@@ -149,8 +149,11 @@ class EncoderDecoderModel:
 
     def loss_from_logits(self, logits, batch: Batch):
         """The cross-entropy loss (with z-loss and smoothing, normalised per `self.loss_config`) of
-        teacher-forced `logits` and the metrics `loss`, `cross_ent_loss`, `z_loss`, `accuracy`,
-        `num_tokens` (the last four per real target token)."""
+        teacher-forced `logits` and the metrics `loss`, `cross_ent_loss`, `z_loss`,
+        `token_accuracy` (those three per real target token), `num_tokens`, and
+        `sequence_accuracy`: the share of examples whose every target token is the argmax given the
+        reference prefix, which is exactly the share that greedy decoding answers word for word
+        (the exact-match accuracy users read), over the `num_examples` with a target."""
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         weights = (targets > 0) if weights is None else weights
@@ -160,15 +163,22 @@ class EncoderDecoderModel:
             z_loss=self.loss_config.z_loss)
         num_tokens = jnp.sum(weights)
         loss = jnp.sum(token_loss) / self.loss_config.normalizer(num_tokens)
-        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
+        hits = jnp.argmax(logits, -1) == targets
+        correct = hits.astype(jnp.float32) * weights
         per_token = jnp.maximum(num_tokens, 1.0)
+        has_target = jnp.any(weights > 0, axis=-1)
+        num_examples = jnp.sum(has_target.astype(jnp.float32))
+        all_right = jnp.all(hits | (weights <= 0), axis=-1) & has_target
         metrics = {
             "loss": clu.metrics.Average.from_model_output(loss),
             "cross_ent_loss": clu.metrics.Average.from_model_output(
                 jnp.sum(token_loss - token_z_loss) / per_token),
             "z_loss": clu.metrics.Average.from_model_output(jnp.sum(token_z_loss) / per_token),
-            "accuracy": clu.metrics.Average.from_model_output(jnp.sum(correct) / per_token),
+            "token_accuracy": clu.metrics.Average.from_model_output(jnp.sum(correct) / per_token),
+            "sequence_accuracy": clu.metrics.Average.from_model_output(
+                jnp.sum(all_right.astype(jnp.float32)) / jnp.maximum(num_examples, 1.0)),
             "num_tokens": clu.metrics.Average.from_model_output(num_tokens),
+            "num_examples": clu.metrics.Average.from_model_output(num_examples),
         }
         return loss, metrics
 

@@ -192,8 +192,10 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                     bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
                                     ex_s=f"{train_metrics['examples_per_second']:.0f}")
                     if bar.disable:
+                        seen = round(train_metrics["num_examples"] * window_steps)
                         say(f"step {step}/{total_steps}  loss {train_metrics['loss']:.4f}  "
-                            f"accuracy {train_metrics['accuracy']:.3f}  "
+                            f"exact match {train_metrics['sequence_accuracy']:.3f} of {seen} "
+                            f"examples (token accuracy {train_metrics['token_accuracy']:.3f})  "
                             f"{train_metrics['examples_per_second']:.0f} examples/s", flush=True)
                     window_metrics, window_start, window_steps = None, time.perf_counter(), 0
                 if eval_ds is not None and (step % eval_period == 0 or step == total_steps):

@@ -253,3 +253,21 @@ def test_the_t5x_adapter_computes_its_loss_with_our_model(adapter_module, family
     key = jax.random.key(5)
     np.testing.assert_array_equal(adapter._compute_logits(params, batch, key),
                                   reference._compute_logits(params, batch, key))
+
+
+def test_token_and_sequence_accuracy_by_hand():
+    """The training log's exact match: an example counts when every one of its target tokens is
+    the argmax (what greedy decoding then answers word for word); rows without a target do not
+    count. Logits built so that row 0 is all right, row 1 misses one of three tokens, row 2 has no
+    target at all."""
+    model, _, _ = _model_params_batch("t5")
+    vocab = 16
+    targets = np.array([[5, 6, 1, 0], [5, 7, 1, 0], [0, 0, 0, 0]], np.int32)
+    predicted = np.array([[5, 6, 1, 9], [5, 3, 1, 9], [4, 4, 4, 4]])  # padding positions: anything
+    logits = np.full((3, 4, vocab), -5.0, np.float32)
+    np.put_along_axis(logits, predicted[..., None], 5.0, axis=-1)
+    _, metrics = model.loss_from_logits(jax.numpy.asarray(logits), {"decoder_target_tokens": targets})
+    values = _values(metrics)
+    assert values["num_tokens"] == 6 and values["num_examples"] == 2
+    assert values["token_accuracy"] == pytest.approx(5 / 6)
+    assert values["sequence_accuracy"] == pytest.approx(1 / 2)

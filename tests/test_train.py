@@ -61,7 +61,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
     model_dir, data_dir, out = uninterrupted
     straight = _losses(out)
     assert len(straight) == 6 and straight[-1] < straight[0]
-    assert "step 3: eval accuracy" in out and "finished at step 6" in out and "eval_loss" in out
+    assert "step 3: eval " in out and "finished at step 6" in out and "eval_loss" in out
+    assert "eval_sequence_accuracy" in out and "exact match " in out and " of 8 examples" in out
     # the inference metrics of every attribute task of the mixture, at both evaluations
     for attribute in ("color", "pattern", "sleeve_type", "brand", "material"):
         assert out.count(f"train_test_{attribute}_removed100/attribute_accuracy") == 3  # + summary
