@@ -104,7 +104,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
       data_dir, catalog: where the catalog is (the converter's --out and --name).
       vocabulary: a seqio vocabulary or the path of a T5 SentencePiece model (default: the catalog
         vocabulary shipped with the package).
-      attributes: the attributes to make generation tasks for.
+      attributes: the attributes to make generation tasks for (none: a catalog for matching, titles
+        and pretraining only; no attribute or QA tasks are registered).
       image: how images are decoded and resized for the representator, or which stored features
         the model reads (`image_spec.preprocessing(spec)`; the catalog must hold them).
       removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
@@ -159,7 +160,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                 prompts.attribute_examples, attribute=attribute, removal_share=share,
                 with_description=with_description),
                 attribute_metrics)
-        for suffix in ("", "_text"):
+        for suffix in ("", "_text") if attributes else ():  # no attributes: no attribute mixtures
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
                          [f"{prefix}_{slugs[a]}_{removed}{suffix}" for a in attributes], names)
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
@@ -168,9 +169,10 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
                    "context": seqio.Feature(vocabulary, add_eos=True),
                    "targets": seqio.Feature(vocabulary, add_eos=True)}
-    add(f"{prefix}_qa", functools.partial(prompts.question_answering_examples,
-                                          attributes=tuple(attributes)),
-        attribute_metrics, features=qa_features, modalities=("image",))
+    if attributes:
+        add(f"{prefix}_qa", functools.partial(prompts.question_answering_examples,
+                                              attributes=tuple(attributes)),
+            attribute_metrics, features=qa_features, modalities=("image",))
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
                                           attributes=attributes, image=image,
                                           removal_shares=removal_shares,

@@ -176,3 +176,10 @@ def test_attribute_names_as_catalogs_spell_them(tmp_path):
         assert example["targets_pretokenized"].decode() == value
     with pytest.raises(ValueError, match="'Colour' and 'colour' would both be tasks named 'colour'"):
         tasks.attribute_task_names(["Colour", "colour"])
+
+    # A catalog used for matching and titles only: no attribute tasks, the rest as usual.
+    names = tasks.register_catalog_tasks("spelled_none", out, "spelled", attributes=())
+    assert "spelled_none_match" in names and "spelled_none_title" in names
+    assert not any("removed" in name or name.endswith("_qa") for name in names)
+    with pytest.raises(UnknownTaskError, match="no catalog task 'attributes_removed100'; "):
+        tasks.catalog_task("attributes_removed100", "spelled_none", out, "spelled", attributes=())
