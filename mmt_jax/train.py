@@ -11,6 +11,7 @@ loss stops the run naming the step and the last good checkpoint; SIGTERM saves a
 Resuming takes the newest checkpoint whose digests verify (a corrupt one is moved to
 `model_dir/corrupt/`, and the run says so), and a second run on the same model_dir is refused.
 """
+import contextlib
 import dataclasses
 import os
 import signal
@@ -31,6 +32,7 @@ from mmt_jax.errors import TrainingError
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.partitioning import Partitioner
+from mmt_jax.training.batch_feeder import BatchFeeder
 from mmt_jax.training.trainer import Trainer
 
 
@@ -166,10 +168,19 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
             is_chief and sys.stderr.isatty()), dynamic_ncols=True)
         window_start, window_steps = time.perf_counter(), 0
         step = start_step  # counted on the host: reading state.step would wait for every step
-        with stop:
+        # Alone, a run stops while it waits for data too; several processes agree at log steps.
+        stop_waiting = lambda: stop.received and jax.process_count() == 1  # noqa: E731
+        saved_step = checkpointer.latest_step()
+        with stop, contextlib.closing(BatchFeeder(batches)) as feeder:
             while step < total_steps:
+                batch = feeder.next(stop_waiting)
+                if batch is None:  # a signal while the input pipeline had nothing ready
+                    if step != (saved_step or 0) and checkpointer.save(state, batches_read,
+                                                                       force=True):
+                        saved_step = step
+                    break
                 step += 1
-                state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)),
+                state, metrics = trainer.train_step(state, trainer.global_batch(batch),
                                                     dropout_rng)
                 batches_read += 1
                 window_steps += 1
@@ -212,7 +223,7 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                     say(f"step {step}: eval "
                         + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 if due_checkpoint and checkpointer.save(state, batches_read, force=True):
-                    last_good = checkpointer.path(step)
+                    last_good, saved_step = checkpointer.path(step), step
                 if stopping:
                     break
         bar.close()
@@ -220,7 +231,9 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
         eval_writer.flush()
     stopped = step < total_steps
     if stopped:
-        say(f"stopped by signal at step {step}; saved {checkpointer.path(step)}")
+        say(f"stopped by signal at step {step}; " + (
+            f"saved {checkpointer.path(step)}" if saved_step == step else
+            "no step was taken, nothing to save"))
     return RunResult(step, train_metrics, eval_metrics, stopped)
 
 

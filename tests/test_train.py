@@ -96,6 +96,42 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
                            reference)
 
 
+def test_sigterm_while_the_input_pipeline_warms_up_ends_the_run(data_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """The first training batch takes 20 s (a filling shuffle buffer, a resumed run skipping its
+    batches); SIGTERM during the wait ends the run at once, with nothing to save at step 0."""
+    import tensorflow as tf
+    from mmt_jax import train as train_module
+    real_get_dataset = train_module.get_dataset
+
+    def stall(batch):
+        wait = tf.py_function(lambda: time.sleep(20) or 0, [], tf.int32)
+        with tf.control_dependencies([wait]):
+            return {k: tf.identity(v) for k, v in batch.items()}
+
+    def slow_get_dataset(model, name, split, *args, **kwargs):
+        ds = real_get_dataset(model, name, split, *args, **kwargs)
+        return ds.map(stall) if split == "train" else ds
+
+    signalled = []
+
+    def signal_once_the_run_listens():
+        while getattr(signal.getsignal(signal.SIGTERM), "__name__", "") != "_handle":
+            time.sleep(0.05)
+        time.sleep(1.0)  # the loop is waiting for its first batch by now
+        signalled.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "get_dataset", slow_get_dataset)
+    threading.Thread(target=signal_once_the_run_listens, daemon=True).start()
+    assert main.run(_args(data_dir, str(tmp_path / "run"), 4)) == 0
+    assert time.perf_counter() - signalled[0] < 10  # not after the 20 s wait for the first batch
+    out = capsys.readouterr()
+    assert "received SIGTERM" in out.err
+    assert "stopped by signal at step 0; no step was taken, nothing to save" in out.out
+    assert not any(n.startswith("checkpoint_") for n in os.listdir(tmp_path / "run"))
+
+
 def _assert_same_params(model_dir_a, model_dir_b, step=6):
     _, a = store.load_checkpoint(os.path.join(model_dir_a, f"checkpoint_{step}"))
     _, b = store.load_checkpoint(os.path.join(model_dir_b, f"checkpoint_{step}"))
