@@ -13,6 +13,7 @@ Resuming takes the newest checkpoint whose digests verify (a corrupt one is move
 """
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -60,7 +61,8 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
                             f"{getattr(task_vocab, 'sentencepiece_model_file', task_vocab)}, the model "
                             f"with {model.output_vocabulary.sentencepiece_model_file}")
     if num_epochs is None:  # repeated: an empty task would keep tf.data spinning forever
-        _check_not_empty(provider, split, task_feature_lengths)
+        for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+            _check_not_empty(task.name, split, tuple(sorted(task_feature_lengths.items())))
     index, processes = shard or (jax.process_index(), jax.process_count())
     if batch_size % processes:
         raise TrainingError(f"batch size {batch_size} does not divide over {processes} processes")
@@ -72,16 +74,18 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
     return ds.batch(batch_size // processes, drop_remainder=True)
 
 
-def _check_not_empty(provider, split: str, task_feature_lengths: Mapping[str, int]) -> None:
-    """A TrainingError naming the first task (of a mixture) without a single example in `split`,
-    and what its source holds when the source can say (a catalog: its attributes)."""
-    for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
-        first = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1,
-                                 use_cached=False).take(1)
-        if next(first.as_numpy_iterator(), None) is None:
-            describe = getattr(task.source, "describe", None)
-            raise TrainingError(f"task {task.name} has no examples in its '{split}' split"
-                                + (f": {describe(split)}" if describe else ""))
+@functools.lru_cache(maxsize=None)
+def _check_not_empty(task_name: str, split: str, task_feature_lengths: tuple) -> None:
+    """A TrainingError when task `task_name` has not a single example in `split`, saying what its
+    source holds when the source can say (a catalog: its attributes). Reading the first example
+    costs a few seconds, so a task found non-empty is not read again in this process."""
+    task = seqio.get_mixture_or_task(task_name)
+    first = task.get_dataset(dict(task_feature_lengths), split=split, shuffle=False, num_epochs=1,
+                             use_cached=False).take(1)
+    if next(first.as_numpy_iterator(), None) is None:
+        describe = getattr(task.source, "describe", None)
+        raise TrainingError(f"task {task.name} has no examples in its '{split}' split"
+                            + (f": {describe(split)}" if describe else ""))
 
 
 def train(*, model_config: ModelConfig, mixture_or_task_name: str,
