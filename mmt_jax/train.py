@@ -60,9 +60,6 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
         raise TrainingError(f"task {mixture_or_task_name!r} tokenises with "
                             f"{getattr(task_vocab, 'sentencepiece_model_file', task_vocab)}, the model "
                             f"with {model.output_vocabulary.sentencepiece_model_file}")
-    if num_epochs is None:  # repeated: an empty task would keep tf.data spinning forever
-        for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
-            _check_not_empty(task.name, split, tuple(sorted(task_feature_lengths.items())))
     index, processes = shard or (jax.process_index(), jax.process_count())
     if batch_size % processes:
         raise TrainingError(f"batch size {batch_size} does not divide over {processes} processes")
@@ -145,6 +142,11 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
             batches_read = progress["batches_read"]
             say(f"resumed from {checkpointer.path(progress['step'])} (step {progress['step']})")
         else:
+            # A fresh run's tasks are read once first: one without a single example would keep the
+            # repeated pipeline spinning forever (a resumed run has read from them already).
+            provider = task_inference.get_task(mixture_or_task_name)
+            for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
+                _check_not_empty(task.name, "train", tuple(sorted(task_feature_lengths.items())))
             state, fresh, upcycled = trainer.initial_state(seed, initial_checkpoint)
             batches_read = 0
             if initial_checkpoint:
