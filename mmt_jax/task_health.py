@@ -9,7 +9,7 @@ example, the entropy of those frequencies,
 
 A model whose held-out loss per example stays at or above H has learned the answer frequencies and
 nothing of the inputs (issue 19: matching at learning rate 2e-3 sat at ln 2 for 2000 steps while
-nothing said so). `prior_loss_warning` compares the two on held-out examples (`task_inference.
+nothing said so). `prior_check` compares the two on held-out examples (`task_inference.
 score_task`); the train binary calls it at every evaluation after `collapse_check_steps`.
 `constant_predictions_warning` flags a decoded task whose predictions are all one string (the eval
 binary's report and the train binary's inference evaluation).
@@ -35,21 +35,24 @@ def label_prior_entropy(targets: Sequence[str]) -> float | None:
     return -sum(c / n * math.log(c / n) for c in counts.values())
 
 
-def prior_loss_warning(task_name: str, scored: Sequence[tuple[str, float]], step: int) -> str | None:
-    """A warning when the mean loss per example of `scored` (`(reference, loss)` pairs) is within
-    `PRIOR_TOLERANCE` of the references' label-prior entropy; None otherwise."""
+def prior_check(task_name: str, scored: Sequence[tuple[str, float]],
+                step: int) -> tuple[float, float, str | None] | None:
+    """`(mean loss per example, label-prior entropy, warning or None)` of `scored` (`(reference,
+    loss)` pairs); the warning when the loss is within `PRIOR_TOLERANCE` of the entropy or above.
+    None when the references do not form a small answer set (no prior to compare with)."""
     entropy = label_prior_entropy([target for target, _ in scored])
     if entropy is None:
         return None
     loss = sum(loss for _, loss in scored) / len(scored)
     if loss < (1 - PRIOR_TOLERANCE) * entropy:
-        return None
+        return loss, entropy, None
     answers = len({target for target, _ in scored})
-    return (f"task {task_name} has not learned from its inputs by step {step}: its held-out loss "
-            f"is {loss:.3f} nats per example, the entropy of its {answers} answers' frequencies is "
-            f"{entropy:.3f} (a model that ignores the inputs reaches that); train with Adafactor "
-            "(--gin_file=runs/adafactor.gin), or a lower learning rate or a warm-up (README: "
-            "Training that does not collapse)")
+    return loss, entropy, (
+        f"task {task_name} has not learned from its inputs by step {step}: its held-out loss "
+        f"is {loss:.3f} nats per example, the entropy of its {answers} answers' frequencies is "
+        f"{entropy:.3f} (a model that ignores the inputs reaches that); train with Adafactor "
+        "(--gin_file=runs/adafactor.gin), or a lower learning rate or a warm-up (README: "
+        "Training that does not collapse)")
 
 
 def constant_predictions_warning(task_name: str, predictions: Sequence[str]) -> str | None:

@@ -272,12 +272,12 @@ def _prior_check(model, params, mixture_or_task_name: str, split: str, task_feat
     for task in task_inference.leaf_tasks(mixture_or_task_name):
         scored = task_inference.score_task(model, params, task.name, split, task_feature_lengths,
                                            batch_size, max_examples)
-        entropy = task_health.label_prior_entropy([target for target, _ in scored])
-        if entropy is None:
+        checked = task_health.prior_check(task.name, scored, step)
+        if checked is None:
             continue
-        metrics[f"{task.name}/loss_per_example"] = sum(loss for _, loss in scored) / len(scored)
+        loss, entropy, message = checked
+        metrics[f"{task.name}/loss_per_example"] = loss
         metrics[f"{task.name}/prior_entropy"] = entropy
-        message = task_health.prior_loss_warning(task.name, scored, step)
         if message:
             warn(message)
     return metrics

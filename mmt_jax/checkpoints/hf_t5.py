@@ -66,15 +66,24 @@ def _head_fields(hf_config: Mapping) -> tuple[bool, bool]:
     return tie, scaled
 
 
+UNKNOWN_VALUE = "unknown {field} {value!r}; known: {known}"
+
+
+def config_field(hf_config: Mapping, field: str, default, allowed, problem: str):
+    """`hf_config[field]` (or `default`), or a CheckpointFormatError saying `problem` (formatted
+    with `field`, `value` and the sorted `known` values) when it is not one of `allowed`."""
+    value = hf_config.get(field, default)
+    if value not in allowed:
+        raise CheckpointFormatError("config.json: " + problem.format(
+            field=field, value=value, known=sorted(allowed)))
+    return value
+
+
 def config_from_hf(hf_config: Mapping) -> T5Config:
     """Maps a Hugging Face T5 `config.json` dict (transformers 4 or 5) to `T5Config`."""
-    if hf_config.get("model_type", "t5") not in ("t5", "mt5"):
-        raise CheckpointFormatError(
-            f"config.json: model_type {hf_config.get('model_type')!r} is not a T5 layout")
-    proj = hf_config.get("feed_forward_proj", "relu")
-    if proj not in _ACTIVATIONS:
-        raise CheckpointFormatError(
-            f"config.json: unknown feed_forward_proj {proj!r}; known: {sorted(_ACTIVATIONS)}")
+    config_field(hf_config, "model_type", "t5", ("t5", "mt5"),
+                 "{field} {value!r} is not a T5 layout")
+    proj = config_field(hf_config, "feed_forward_proj", "relu", _ACTIVATIONS, UNKNOWN_VALUE)
     try:
         return T5Config(
             vocab_size=hf_config["vocab_size"], emb_dim=hf_config["d_model"],

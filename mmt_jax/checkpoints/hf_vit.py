@@ -17,7 +17,8 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
-from mmt_jax.checkpoints.hf_t5 import read_hf_config, read_safetensors
+from mmt_jax.checkpoints.hf_t5 import (UNKNOWN_VALUE, config_field, read_hf_config,
+                                       read_safetensors)
 from mmt_jax.errors import CheckpointFormatError
 from mmt_jax.vision.vit import ViTConfig
 
@@ -54,13 +55,8 @@ def _side(value, field):
 
 def config_from_hf(hf_config: Mapping, image_size: int | None = None) -> ViTConfig:
     """Maps a Hugging Face ViT `config.json` dict to `ViTConfig` (at `image_size` if given)."""
-    if hf_config.get("model_type", "vit") != "vit":
-        raise CheckpointFormatError(
-            f"config.json: model_type {hf_config.get('model_type')!r} is not a ViT layout")
-    act = hf_config.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
-        raise CheckpointFormatError(
-            f"config.json: unknown hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}")
+    config_field(hf_config, "model_type", "vit", ("vit",), "{field} {value!r} is not a ViT layout")
+    act = config_field(hf_config, "hidden_act", "gelu", _ACTIVATIONS, UNKNOWN_VALUE)
     if hf_config.get("num_channels", 3) != 3:
         raise CheckpointFormatError(
             f"config.json: num_channels {hf_config['num_channels']}; the representator reads RGB images")
