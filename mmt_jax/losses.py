@@ -61,3 +61,50 @@ class LossConfig:
 
 
 DEFAULT_LOSS = LossConfig()
+
+
+# A column is left out of a row's softmax by this logit (finite: a row with no candidate stays finite).
+_EXCLUDED = -1e9
+
+
+def contrastive_loss(image: jax.Array, text: jax.Array, scale: jax.Array, valid: jax.Array,
+                     same_text: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3) over a batch of image-text pairs, and
+    the share of pairs each side retrieves.
+
+    image, text: `[B, D]` unit vectors (`ContrastiveHead`); scale: the scalar logit scale; valid:
+    `[B]` whether row i is a true pair (rows that are not take no part, as anchors or as
+    candidates); same_text: `[B, B]` bool, whether rows i and j hold the same text (the same title
+    twice in a batch): such a j is not a negative for i in either direction. With
+    `s_ij = scale * image_i . text_j` over the candidates of each row,
+
+        loss = 1/2 [mean_i -log softmax_j(s_ij)_i + mean_j -log softmax_i(s_ij)_j]   (valid rows)
+
+    Returns `(loss [], accuracy [])`: accuracy is the share of valid rows, over both directions,
+    whose highest-scoring candidate is their own pair (or one with the same text).
+    """
+    valid = jnp.asarray(valid, bool)
+    size = image.shape[0]
+    own = jnp.eye(size, dtype=bool)
+    same = own if same_text is None else (jnp.asarray(same_text, bool) | own)
+    logits = scale * jnp.einsum("id,jd->ij", image.astype(jnp.float32), text.astype(jnp.float32))
+    num_valid = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+    losses, hits = [], []
+    for scores in (logits, logits.T):  # image -> text rows, then text -> image rows
+        candidate = valid[None, :] & (own | ~same)
+        masked = jnp.where(candidate, scores, _EXCLUDED)
+        row_loss = jax.nn.logsumexp(masked, axis=-1) - jnp.diagonal(scores)
+        losses.append(jnp.sum(jnp.where(valid, row_loss, 0.0)) / num_valid)
+        best = jnp.argmax(masked, axis=-1)
+        hit = jnp.take_along_axis(same, best[:, None], axis=-1)[:, 0] & valid
+        hits.append(jnp.sum(hit.astype(jnp.float32)) / num_valid)
+    return (losses[0] + losses[1]) / 2, (hits[0] + hits[1]) / 2
+
+
+def same_sequence(tokens: jax.Array) -> jax.Array:
+    """`[B, L]` int tokens -> `[B, B]` bool, whether rows i and j hold the same sequence (compared
+    by a 32-bit polynomial hash of the tokens, so memory is `[B, B]`, not `[B, B, L]`)."""
+    tokens = jnp.asarray(tokens).astype(jnp.uint32)
+    powers = jnp.cumprod(jnp.full((tokens.shape[-1],), 1_000_003, jnp.uint32))  # wraps mod 2^32
+    fingerprint = jnp.sum(tokens * powers, axis=-1, dtype=jnp.uint32)
+    return fingerprint[:, None] == fingerprint[None, :]

@@ -153,11 +153,22 @@ def matching_metrics(targets: Sequence[str], predictions: Sequence[str],
     p_yes = yes_probability(predictions, _scores(aux_values))
     _check_lengths(targets=targets, scores=p_yes)
     said_yes = np.array([_normalize(p) == "yes" for p in predictions])
-    result = {"match_accuracy": float(np.mean(said_yes == labels))}
+    return ({"match_accuracy": float(np.mean(said_yes == labels))}
+            | ranking_metrics(labels, p_yes, precision))
+
+
+def ranking_metrics(labels: Sequence[bool], scores: Sequence[float],
+                    precision: float = 0.9) -> dict[str, float]:
+    """How well `scores` rank the positive `labels` first: `match_roc_auc`, `match_pr_auc` (average
+    precision) and `match_recall_at_precision_<p>` (nan when the labels hold a single class).
+    Generative matching ranks by P(yes); the contrastive head by the pair's cosine."""
+    _check_precision(precision)
+    labels = np.asarray(labels, bool)
+    _check_lengths(labels=labels, scores=scores)
     recall_key = f"match_recall_at_precision_{precision:g}"
     if labels.all() or not labels.any():
-        return result | {"match_roc_auc": np.nan, "match_pr_auc": np.nan, recall_key: np.nan}
-    curve_precision, curve_recall, _ = skm.precision_recall_curve(labels, p_yes)
-    return result | {"match_roc_auc": float(skm.roc_auc_score(labels, p_yes)),
-                     "match_pr_auc": float(skm.average_precision_score(labels, p_yes)),
-                     recall_key: float(curve_recall[curve_precision >= precision].max())}
+        return {"match_roc_auc": np.nan, "match_pr_auc": np.nan, recall_key: np.nan}
+    curve_precision, curve_recall, _ = skm.precision_recall_curve(labels, scores)
+    return {"match_roc_auc": float(skm.roc_auc_score(labels, scores)),
+            "match_pr_auc": float(skm.average_precision_score(labels, scores)),
+            recall_key: float(curve_recall[curve_precision >= precision].max())}

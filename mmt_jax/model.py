@@ -24,12 +24,16 @@ from flax import traverse_util
 from mmt_jax import decoding
 from mmt_jax.data import feature_converter
 from mmt_jax.losses import (DEFAULT_LOSS, NUM_REAL_TARGET_TOKENS, LossConfig,  # noqa: F401
-                            cross_entropy_with_logits)
+                            contrastive_loss, cross_entropy_with_logits, same_sequence)
 
 Batch = Mapping[str, jax.Array]
 FLOAT_FEATURES = {"encoder_images": jnp.float32, "encoder_image_features": jnp.float32}
-ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_images",
-                    "encoder_image_features", "encoder_image_mask")
+IMAGE_FEATURES = ("encoder_images", "encoder_image_features", "encoder_image_mask")
+ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids") + IMAGE_FEATURES
+# Read by the contrastive head only (data/feature_converter.py): the text paired with each row's
+# image and whether it describes that image (1) or not / there is none (0).
+PAIR_FEATURES = ("pair_text_tokens", "pair_label")
+NOT_MODULE_INPUTS = ("decoder_loss_weights",) + PAIR_FEATURES
 # What every MoE layer sows into `intermediates` (DESIGN.md; t5x contrib/moe reads the same names).
 MOE_STATISTICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage",
                   "router_confidence")
@@ -118,8 +122,15 @@ class EncoderDecoderModel:
         input_types = {**FLOAT_FEATURES, **(input_types or {})}
         inputs = {name: jnp.zeros(shape, input_types.get(name, jnp.int32))
                   for name, shape in input_shapes.items()}
-        inputs.pop("decoder_loss_weights", None)
-        return self.module.init(rng, **inputs, enable_dropout=False)
+        pair_text = inputs.get("pair_text_tokens", jnp.zeros_like(inputs["encoder_input_tokens"]))
+        inputs = {k: v for k, v in inputs.items() if k not in NOT_MODULE_INPUTS}
+        if getattr(self.module, "contrastive", None) is None:
+            return self.module.init(rng, **inputs, enable_dropout=False)
+
+        def generate_and_embed(module, **inputs):  # creates the contrastive head's parameters too
+            module.embed_pairs(pair_text, **{k: inputs[k] for k in IMAGE_FEATURES if k in inputs})
+            return module(**inputs)
+        return self.module.init(rng, **inputs, enable_dropout=False, method=generate_and_embed)
 
     # ---- forward -----------------------------------------------------------------------------
     def rngs(self, dropout_rng) -> dict | None:
@@ -129,7 +140,7 @@ class EncoderDecoderModel:
     def _apply(self, params, batch: Batch, dropout_rng=None, mutable=False, other_variables=None):
         """The teacher-forced forward pass (`module.apply(...)`'s result); dropout and every other
         training-only randomness (`rngs`) is on iff `dropout_rng` is given."""
-        inputs = {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
+        inputs = {k: v for k, v in batch.items() if k not in NOT_MODULE_INPUTS}
         return self.module.apply({"params": params, **(other_variables or {})}, **inputs,
                                  enable_dropout=dropout_rng is not None, rngs=self.rngs(dropout_rng),
                                  mutable=mutable)
@@ -145,7 +156,52 @@ class EncoderDecoderModel:
         if not isinstance(self, expected):
             raise TypeError(f"{type(self).__name__} does not compute the loss of this module; its "
                             f"Model is {expected.__name__}: build it with model.model_for(module)")
-        return self.loss_from_logits(self._compute_logits(params, batch, dropout_rng), batch)
+        loss, metrics = self.loss_from_logits(self._compute_logits(params, batch, dropout_rng), batch)
+        return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
+
+    # ---- the contrastive head (models/contrastive.py) -----------------------------------------
+    CONTRASTIVE_DROPOUT_FOLD = 2
+
+    def embed_pairs(self, params, batch: Batch, dropout_rng=None):
+        """`(u [B, D], v [B, D], scale [])`: the unit image and paired-text vectors of each row."""
+        images = {k: batch[k] for k in IMAGE_FEATURES if batch.get(k) is not None}
+        rngs = self.rngs(None if dropout_rng is None
+                         else jax.random.fold_in(dropout_rng, self.CONTRASTIVE_DROPOUT_FOLD))
+        return self.module.apply({"params": params}, batch["pair_text_tokens"], **images,
+                                 enable_dropout=dropout_rng is not None, rngs=rngs,
+                                 method=self.module.embed_pairs)
+
+    def score_pairs(self, params, batch: Batch) -> jax.Array:
+        """The head's matching score of each row's image and paired text: their cosine `[B]`."""
+        image, text, _ = self.embed_pairs(params, batch)
+        return jnp.sum(image * text, axis=-1)
+
+    @staticmethod
+    def valid_pairs(batch: Batch) -> jax.Array:
+        """`[B]` rows that are true image-text pairs: labelled 1, with an image and a text."""
+        valid = (jnp.asarray(batch["pair_label"]) > 0) & jnp.any(batch["pair_text_tokens"] > 0, -1)
+        if batch.get("encoder_image_mask") is not None:
+            mask = jnp.asarray(batch["encoder_image_mask"]) > 0
+            valid &= mask if mask.ndim == 1 else jnp.any(mask, axis=-1)
+        return valid
+
+    def with_contrastive_loss(self, loss, metrics, params, batch: Batch, dropout_rng):
+        """`loss + weight * contrastive loss` and the metrics `contrastive/{loss,accuracy,pairs}`
+        when the module has a contrastive head with a positive weight and the batch has paired
+        texts; else `(loss, metrics)` unchanged."""
+        config = getattr(self.module, "contrastive", None)
+        if config is None or not config.loss_weight or "pair_text_tokens" not in batch:
+            return loss, metrics
+        image, text, scale = self.embed_pairs(params, batch, dropout_rng)
+        valid = self.valid_pairs(batch)
+        pair_loss, accuracy = contrastive_loss(image, text, scale, valid,
+                                               same_sequence(batch["pair_text_tokens"]))
+        loss = loss + config.loss_weight * pair_loss
+        average = clu.metrics.Average.from_model_output
+        return loss, {**metrics, "loss": average(loss), "contrastive/loss": average(pair_loss),
+                      "contrastive/accuracy": average(accuracy),
+                      "contrastive/pairs": average(jnp.sum(valid.astype(jnp.float32))),
+                      "contrastive/scale": average(scale)}
 
     def loss_from_logits(self, logits, batch: Batch):
         """The cross-entropy loss (with z-loss and smoothing, normalised per `self.loss_config`) of
@@ -286,8 +342,9 @@ class MoeEncoderDecoderModel(EncoderDecoderModel):
         """`(CE + weighted MoE losses, metrics with moe/*)`; dropout and router noise are on iff
         `dropout_rng` is given."""
         logits, state = self._apply(params, batch, dropout_rng, mutable=["intermediates"])
-        return self.loss_from_logits_and_statistics(
+        loss, metrics = self.loss_from_logits_and_statistics(
             logits, self.moe_statistics(state["intermediates"]), batch)
+        return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
 
     def loss_from_logits_and_statistics(self, logits, statistics: Mapping[str, jax.Array],
                                         batch: Batch):

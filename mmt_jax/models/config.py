@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmt_jax.image_spec import ImagePreprocessing
+from mmt_jax.models.contrastive import ContrastiveConfig
 from mmt_jax.models.mmt4 import FusionConfig
 from mmt_jax.models.t5 import EncoderDecoder, T5Config
 from mmt_jax.vision.efficientnet import EfficientNetConfig
@@ -25,22 +26,31 @@ class ModelConfig:
     """t5: the transformer; fusion: the image branch (None: text only); vocabulary: the SentencePiece
     model the token ids belong to (None: the catalog vocabulary shipped with the package); image: how
     stored images became `encoder_images` in training (MMT4 only; gin binds the task's own, see
-    gin/runs/catalog.gin; None in checkpoints written before it was recorded)."""
+    gin/runs/catalog.gin; None in checkpoints written before it was recorded); contrastive: MMT4's
+    optional contrastive image-text head (`models/contrastive.py`; None: none)."""
     t5: T5Config
     fusion: FusionConfig | None = None
     vocabulary: str | None = None
     image: ImagePreprocessing | None = None
+    contrastive: ContrastiveConfig | None = None
+
+    def __post_init__(self):
+        if self.contrastive is not None and self.fusion is None:
+            raise ValueError("a contrastive head compares images with texts: it needs an image "
+                             "branch (ModelConfig.fusion)")
 
     def module(self) -> EncoderDecoder:
         """The Flax module: the T5 stack with the fusion's encoder-input part (MMT4's
-        `FusedImageTextInput`, a FusionConfig being its factory) or, without one, text alone."""
-        return EncoderDecoder(self.t5, encoder_input=self.fusion)
+        `FusedImageTextInput`, a FusionConfig being its factory) or, without one, text alone,
+        and the contrastive head when there is one."""
+        return EncoderDecoder(self.t5, encoder_input=self.fusion, contrastive=self.contrastive)
 
     def to_json_dict(self) -> dict:
         image = None if self.image is None else {
             f.name: _plain(getattr(self.image, f.name)) for f in dataclasses.fields(self.image)}
+        contrastive = None if self.contrastive is None else dataclasses.asdict(self.contrastive)
         return {"t5": self.t5.to_json_dict(), "fusion": _fusion_to_json(self.fusion),
-                "vocabulary": self.vocabulary, "image": image}
+                "vocabulary": self.vocabulary, "image": image, "contrastive": contrastive}
 
     @classmethod
     def from_json_dict(cls, fields: dict) -> "ModelConfig":
@@ -50,8 +60,10 @@ class ModelConfig:
         if image is not None:
             image = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in image.items()})
+        contrastive = fields.get("contrastive")
         return cls(T5Config.from_json_dict(fields["t5"]), _fusion_from_json(fields.get("fusion")),
-                   fields.get("vocabulary"), image)
+                   fields.get("vocabulary"), image,
+                   None if contrastive is None else ContrastiveConfig(**contrastive))
 
 
 def _plain(value: Any) -> Any:

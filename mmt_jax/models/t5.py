@@ -35,6 +35,7 @@ from mmt_jax.layers.layer_stack import apply_stack, check_remat_policy
 from mmt_jax.layers.mlp import MlpBlock
 from mmt_jax.layers.moe import MoeBlock, MoeConfig
 from mmt_jax.layers.relative_position import RelativePositionBias
+from mmt_jax.models.contrastive import ContrastiveConfig, ContrastiveHead
 from mmt_jax.models.encoder_inputs import (EncoderInputFactory, EncoderInputs, SegmentLayout,
                                            text_encoder_input)
 
@@ -324,6 +325,9 @@ class EncoderDecoder(nn.Module):
       stack passes them the batch's other encoder-side features by keyword and reads back the
       embedded sequence, its mask and the segments its relative position bias needs.
 
+    contrastive: a `ContrastiveConfig` adds the contrastive head (`embed_pairs`, parameters under
+      `contrastive_head`); None: none.
+
     Masks: padding is token id 0; packed batches pass segment ids (block-diagonal masks); the decoder
     is causal. `encode_with_mask` also gives the encoder sequence's key mask for the decoder's
     cross-attention (it can be longer than the tokens).
@@ -331,6 +335,7 @@ class EncoderDecoder(nn.Module):
 
     config: T5Config
     encoder_input: EncoderInputFactory | None = None
+    contrastive: ContrastiveConfig | None = None
 
     def setup(self):
         cfg = self.config
@@ -339,6 +344,8 @@ class EncoderDecoder(nn.Module):
         self.input_part = (self.encoder_input or text_encoder_input)(cfg)
         self.encoder = Encoder(cfg, self.input_part.bias_layout)
         self.decoder = Decoder(cfg, self.token_embedder)
+        if self.contrastive is not None:
+            self.contrastive_head = ContrastiveHead(self.contrastive, cfg.dtype)
 
     def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
         inputs = self.input_part(self.token_embedder, encoder_input_tokens,
@@ -361,6 +368,19 @@ class EncoderDecoder(nn.Module):
                          enable_dropout=False, **features):
         """`(encoded [B, Le, E], key mask [B, Le])`: what the decoder's cross-attention needs."""
         return self._encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, features)
+
+    def embed_pairs(self, pair_text_tokens, *, enable_dropout=False, **features):
+        """The contrastive head (`models/contrastive.py`): the encoder reads the part's other
+        features with no text (MMT4: the image alone) and, separately, `pair_text_tokens [B, Lp]`
+        with no image; each is pooled and projected. -> `(u [B, D], v [B, D], scale [])`."""
+        if self.contrastive is None:
+            raise ValueError("this model has no contrastive head (ModelConfig.contrastive is None)")
+        # One masked pad position rather than none: XLA:CPU executables with zero-size operands
+        # deadlocked in collectives when reloaded from the persistent compilation cache.
+        no_text = jnp.zeros((jnp.shape(pair_text_tokens)[0], 1), jnp.int32)
+        image, image_mask = self._encode(no_text, None, enable_dropout, features)
+        text, text_mask = self._encode(pair_text_tokens, None, enable_dropout, {})
+        return self.contrastive_head(image, image_mask, text, text_mask)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,

@@ -1,0 +1,87 @@
+"""A contrastive image-text head on the fused encoder (beyond the MMT4 paper; MaMMUT's lesson).
+
+MaMMUT (Kuo et al. 2023) trains one model for generation and for contrastive retrieval. Here the
+encoder that reads `[image ; text]` for generation also reads each alone: the image with no text,
+and a text with no image. Each output is mean-pooled over its real positions and projected to a
+shared space:
+
+    u_i = normalise(W_image mean_pool(Enc(image_i)))      v_j = normalise(W_text mean_pool(Enc(text_j)))
+    s_ij = exp(t) u_i . v_j                               (cosine times a learned scale, CLIP's t)
+
+`ContrastiveHead` computes `(u, v, exp(t))`; `losses.contrastive_loss` is InfoNCE over `s` in both
+directions; the matching/retrieval score of a pair is the cosine `u_i . v_i`, with no decoding.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning
+
+from mmt_jax.layers.dense import DenseGeneral
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    """The contrastive head's settings (stored with the model config).
+
+    dim: width of the shared image-text space.
+    loss_weight: weight of the contrastive loss added to the generative loss (0: the head is
+      there, e.g. for scoring, but not trained by this run).
+    initial_temperature: CLIP's 0.07: the learned scale starts at 1 / 0.07.
+    max_scale: the scale is clipped at this value (CLIP: 100), so the logits stay bounded.
+    """
+
+    dim: int = 128
+    loss_weight: float = 1.0
+    initial_temperature: float = 0.07
+    max_scale: float = 100.0
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ValueError(f"contrastive dim={self.dim}; need at least 1")
+        if self.loss_weight < 0:
+            raise ValueError(f"contrastive loss_weight={self.loss_weight}; need >= 0")
+        if not (self.initial_temperature > 0 and 1 / self.initial_temperature <= self.max_scale):
+            raise ValueError(f"initial_temperature={self.initial_temperature} needs a scale "
+                             f"1/T in (0, max_scale={self.max_scale}]")
+
+
+def mean_pool(encoded: jax.Array, mask: jax.Array) -> jax.Array:
+    """`[B, L, E]`, mask `[B, L]` -> the mean over each row's real positions `[B, E]` (float32; a
+    row without any real position pools to zeros)."""
+    weights = jnp.asarray(mask, jnp.float32)[..., None]
+    total = jnp.sum(jnp.asarray(encoded, jnp.float32) * weights, axis=1)
+    return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def normalise(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
+    """Each row of `[B, D]` scaled to unit length (a zero row stays zero)."""
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), epsilon ** 2))
+
+
+class ContrastiveHead(nn.Module):
+    """`(image_encoded [B, Lv, E], image_mask [B, Lv], text_encoded [B, Lt, E], text_mask [B, Lt])`
+    -> `(u [B, D], v [B, D], scale [])`: unit vectors of the pooled encodings and the clipped scale.
+
+    Parameters: `image_projection/kernel [embed, contrastive]`, `text_projection/kernel`,
+    `log_scale []` (starts at `log(1 / initial_temperature)`).
+    """
+
+    config: ContrastiveConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_encoded, image_mask, text_encoded, text_mask):
+        cfg = self.config
+        image = DenseGeneral(cfg.dim, kernel_axes=("embed", "contrastive"), dtype=self.dtype,
+                             name="image_projection")(mean_pool(image_encoded, image_mask))
+        text = DenseGeneral(cfg.dim, kernel_axes=("embed", "contrastive"), dtype=self.dtype,
+                            name="text_projection")(mean_pool(text_encoded, text_mask))
+        log_scale = partitioning.param_with_axes(
+            "log_scale", nn.initializers.constant(np.log(1.0 / cfg.initial_temperature)), (),
+            jnp.float32, axes=())
+        scale = jnp.minimum(jnp.exp(log_scale), cfg.max_scale)
+        return (normalise(jnp.asarray(image, jnp.float32)), normalise(jnp.asarray(text, jnp.float32)),
+                scale)
