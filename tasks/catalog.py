@@ -13,6 +13,9 @@ call registers, with `P` the prefix:
     P_attributes_removed<R>      mixture over the attributes
     P_title              "title:" + image -> title
     P_match              "<title> match:" + image -> yes/no, balanced negatives
+    P_multitask_removed<R>       mixture of the attribute tasks, title and match at twice their
+                                 rate (`mmt-jax demo --job multitask`; the `_text` twin has no
+                                 matching)
     P_qa                 MoEMoE multi-source records: question, context, image -> value
   and `_text` variants of the pretraining, attribute and title tasks without the image, for the
   text-only T5 baseline (matching needs the image, and MoEMoE QA its own converter).
@@ -38,6 +41,7 @@ from mmt_jax.data import vocabulary as vocab_lib
 
 DEFAULT_ATTRIBUTES = ("color", "pattern", "sleeve_type", "brand", "material")
 REMOVAL_SHARES = (1.0, 0.2, 0.0)
+MATCH_RATE = 2.0  # matching's rate in the multitask mixtures; every other task's is 1
 
 
 def truncate_text(dataset: tf.data.Dataset, sequence_length: Sequence[int] | None):
@@ -87,8 +91,9 @@ class CatalogSource(seqio.TfdsDataSource):
 
 
 def drop_image(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    return dataset.map(lambda ex: {k: v for k, v in ex.items()
-                                   if k not in ("image", "image_features")})
+    """The examples without their image (or stored features) and the text paired with it."""
+    return dataset.map(lambda ex: {k: v for k, v in ex.items() if k not in (
+        "image", "image_features", "pair_text", "pair_label")})
 
 
 def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
@@ -125,6 +130,11 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         image.input_feature: seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
                                            dtype=tf.float32, rank=3 if image.extractor is None else 2),
         "image_mask": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
+                                    rank=1),
+        # The contrastive head's pair (data/prompts.py): the text paired with the image, and 1 when
+        # it describes the image.
+        "pair_text": seqio.Feature(vocabulary, add_eos=True),
+        "pair_label": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
                                     rank=1)}
     tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
     names = []
@@ -166,6 +176,15 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
         modalities=("image",))
+    for share in removal_shares if attributes else ():  # the fine-tuning tasks in one run
+        removed = f"removed{round(share * 100)}"
+        for suffix in ("", "_text"):
+            rates = [(f"{prefix}_{slugs[a]}_{removed}{suffix}", 1.0) for a in attributes]
+            rates.append((f"{prefix}_title{suffix}", 1.0))
+            if not suffix:  # matching needs the image, and learns slowest: twice the examples
+                rates.append((f"{prefix}_match", MATCH_RATE))
+            seqio.MixtureRegistry.add(f"{prefix}_multitask_{removed}{suffix}", rates)
+            names.append(f"{prefix}_multitask_{removed}{suffix}")
     qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
                    "context": seqio.Feature(vocabulary, add_eos=True),
                    "targets": seqio.Feature(vocabulary, add_eos=True)}

@@ -84,12 +84,18 @@ def test_matching_is_balanced_with_negatives_from_other_products():
         shown = ex["inputs"].decode().removesuffix(" match:")
         own = titles[int(ex["image"].decode()[3:])]
         assert (shown == own) == (ex["targets"] == b"yes")
+        # the contrastive head's pair: the shown title, labelled as the answer says
+        assert ex["pair_text"].decode() == shown and ex["pair_label"] == [ex["targets"] == b"yes"]
 
 
 def test_title_and_question_answering_examples():
     product = _stored(0, "Acme red shirt", {"color": "red", "brand": "Acme", "size": "M"})
     (title,) = _decode(prompts.title_examples(_dataset([product])))
     assert title == {"inputs": "title:", "targets": "Acme red shirt"}
+    attribute = next(prompts.attribute_examples(_dataset([product]), "color", 1.0)
+                     .as_numpy_iterator())
+    assert attribute["inputs"] == b"Acme shirt color:"  # the value is gone from the prompt only:
+    assert attribute["pair_text"] == b"Acme red shirt" and attribute["pair_label"] == [1]
     qa = _decode(prompts.question_answering_examples(_dataset([product]), ("color", "brand")),
                  keys=("question", "context", "targets"))
     assert qa == [
@@ -129,12 +135,22 @@ def test_feature_converter_builds_the_multimodal_batch_and_refuses_packing():
     out = list(converter(ds, {"inputs": 4, "targets": 3}).as_numpy_iterator())
     assert sorted(out[0]) == sorted(["encoder_input_tokens", "decoder_input_tokens",
                                      "decoder_target_tokens", "decoder_loss_weights",
-                                     "encoder_images", "encoder_image_mask"])
+                                     "encoder_images", "encoder_image_mask", "pair_text_tokens",
+                                     "pair_label"])
     np.testing.assert_array_equal(out[0]["encoder_input_tokens"], [5, 6, 1, 0])
     np.testing.assert_array_equal(out[1]["decoder_input_tokens"], [0, 9, 9])
     np.testing.assert_array_equal(out[0]["decoder_loss_weights"], [1, 1, 0])
     assert out[0]["encoder_images"].shape == (4, 4, 3)
     assert [o["encoder_image_mask"] for o in out] == [1, 0]
+    # a task without a contrastive pair: an empty text, labelled "no pair"
+    assert [o["pair_label"] for o in out] == [0, 0] and not np.any(out[0]["pair_text_tokens"])
+    paired = ds.map(lambda ex: {**ex, "pair_text": tf.constant([3, 4, 5, 6, 1]),
+                                "pair_label": tf.constant([1])})
+    out = list(converter(paired, {"inputs": 4, "targets": 3}).as_numpy_iterator())
+    np.testing.assert_array_equal(out[0]["pair_text_tokens"], [3, 4, 5, 6])  # cut as inputs are
+    assert out[0]["pair_label"] == 1
+    assert converter.get_model_feature_lengths(
+        {"inputs": 4, "targets": 3, "image": 4, "image_mask": 1})["pair_text_tokens"] == 4
     with pytest.raises(ValueError, match="cannot pack"):
         feature_converter.MultimodalEncDecFeatureConverter(pack=True)
     with pytest.raises(ValueError, match="preprocess_images"):

@@ -36,6 +36,12 @@ def test_every_task_and_mixture_is_registered(registered):
         assert name in registered
         assert seqio.get_mixture_or_task(name)
     assert "test_catalog_match_text" not in registered
+    multitask = {t.name for t in seqio.get_mixture_or_task("test_catalog_multitask_removed100").tasks}
+    assert multitask == {f"test_catalog_{a}_removed100" for a in tasks.DEFAULT_ATTRIBUTES} | {
+        "test_catalog_title", "test_catalog_match"}
+    text_twin = {t.name for t in seqio.get_mixture_or_task(
+        "test_catalog_multitask_removed100_text").tasks}
+    assert text_twin == {f"{name}_text" for name in multitask - {"test_catalog_match"}}
 
 
 def test_multimodal_tasks_give_the_model_batch(registered):
@@ -50,9 +56,11 @@ def test_multimodal_tasks_give_the_model_batch(registered):
     assert prompt.endswith("color:") and answer and answer not in prompt.lower().split()
     text = _batch("test_catalog_color_removed0_text", seqio.EncDecFeatureConverter)
     assert "encoder_images" not in text
-    # Title generation sees only the prompt and the image.
+    # Title generation sees only the prompt and the image; the contrastive pair is the title.
     title = _batch("test_catalog_title", feature_converter.MultimodalEncDecFeatureConverter)
     assert vocab.decode(title["encoder_input_tokens"][0].tolist()) == "title:"
+    assert vocab.decode(title["pair_text_tokens"][0].tolist()) == vocab.decode(
+        title["decoder_target_tokens"][0].tolist()) and (title["pair_label"] == 1).all()
 
 
 def test_pretraining_tasks_corrupt_the_text(registered):

@@ -6,18 +6,22 @@ Task features (after `images.preprocess_images`):
   image       float32 [S, S, 3] normalised pixels (zeros without an image)
   image_mask  int32 [1]         1 if the product has an image (rank 1: seqio's evaluator measures
                                 a length along every task feature)
+  pair_text   int32 [Lp]        the text paired with the image, for the contrastive head
+  pair_label  int32 [1]         1 if pair_text describes the image (data/prompts.py); a task
+                                without the two gets an empty text labelled 0 (no pair)
 
 Model features, for a batch of B:
   encoder_input_tokens  [B, Li]        decoder_input_tokens   [B, Lt]  (targets shifted right, BOS 0)
   encoder_images        [B, S, S, 3]   decoder_target_tokens  [B, Lt]
   encoder_image_mask    [B]            decoder_loss_weights   [B, Lt]  (1 on real target tokens)
+  pair_text_tokens      [B, Lp]        pair_label             [B]
 
 `MultimodalFeaturesEncDecFeatureConverter` is the same with stored features in place of pixels
 (`representator="precomputed"`): task `image_features` float32 `[Lv, D]` -> `encoder_image_features`
 `[B, Lv, D]`.
 
 `TASK_FEATURE_LENGTHS` needs only `inputs` and `targets`, as for a text task; the image side is taken
-from the examples' static shape. Packing is refused: packing would put several products' images into
+from the examples' static shape, and `pair_text` is as long as `inputs` unless given its own length. Packing is refused: packing would put several products' images into
 one row, which the fused encoder (one image per row, Eq. 2 of the MMT4 paper) does not model, so t5x
 runs must set `DatasetConfig.pack = False`.
 """
@@ -30,13 +34,22 @@ FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 
 def _with_image(task_feature: str, model_feature: str, rank: int):
-    """(TASK_FEATURES, MODEL_FEATURES) of seqio's converter plus one image input and its mask."""
+    """(TASK_FEATURES, MODEL_FEATURES) of seqio's converter plus one image input, its mask and the
+    contrastive pair."""
     return ({**seqio.EncDecFeatureConverter.TASK_FEATURES,
              task_feature: FeatureSpec(dtype=tf.float32, rank=rank),
-             "image_mask": FeatureSpec(dtype=tf.int32, rank=1)},
+             "image_mask": FeatureSpec(dtype=tf.int32, rank=1),
+             "pair_text": FeatureSpec(dtype=tf.int32, rank=1),
+             "pair_label": FeatureSpec(dtype=tf.int32, rank=1)},
             {**seqio.EncDecFeatureConverter.MODEL_FEATURES,
              model_feature: FeatureSpec(dtype=tf.float32, rank=rank),
-             "encoder_image_mask": FeatureSpec(dtype=tf.int32, rank=0)})
+             "encoder_image_mask": FeatureSpec(dtype=tf.int32, rank=0),
+             "pair_text_tokens": FeatureSpec(dtype=tf.int32, rank=1),
+             "pair_label": FeatureSpec(dtype=tf.int32, rank=0)})
+
+
+def _without_pair(example):
+    return {**example, "pair_text": tf.zeros([0], tf.int32), "pair_label": tf.zeros([1], tf.int32)}
 
 
 class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -61,18 +74,25 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 f"the dataset needs an `{name}` feature of static shape (add "
                 f"images.preprocess_images to the task's preprocessors, with the preprocessing the "
                 f"model was built for); got {image_shape}")
-        lengths = {name: image_shape[0], "image_mask": 1, **task_feature_lengths}
+        lengths = {name: image_shape[0], "image_mask": 1, "pair_label": 1,
+                   "pair_text": task_feature_lengths["inputs"], **task_feature_lengths}
+        if "pair_text" in ds.element_spec:  # a title longer than the inputs is cut as they are
+            ds = ds.map(lambda ex: {**ex, "pair_text": ex["pair_text"][:lengths["pair_text"]]})
+        else:
+            ds = ds.map(_without_pair)
         return super().__call__(ds, lengths)
 
     def _convert_features(self, ds: tf.data.Dataset,
                           task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-        text_lengths = {k: task_feature_lengths[k] for k in ("inputs", "targets")}
+        text_lengths = {k: task_feature_lengths[k] for k in ("inputs", "targets", "pair_text")}
         ds = self._pack_or_pad(ds, text_lengths)
 
         def convert(features):
             converted = dict(self._convert_example(features))
             converted[self.MODEL_IMAGE_FEATURE] = features[self.IMAGE_FEATURE]
             converted["encoder_image_mask"] = features["image_mask"][0]
+            converted["pair_text_tokens"] = features["pair_text"]
+            converted["pair_label"] = features["pair_label"][0]
             return converted
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -80,7 +100,10 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
         return {**super().get_model_feature_lengths(task_feature_lengths),
                 self.MODEL_IMAGE_FEATURE: task_feature_lengths[self.IMAGE_FEATURE],
-                "encoder_image_mask": 0}
+                "encoder_image_mask": 0,
+                "pair_text_tokens": task_feature_lengths.get("pair_text",
+                                                             task_feature_lengths["inputs"]),
+                "pair_label": 0}
 
 
 class MultimodalFeaturesEncDecFeatureConverter(MultimodalEncDecFeatureConverter):

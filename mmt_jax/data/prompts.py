@@ -2,8 +2,10 @@
 
 Each function maps a dataset of stored products (`tfds_catalog.FEATURES`) to examples with string
 `inputs` and `targets` (plus `question`/`context` for multi-source QA), keeping `id`, `image` and,
-in a catalog written with them, the stored `image_features`. The
-prompts follow the MMT4 paper (section 4): the attribute name and a colon after the title (`... color:`
+in a catalog written with them, the stored `image_features`. Every example also carries the text
+paired with its image for the contrastive head (`models/contrastive.py`): `pair_text`, the
+product's title (matching: the candidate title), and `pair_label` `[1]`, 1 when that text describes
+the image (matching's negatives: 0). The prompts follow the MMT4 paper (section 4): the attribute name and a colon after the title (`... color:`
 -> `red`), `title:` for title generation from the image, `match:` -> `yes`/`no` for image-text matching.
 """
 import tensorflow as tf
@@ -12,7 +14,10 @@ KEEP = ("id", "image", "image_features")
 
 
 def _keep(example: dict, **features) -> dict:
-    return {**{k: example[k] for k in KEEP if k in example}, **features}
+    """The kept features of a stored product, its title as the text paired with its image, and
+    `features`."""
+    return {**{k: example[k] for k in KEEP if k in example}, "pair_text": example["title"],
+            "pair_label": tf.constant([1], tf.int32), **features}
 
 
 def attribute_value(example: dict, attribute: str) -> tf.Tensor:
@@ -86,12 +91,13 @@ def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
         def example(i, j, answer):
             return {**{k: pair[k][i] for k in KEEP if k in pair},
                     "inputs": tf.strings.join([pair["title"][j], "match:"], " "),
-                    "targets": tf.constant(answer)}
+                    "targets": tf.constant(answer), "pair_text": pair["title"][j],
+                    "pair_label": tf.constant([int(i == j)], tf.int32)}
         return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
             lambda *xs: tf.stack(xs),
             example(0, 0, "yes"), example(0, 1, "no"), example(1, 1, "yes"), example(1, 0, "no")))
 
-    pairs = dataset.map(lambda ex: _keep(ex, title=ex["title"]))
+    pairs = dataset.map(lambda ex: {**{k: ex[k] for k in KEEP if k in ex}, "title": ex["title"]})
     pairs = pairs.batch(2, drop_remainder=True)
     pairs = pairs.filter(lambda p: tf.not_equal(tf.strings.lower(p["title"][0]),
                                                 tf.strings.lower(p["title"][1])))
@@ -111,7 +117,8 @@ def question_answering_examples(dataset: tf.data.Dataset, attributes: tuple[str,
         names = tf.boolean_mask(example["attribute_names"], wanted)
         values = tf.boolean_mask(example["attribute_values"], wanted)
         n = tf.size(names)
-        repeated = {k: tf.repeat(example[k][tf.newaxis], n, axis=0) for k in KEEP if k in example}
+        product = _keep(example)
+        repeated = {k: tf.repeat(v[tf.newaxis], n, axis=0) for k, v in product.items()}
         return tf.data.Dataset.from_tensor_slices({
             **repeated, "question": names, "context": tf.fill([n], context), "targets": values})
     return dataset.flat_map(per_product)
