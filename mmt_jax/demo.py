@@ -1,23 +1,32 @@
-"""The README's main job: MMT4 against the text-only T5 on the embedded catalog (Table 2's shape).
+"""The README's main job and its multitask variant on the embedded catalog.
 
-    mmt-jax demo                # about 12 minutes on 2 CPU cores
+    mmt-jax demo                   # Table 2's shape: MMT4 against the text-only T5
+    mmt-jax demo --job multitask   # MMT4 with the contrastive head on every task in one run
 
-1. Generates the embedded catalog (3000 garment-like products) under `workdir/tfds`, with each
+Both:
+1. Generate the embedded catalog (3000 garment-like products) under `workdir/tfds`, with each
    image's EfficientNet-Lite0 features at 128 px (ImageNet weights, frozen: a 4x4 map of 1280-d
-   vectors, `vision/extractors.py`), computed once there.
-2. Pretrains a tiny MMT4 (T5.1.1 tiny reading those 16 stored vectors, `models/mmt4_tiny_lite0.gin`)
-   for 300 steps on span corruption + MLM, and the same T5 without the image branch on the same text
-   (`gin/runs/catalog.gin`).
-3. Fine-tunes each from its pretrained checkpoint for 1000 steps on the attribute tasks with every
-   attribute value removed from the titles (`attributes_removed100`, the text-only twin for T5); the
-   prompt is the title followed by the description.
-4. Decodes the validation products and prints, per attribute, T5's and MMT4's accuracy, plus a few
-   predictions. Colour, pattern and sleeve type are then only in the image; brand and material are
-   in the description: MMT4 should win on the first three and tie on the other two.
+   vectors plus each cell's pixels, `vision/extractors.py`), computed once there.
+2. Pretrain a tiny MMT4 (T5.1.1 tiny reading those 32 stored vectors, `models/mmt4_tiny_lite0.gin`)
+   for 300 steps on span corruption + MLM (`gin/runs/catalog.gin`).
+3. Fine-tune it from its pretrained checkpoint (the attribute prompt is the title followed by the
+   description, every attribute value removed from the titles) and decode the validation products.
+
+`table2` also pretrains and fine-tunes the same T5 without the image branch on the same text, fine-
+tunes both on the attribute tasks alone (`attributes_removed100`) and prints, per attribute, T5's
+and MMT4's accuracy: colour, pattern and sleeve type are only in the image, brand and material in
+the description, so MMT4 should win on the first three and tie on the other two.
+
+`multitask` is the recipe of README "Training that does not collapse": MMT4 with the contrastive
+head (`runs/contrastive.gin`) in both runs, AdamW with a 100-step warm-up, fine-tuned on the
+attributes, title generation and image-text matching at once (`multitask_removed100`); it prints
+the attribute accuracies, matching by generation and by the head (ROC-AUC, PR-AUC, pairs/s),
+image -> title retrieval (recall@1, @10) and title ROUGE-1 on validation beside training products.
 
 Every step is the train binary's run (`train.train` configured by the run's gin files through
 `gin_config`, as `mmt-jax train` does), so the commands it prints are the ones to run by hand.
 """
+import dataclasses
 import json
 import os
 import shlex
@@ -25,10 +34,46 @@ import time
 
 import jax
 
-from mmt_jax import gin_config, task_inference, tasks, train
+from mmt_jax import gin_config, metrics, retrieval, task_inference, tasks, train
 from mmt_jax.checkpoints import store
 
 IMAGE_ATTRIBUTES = ("color", "pattern", "sleeve_type")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One variant of the main job: what it fine-tunes, and how.
+
+    models: which of `MODELS` it trains (T5 on the tasks' text-only twins).
+    finetune_task: the catalog task or mixture both fine-tune on (T5: its `_text` twin).
+    lengths: the fine-tuning TASK_FEATURE_LENGTHS (and of the decoded evaluation).
+    contrastive: MMT4 gets the contrastive head (`runs/contrastive.gin`) in both runs.
+    warmup_steps: AdamW's linear warm-up, then linear decay.
+    finetune_steps: fine-tuning steps.
+    image_text: also report MMT4's matching, retrieval and titles.
+    runs: the model directories' suffix under the workdir (`mmt4<runs>`, `mmt4<runs>_pretrain`), so
+      the jobs share one workdir and its catalog.
+    """
+    models: tuple[str, ...]
+    finetune_task: str
+    lengths: dict
+    contrastive: bool
+    warmup_steps: int
+    finetune_steps: int
+    image_text: bool
+    runs: str = ""
+
+
+# Titles are at most 18 catalog tokens: the multitask job's targets and paired texts take 20.
+JOBS = {
+    "table2": Job(("T5", "MMT4"), "attributes_removed100", {"inputs": 64, "targets": 8},
+                  contrastive=False, warmup_steps=0, finetune_steps=1000, image_text=False),
+    "multitask": Job(("MMT4",), "multitask_removed100",
+                     {"inputs": 64, "targets": 20, "pair_text": 20},
+                     contrastive=True, warmup_steps=100, finetune_steps=1400, image_text=True,
+                     runs="_multitask"),
+}
+MODELS = {"T5": ("models/t5_tiny_catalog.gin", "_text"), "MMT4": ("models/mmt4_tiny_lite0.gin", "")}
 
 
 def _train(gin_files: list[str], bindings: list[str]) -> None:
@@ -41,11 +86,16 @@ def _train(gin_files: list[str], bindings: list[str]) -> None:
           flush=True)
 
 
-def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: int = 1000,
-        num_products: int = 3000, image_features: str = "efficientnet-lite0+pixels-px128",
-        batch_size: int = 32, examples: int = 6) -> dict[str, dict[str, float]]:
-    """Runs the comparison; returns {model: {attribute: accuracy}}."""
+def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 300,
+        finetune_steps: int | None = None, num_products: int = 3000,
+        image_features: str = "efficientnet-lite0+pixels-px128", batch_size: int = 32,
+        learning_rate: float = 2e-3, examples: int = 6) -> dict[str, dict[str, float]]:
+    """Runs `JOBS[job]` with AdamW at `learning_rate` for every run (`finetune_steps`: the job's
+    own by default); returns {model: {attribute: accuracy}} and, for a job with `image_text`,
+    {"MMT4 image-text": matching, retrieval and title figures}."""
     start = time.time()
+    spec = JOBS[job]
+    finetune_steps = spec.finetune_steps if finetune_steps is None else finetune_steps
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "tfds")
     catalog = f"embedded-n{num_products}-s0-px128-{image_features}"
@@ -53,31 +103,35 @@ def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: i
     # drop the stored features, MMT4's read them.
     common = [f'IMAGE_FEATURES="{image_features}"', f'DATA_DIR="{data_dir}"',
               f'CATALOG="{catalog}"', f"BATCH_SIZE={batch_size}",
+              f"LEARNING_RATE={learning_rate:g}", f"WARMUP_STEPS={spec.warmup_steps}",
               "tasks.catalog_task.with_description=True", 'CATALOG_PREFIX="demo"',
               "train.train.log_period=100", "train.train.checkpoint_period=100000"]
-    models = {"T5": ("models/t5_tiny_catalog.gin", "_text"),
-              "MMT4": ("models/mmt4_tiny_lite0.gin", "")}
-    lengths = {"inputs": 64, "targets": 8}
-    for name, (model_gin, suffix) in models.items():
-        gin_files = ["runs/catalog.gin", model_gin, "runs/lite0_features.gin"]
-        pretrain_dir = os.path.join(workdir, f"{name.lower()}_pretrain")
+    for name in spec.models:
+        model_gin, suffix = MODELS[name]
+        contrastive = spec.contrastive and name == "MMT4"
+        gin_files = ["runs/catalog.gin", model_gin,
+                     *(["runs/contrastive.gin"] if contrastive else []), "runs/lite0_features.gin"]
+        pair = {"pair_text": spec.lengths["pair_text"]} if contrastive else {}
+        lengths = {k: v for k, v in spec.lengths.items() if k != "pair_text"} | pair
+        pretrain_dir = os.path.join(workdir, f"{name.lower()}{spec.runs}_pretrain")
         _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
-                           f'TASK="pretrain{suffix}"', "LEARNING_RATE=2e-3",
-                           'TASK_FEATURE_LENGTHS={"inputs": 48, "targets": 48}', *common])
-        _train(gin_files, [f'MODEL_DIR="{os.path.join(workdir, name.lower())}"',
-                           f"TRAIN_STEPS={finetune_steps}",
-                           f'TASK="attributes_removed100{suffix}"',
+                           f'TASK="pretrain{suffix}"', "TASK_FEATURE_LENGTHS="
+                           + json.dumps({"inputs": 48, "targets": 48, **pair}), *common])
+        # The multitask job evaluates once at the end, so the collapse check names any task
+        # that has not learned from its inputs.
+        checks = [f"train.train.eval_period={finetune_steps}"] if spec.image_text else []
+        _train(gin_files, [f'MODEL_DIR="{os.path.join(workdir, name.lower() + spec.runs)}"',
+                           f"TRAIN_STEPS={finetune_steps}", f'TASK="{spec.finetune_task}{suffix}"',
                            f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"',
-                           "LEARNING_RATE=2e-3", f"TASK_FEATURE_LENGTHS={json.dumps(lengths)}",
-                           *common])
+                           f"TASK_FEATURE_LENGTHS={json.dumps(lengths)}", *common, *checks])
 
     attributes = tasks.DEFAULT_ATTRIBUTES
     accuracy, rows = {}, {}
-    for name, (_, suffix) in models.items():
-        config, params = store.load_checkpoint(
-            os.path.join(workdir, name.lower(), f"checkpoint_{finetune_steps}"))
-        model = task_inference.build_model(config)
-        params = jax.device_put(params)
+    lengths = {k: v for k, v in spec.lengths.items() if k != "pair_text"}
+    for name in spec.models:
+        suffix = MODELS[name][1]
+        model, params = _load(os.path.join(workdir, name.lower() + spec.runs,
+                                           f"checkpoint_{finetune_steps}"))
         accuracy[name] = {}
         for attribute in attributes:
             task = f"demo_{attribute}_removed100{suffix}"
@@ -88,23 +142,86 @@ def run(workdir: str = "runs/demo", pretrain_steps: int = 300, finetune_steps: i
             rows[name, attribute] = predictions
     _print_table(accuracy, attributes)
     _print_examples(rows, attributes, examples)
+    if spec.image_text:
+        accuracy["MMT4 image-text"] = _image_text_report(
+            *_load(os.path.join(workdir, "mmt4" + spec.runs, f"checkpoint_{finetune_steps}")),
+            spec.lengths)
     print(f"\nmain job finished in {(time.time() - start) / 60:.1f} min; checkpoints under {workdir}")
     return accuracy
+
+
+def _load(checkpoint: str):
+    config, params = store.load_checkpoint(checkpoint)
+    return task_inference.build_model(config), jax.device_put(params)
+
+
+def _timed(fn, *args, **kwargs):
+    """`(fn(...), seconds)`, after one call on a single batch to compile it."""
+    fn(*args, **{**kwargs, "max_examples": 1})
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def _image_text_report(model, params, pair_lengths, batch_size: int = 64) -> dict[str, float]:
+    """MMT4's matching (generative and by the contrastive head), retrieval and title figures on the
+    validation split, printed as tables; returns them."""
+    report = {}
+    lengths = {k: v for k, v in pair_lengths.items() if k != "pair_text"}
+    answers, seconds = _timed(task_inference.predict_task, model, params, "demo_match",
+                              "validation", lengths, batch_size)
+    generative = task_inference.evaluate_task("demo_match", answers)
+    pairs, head_seconds = _timed(retrieval.embed_task, model, params, "demo_match", "validation",
+                                 pair_lengths, batch_size)
+    head = metrics.ranking_metrics(pairs.labels > 0, pairs.cosines())
+    print(f"\nImage-text matching, {len(answers)} validation pairs (half of them true; the text-only "
+          "T5 cannot match: 0.5):\n")
+    print("| MMT4 scorer | ROC-AUC | PR-AUC | pairs/s |\n|---|---:|---:|---:|")
+    for label, result, time_taken in (("generative (decodes yes/no)", generative, seconds),
+                                      ("contrastive head (cosine)", head, head_seconds)):
+        print(f"| {label} | {result['match_roc_auc']:.3f} | {result['match_pr_auc']:.3f} | "
+              f"{len(answers) / time_taken:.0f} |")
+        key = "generative" if label.startswith("generative") else "head"
+        report |= {f"match_{key}_roc_auc": result["match_roc_auc"],
+                   f"match_{key}_pr_auc": result["match_pr_auc"],
+                   f"match_{key}_pairs_per_second": len(answers) / time_taken}
+    products = retrieval.embed_task(model, params, "demo_title", "validation", pair_lengths,
+                                    batch_size)
+    recall = retrieval.recall_at_k(products)
+    print(f"\nImage -> title retrieval by the contrastive head among the "
+          f"{recall['retrieval_candidates']:.0f} distinct validation titles: recall@1 "
+          f"{recall['recall@1']:.3f}, recall@10 {recall['recall@10']:.3f}")
+    report |= {k: v for k, v in recall.items() if k.startswith("recall")}
+    rouge, titles = {}, {}
+    for split in ("validation", "train"):
+        titles[split] = task_inference.predict_task(model, params, "demo_title", split, lengths,
+                                                    batch_size, max_examples=len(products.text))
+        rouge[split] = task_inference.evaluate_task(
+            "demo_title", titles[split])["title_rouge1_recall"]
+    example = titles["validation"][0]
+    print(f"Title generation from the image, ROUGE-1 recall: validation {rouge['validation']:.3f}, "
+          f"training products {rouge['train']:.3f} (first {len(products.text)}); e.g. "
+          f"{example.target!r} -> {example.prediction!r}")
+    return report | {"title_rouge1_recall_validation": rouge["validation"],
+                     "title_rouge1_recall_train": rouge["train"]}
 
 
 def _print_table(accuracy, attributes) -> None:
     print("\nAttribute generation, every attribute value removed from the titles (validation split)"
           "\n(cf. Table 2 of the MMT4 paper, row '100%'):\n")
-    print("| attribute | T5 accuracy | MMT4 accuracy | only in |\n|---|---:|---:|---|")
+    print("| attribute | " + " | ".join(f"{name} accuracy" for name in accuracy) + " | only in |\n"
+          + "|---|" + "---:|" * len(accuracy) + "---|")
     for attribute in attributes:
         where = "image" if attribute in IMAGE_ATTRIBUTES else "text"
-        print(f"| {attribute} | {accuracy['T5'][attribute]:.1%} | {accuracy['MMT4'][attribute]:.1%} "
-              f"| {where} |")
+        print(f"| {attribute} | " + " | ".join(f"{scores[attribute]:.1%}"
+                                               for scores in accuracy.values()) + f" | {where} |")
 
 
 def _print_examples(rows, attributes, count) -> None:
-    print("\nExamples (title as the model saw it -> reference | T5 | MMT4):")
+    names = sorted({name for name, _ in rows}, key=list(MODELS).index)
+    print("\nExamples (title as the model saw it -> reference | " + " | ".join(names) + "):")
     for i in range(count):
         attribute = attributes[i % len(attributes)]
-        t5, mmt4 = rows["T5", attribute][i], rows["MMT4", attribute][i]
-        print(f"  {mmt4.inputs!r} -> {mmt4.target!r} | {t5.prediction!r} | {mmt4.prediction!r}")
+        shown = rows[names[-1], attribute][i]
+        print(f"  {shown.inputs!r} -> {shown.target!r} | "
+              + " | ".join(repr(rows[name, attribute][i].prediction) for name in names))

@@ -154,8 +154,9 @@ def _initialize_distributed(args) -> None:
 
 def _demo(args) -> None:
     from mmt_jax import demo
-    demo.run(workdir=args.workdir, pretrain_steps=args.pretrain_steps,
-             finetune_steps=args.finetune_steps, num_products=args.num_products)
+    demo.run(workdir=args.workdir, job=args.job, pretrain_steps=args.pretrain_steps,
+             finetune_steps=args.finetune_steps, num_products=args.num_products,
+             learning_rate=args.learning_rate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,9 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
                                              "catalog (Table 2's shape), ~12 min on 2 cores")
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
+    demo.add_argument("--job", choices=("table2", "multitask"), default="table2",
+                      help="table2: MMT4 vs T5 on the attributes (default); multitask: MMT4 with "
+                           "the contrastive head on attributes, titles and matching in one run")
     demo.add_argument("--pretrain-steps", type=int, default=300)
-    demo.add_argument("--finetune-steps", type=int, default=1000)
+    demo.add_argument("--finetune-steps", type=int, default=None, help="default: the job's")
     demo.add_argument("--num-products", type=int, default=3000)
+    demo.add_argument("--learning-rate", type=float, default=2e-3,
+                      help="AdamW's peak rate for every run")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -15,6 +15,10 @@ feature converter. So a new product is seen exactly as the validation split was 
 `score` is the log-probability of the generated text: greedy decoding, or beam search without a
 length penalty, so `exp(score)` is the model's probability of its answer (what the recall-at-precision
 and matching metrics rank by).
+
+A checkpoint with the contrastive head (`runs/contrastive.gin`) also scores image-title pairs without
+decoding: `predictor.match(image=..., title=...)` is their cosine in the head's space, the score the
+main job's "contrastive head" matching row ranks by.
 """
 import dataclasses
 import functools
@@ -84,6 +88,7 @@ class Predictor:
                      else functools.partial(decoding.beam_search, alpha=0.0))
         self._predict = jax.jit(functools.partial(
             model.predict_batch_with_aux, decode_fn=decode_fn, num_decodes=num_beams))
+        self._score_pairs = jax.jit(model.score_pairs)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
@@ -127,6 +132,31 @@ class Predictor:
         if chunk:
             yield from self._predict_or_skip(chunk, on_error)
 
+    def match(self, *, image, title: str) -> float:
+        """The contrastive head's score of one image and one title (any image form `predict`
+        takes): their cosine, in [-1, 1]."""
+        return self.match_pairs([(image, title)])[0]
+
+    def match_pairs(self, pairs: Iterable[tuple[object, str]]) -> list[float]:
+        """`match` for many `(image, title)` pairs, `batch_size` per call; no decoding."""
+        if getattr(self.model.module, "contrastive", None) is None or not self.uses_images:
+            raise InputError("this checkpoint has no contrastive head to match with; train one "
+                             "with --gin_file=runs/contrastive.gin")
+        queries = [Query(f"pair {i}", "", title, image=image_bytes(image, f"pair {i}"))
+                   for i, (image, title) in enumerate(pairs)]
+        return [score for start in range(0, len(queries), self.batch_size)
+                for score in self._match_chunk(queries[start:start + self.batch_size])]
+
+    def _match_chunk(self, chunk: list[Query]) -> list[float]:
+        padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+        try:
+            batch = self._batch(padded)
+        except (InputError, tf.errors.InvalidArgumentError) as e:
+            if len(chunk) == 1:  # an image that does not decode: named by its pair
+                raise _as_input_error(chunk[0], e) from None
+            return [score for query in chunk for score in self._match_chunk([query])]
+        return np.asarray(self._score_pairs(self.params, batch)).tolist()[:len(chunk)]
+
     def _predict_or_skip(self, chunk: list[Query], on_error) -> Iterator[tuple[Query, Prediction]]:
         try:
             predictions = self._predict_chunk(chunk)
@@ -154,6 +184,9 @@ class Predictor:
     def _batch(self, queries: list[Query]) -> dict:
         examples = {"inputs": [self._tokens(q) for q in queries],
                     "targets": [np.zeros(0, np.int32)] * len(queries)}
+        if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
+            examples["pair_text"] = [self._title_tokens(q) for q in queries]
+            examples["pair_label"] = [[int(bool(q.title))] for q in queries]
         if self.uses_images and self._image.extractor is not None:
             features, mask = extractors.extract_from_bytes([q.image for q in queries], self._image)
             examples["image_features"], examples["image_mask"] = features, mask[:, None]
@@ -161,13 +194,17 @@ class Predictor:
             pixels, mask = images_lib.decode_batch([q.image for q in queries], self._image)
             examples["image"], examples["image_mask"] = pixels, mask[:, None]
         ds = tf.data.Dataset.from_tensor_slices({
-            **examples, "inputs": tf.ragged.constant(examples["inputs"], dtype=tf.int32),
-            "targets": tf.ragged.constant(examples["targets"], dtype=tf.int32, ragged_rank=1)})
+            **examples, **{k: tf.ragged.constant(examples[k], dtype=tf.int32, ragged_rank=1)
+                           for k in ("inputs", "targets", "pair_text") if k in examples}})
         ds = ds.map(lambda ex: {k: v.to_tensor() if isinstance(v, tf.RaggedTensor) else v
                                 for k, v in ex.items()})
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
         lengths = {"inputs": self.input_length, "targets": self.target_length}
         return next(converter(ds, lengths).batch(len(queries)).as_numpy_iterator())
+
+    def _title_tokens(self, query: Query) -> np.ndarray:
+        return np.asarray(list(self.vocabulary.encode(query.title))
+                          + [self.vocabulary.eos_id], np.int32)[:self.input_length]
 
     def _tokens(self, query: Query) -> np.ndarray:
         ids = list(self.vocabulary.encode(query.text)) + [self.vocabulary.eos_id]

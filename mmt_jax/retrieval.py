@@ -33,16 +33,16 @@ def embed_task(model, params, task_name: str, split: str, task_feature_lengths: 
     """The head's vectors over `split` of `task_name`, in order (`Model.embed_pairs`)."""
     if getattr(model.module, "contrastive", None) is None:
         raise ValueError("this model has no contrastive head (ModelConfig.contrastive is None)")
-    embed = task_inference._compiled(model, "embed_pairs")
+    embed = task_inference.compiled(model, "embed_pairs")
     images, texts, labels, text = [], [], [], []
-    for rows, batch, n in task_inference._task_batches(model, task_name, split,
+    for rows, batch, n in task_inference.task_batches(model, task_name, split,
                                                        task_feature_lengths, batch_size,
                                                        max_examples):
         u, v, _ = embed(params, batch)
         images.append(np.asarray(u)[:n])
         texts.append(np.asarray(v)[:n])
         labels.append(np.asarray(batch["pair_label"])[:n])
-        text += [task_inference._text(row, "pair_text") for row in rows]
+        text += [task_inference.row_text(row, "pair_text") for row in rows]
     return PairEmbeddings(np.concatenate(images), np.concatenate(texts), np.concatenate(labels),
                           text)
 

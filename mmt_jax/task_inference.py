@@ -54,7 +54,7 @@ class Prediction:
     score: float
 
 
-def _task_batches(model, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+def task_batches(model, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                   batch_size: int, max_examples: int | None):
     """`(rows, batch padded to batch_size, n)` over `split` in order: the rows are the task's
     examples (text included) behind the batch's first `n` lines."""
@@ -74,16 +74,17 @@ def _task_batches(model, task_name: str, split: str, task_feature_lengths: Mappi
 def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                  batch_size: int, max_examples: int | None = None) -> list[Prediction]:
     """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call."""
-    predict = _compiled(model, "predict_batch_with_aux")
+    predict = compiled(model, "predict_batch_with_aux")
     vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
     results = []
-    for rows, batch, n in _task_batches(model, task_name, split, task_feature_lengths, batch_size,
+    for rows, batch, n in task_batches(model, task_name, split, task_feature_lengths, batch_size,
                                         max_examples):
         tokens, aux = predict(params, batch)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
         for row, decoded, score in zip(rows, tokens, scores):
             results.append(Prediction(
-                id=_text(row, "id"), inputs=_text(row, "inputs"), target=_text(row, "targets"),
+                id=row_text(row, "id"), inputs=row_text(row, "inputs"),
+                target=row_text(row, "targets"),
                 prediction=vocabulary.decode(until_eos(decoded, vocabulary.eos_id)),
                 score=float(score)))
     return results
@@ -93,12 +94,12 @@ def score_task(model, params, task_name: str, split: str, task_feature_lengths: 
                batch_size: int, max_examples: int | None = None) -> list[tuple[str, float]]:
     """`(reference text, its negative log-likelihood in nats)` per example of `split`, in order: the
     teacher-forced loss of each example's whole target (EOS included), no decoding."""
-    score = _compiled(model, "score_batch")
+    score = compiled(model, "score_batch")
     results = []
-    for rows, batch, n in _task_batches(model, task_name, split, task_feature_lengths, batch_size,
+    for rows, batch, n in task_batches(model, task_name, split, task_feature_lengths, batch_size,
                                         max_examples):
         log_likelihoods = np.asarray(score(params, batch))[:n]
-        results += [(_text(row, "targets"), -float(ll)) for row, ll in zip(rows, log_likelihoods)]
+        results += [(row_text(row, "targets"), -float(ll)) for row, ll in zip(rows, log_likelihoods)]
     return results
 
 
@@ -117,13 +118,14 @@ def evaluate_task(task_name: str, predictions: list[Prediction]) -> dict[str, fl
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model, method: str):
+def compiled(model, method: str):
     """One jitted `model.<method>` per model, shared by all of its tasks (same batch shapes, one
     compile)."""
     return jax.jit(getattr(model, method))
 
 
-def _text(row: dict, feature: str) -> str:
+def row_text(row: dict, feature: str) -> str:
+    """A task example's text feature as written (its `_pretokenized` form when seqio kept one)."""
     value = row.get(f"{feature}_pretokenized", row.get(feature, b""))
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 

@@ -91,8 +91,15 @@ def test_convert_errors_name_the_culprit(hf_dir, tmp_path, capsys, case, expecte
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
 
 
-def test_demo_runs_the_main_job_and_prints_the_table(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory):
+    """One workdir (and catalog) for both jobs, as a user running both would have."""
+    return tmp_path_factory.mktemp("demo")
+
+
+def test_demo_runs_the_main_job_and_prints_the_table(demo_workdir, capsys):
     from mmt_jax import demo
+    tmp_path = demo_workdir
     accuracy = demo.run(workdir=str(tmp_path), pretrain_steps=2, finetune_steps=2, num_products=48,
                         batch_size=8, examples=2)
     out = capsys.readouterr().out
@@ -103,3 +110,23 @@ def test_demo_runs_the_main_job_and_prints_the_table(tmp_path, capsys):
     config, params = store.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
     assert config.fusion.representator == "precomputed" and "image_fusion" in params
     assert config.image.extractor == "efficientnet-lite0+pixels"  # the demo's stored features
+    assert config.contrastive is None
+
+
+def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsys):
+    from mmt_jax import demo
+    tmp_path = demo_workdir
+    report = demo.run(workdir=str(tmp_path), job="multitask", pretrain_steps=2, finetune_steps=2,
+                      num_products=48, batch_size=8, examples=2)
+    out = capsys.readouterr().out
+    assert set(report) == {"MMT4", "MMT4 image-text"}
+    image_text = report["MMT4 image-text"]
+    assert {"match_generative_roc_auc", "match_head_pr_auc", "match_head_pairs_per_second",
+            "recall@1", "recall@10", "title_rouge1_recall_validation",
+            "title_rouge1_recall_train"} <= set(image_text)
+    assert all(0 <= v <= 1 for k, v in image_text.items() if "per_second" not in k)
+    assert "| contrastive head (cosine) |" in out and "recall@10" in out and "ROUGE-1" in out
+    assert ("--gin_file=models/mmt4_tiny_lite0.gin --gin_file=runs/contrastive.gin" in out
+            and "multitask_removed100" in out)
+    config, params = store.load_checkpoint(str(tmp_path / "mmt4_multitask" / "checkpoint_2"))
+    assert config.contrastive is not None and "contrastive_head" in params
