@@ -27,6 +27,7 @@ Every step is the train binary's run (`train.train` configured by the run's gin 
 `gin_config`, as `mmt-jax train` does), so the commands it prints are the ones to run by hand.
 """
 import dataclasses
+import inspect
 import json
 import os
 import shlex
@@ -73,6 +74,7 @@ JOBS = {
                      contrastive=True, warmup_steps=100, finetune_steps=1400, image_text=True,
                      runs="_multitask"),
 }
+COLLAPSE_CHECK_STEPS = inspect.signature(train.train).parameters["collapse_check_steps"].default
 MODELS = {"T5": ("models/t5_tiny_catalog.gin", "_text"), "MMT4": ("models/mmt4_tiny_lite0.gin", "")}
 
 
@@ -117,9 +119,10 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
         _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
                            f'TASK="pretrain{suffix}"', "TASK_FEATURE_LENGTHS="
                            + json.dumps({"inputs": 48, "targets": 48, **pair}), *common])
-        # The multitask job evaluates once at the end, so the collapse check names any task
-        # that has not learned from its inputs.
-        checks = [f"train.train.eval_period={finetune_steps}"] if spec.image_text else []
+        # The multitask job evaluates once at the end, so the collapse check (from its first
+        # step on) names any task that has not learned from its inputs.
+        checks = ([f"train.train.eval_period={finetune_steps}"]
+                  if spec.image_text and finetune_steps >= COLLAPSE_CHECK_STEPS else [])
         _train(gin_files, [f'MODEL_DIR="{os.path.join(workdir, name.lower() + spec.runs)}"',
                            f"TRAIN_STEPS={finetune_steps}", f'TASK="{spec.finetune_task}{suffix}"',
                            f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"',

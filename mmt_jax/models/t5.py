@@ -371,16 +371,16 @@ class EncoderDecoder(nn.Module):
 
     def embed_pairs(self, pair_text_tokens, *, enable_dropout=False, **features):
         """The contrastive head (`models/contrastive.py`): the encoder reads the part's other
-        features with no text (MMT4: the image alone) and, separately, `pair_text_tokens [B, Lp]`
-        with no image; each is pooled and projected. -> `(u [B, D], v [B, D], scale [])`."""
+        features with no text and, separately, `pair_text_tokens [B, Lp]` with no other feature;
+        each is pooled and projected. -> `(u [B, D], v [B, D], scale [])`."""
         if self.contrastive is None:
             raise ValueError("this model has no contrastive head (ModelConfig.contrastive is None)")
         # One masked pad position rather than none: XLA:CPU executables with zero-size operands
         # deadlocked in collectives when reloaded from the persistent compilation cache.
         no_text = jnp.zeros((jnp.shape(pair_text_tokens)[0], 1), jnp.int32)
-        image, image_mask = self._encode(no_text, None, enable_dropout, features)
+        features_alone, features_mask = self._encode(no_text, None, enable_dropout, features)
         text, text_mask = self._encode(pair_text_tokens, None, enable_dropout, {})
-        return self.contrastive_head(image, image_mask, text, text_mask)
+        return self.contrastive_head(features_alone, features_mask, text, text_mask)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
