@@ -156,7 +156,8 @@ class EncoderDecoderModel:
         if not isinstance(self, expected):
             raise TypeError(f"{type(self).__name__} does not compute the loss of this module; its "
                             f"Model is {expected.__name__}: build it with model.model_for(module)")
-        loss, metrics = self.loss_from_logits(self._compute_logits(params, batch, dropout_rng), batch)
+        logits = self._compute_logits(params, batch, dropout_rng)
+        loss, metrics = self.loss_from_logits(logits, batch)
         return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
 
     # ---- the contrastive head (models/contrastive.py) -----------------------------------------
@@ -186,8 +187,8 @@ class EncoderDecoderModel:
         return valid
 
     def with_contrastive_loss(self, loss, metrics, params, batch: Batch, dropout_rng):
-        """`loss + weight * contrastive loss` and the metrics `contrastive/{loss,accuracy,pairs}`
-        when the module has a contrastive head with a positive weight and the batch has paired
+        """`loss + weight * contrastive loss` and the metrics
+        `contrastive/{loss,accuracy,pairs,scale}` when the module has a contrastive head with a positive weight and the batch has paired
         texts; else `(loss, metrics)` unchanged."""
         config = getattr(self.module, "contrastive", None)
         if config is None or not config.loss_weight or "pair_text_tokens" not in batch:

@@ -2,9 +2,9 @@
 encoder pass over each image and each text.
 
 `embed_task` gives the head's unit vectors of every example's image and paired text over one split
-of a task; `match_scores` reads matching pairs' cosines (with their labels) from them, for the same
-ROC-AUC / PR-AUC that generative matching reports; `recall_at_k` ranks every distinct text for every
-image (image -> title retrieval among the split's products).
+of a task; their `cosines()` with the labels give the same ROC-AUC / PR-AUC that generative matching
+reports (`metrics.ranking_metrics`); `recall_at_k` ranks every distinct text for every image
+(image -> title retrieval among the split's products).
 """
 import dataclasses
 from typing import Mapping, Sequence
@@ -30,9 +30,8 @@ class PairEmbeddings:
 
 def embed_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                batch_size: int, max_examples: int | None = None) -> PairEmbeddings:
-    """The head's vectors over `split` of `task_name`, in order (`Model.embed_pairs`)."""
-    if getattr(model.module, "contrastive", None) is None:
-        raise ValueError("this model has no contrastive head (ModelConfig.contrastive is None)")
+    """The head's vectors over `split` of `task_name`, in order (`Model.embed_pairs`; a model
+    without the head raises its ValueError)."""
     embed = task_inference.compiled(model, "embed_pairs")
     images, texts, labels, text = [], [], [], []
     for rows, batch, n in task_inference.task_batches(model, task_name, split,
@@ -54,12 +53,15 @@ def recall_at_k(embeddings: PairEmbeddings, ks: Sequence[int] = (1, 10)) -> dict
     `retrieval_candidates`, the number of distinct texts ranked."""
     keep = embeddings.labels > 0
     own = [t for t, k in zip(embeddings.text, keep) if k]
-    candidates = sorted(set(own))
-    first = {t: own.index(t) for t in candidates}
-    text_vectors = embeddings.texts[keep][[first[t] for t in candidates]]
+    column, first_rows = {}, []  # each distinct text -> its column; the first row holding it
+    for i, t in enumerate(own):
+        if t not in column:
+            column[t] = len(first_rows)
+            first_rows.append(i)
+    text_vectors = embeddings.texts[keep][first_rows]
     similarity = embeddings.images[keep] @ text_vectors.T  # [images, distinct texts]
-    own_column = np.array([candidates.index(t) for t in own])
+    own_column = np.array([column[t] for t in own])
     own_score = similarity[np.arange(len(own)), own_column]
     rank = np.sum(similarity > own_score[:, None], axis=1)  # 0: first
     return {**{f"recall@{k}": float(np.mean(rank < k)) for k in ks},
-            "retrieval_candidates": float(len(candidates))}
+            "retrieval_candidates": float(len(column))}
