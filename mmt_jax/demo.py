@@ -9,7 +9,7 @@ Both:
    vectors plus each cell's pixels, `vision/extractors.py`), computed once there.
 2. Pretrain a tiny MMT4 (T5.1.1 tiny reading those 32 stored vectors, `models/mmt4_tiny_lite0.gin`)
    for 300 steps on span corruption + MLM (`gin/runs/catalog.gin`).
-3. Fine-tune it from its pretrained checkpoint (the attribute prompt is the title followed by the
+3. Fine-tune it from its pretrained checkpoint (`pretrain_steps=0`: from scratch, no step 2) (the attribute prompt is the title followed by the
    description, every attribute value removed from the titles) and decode the validation products.
 
 `table2` also pretrains and fine-tunes the same T5 without the image branch on the same text, fine-
@@ -116,16 +116,19 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
         pair = {"pair_text": spec.lengths["pair_text"]} if contrastive else {}
         lengths = {k: v for k, v in spec.lengths.items() if k != "pair_text"} | pair
         pretrain_dir = os.path.join(workdir, f"{name.lower()}{spec.runs}_pretrain")
-        _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
-                           f'TASK="pretrain{suffix}"', "TASK_FEATURE_LENGTHS="
-                           + json.dumps({"inputs": 48, "targets": 48, **pair}), *common])
+        start_from = []
+        if pretrain_steps:
+            _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
+                               f'TASK="pretrain{suffix}"', "TASK_FEATURE_LENGTHS="
+                               + json.dumps({"inputs": 48, "targets": 48, **pair}), *common])
+            start_from = [f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"']
         # The multitask job evaluates once at the end, so the collapse check (from its first
         # step on) names any task that has not learned from its inputs.
         checks = ([f"train.train.eval_period={finetune_steps}"]
                   if spec.image_text and finetune_steps >= COLLAPSE_CHECK_STEPS else [])
         _train(gin_files, [f'MODEL_DIR="{os.path.join(workdir, name.lower() + spec.runs)}"',
                            f"TRAIN_STEPS={finetune_steps}", f'TASK="{spec.finetune_task}{suffix}"',
-                           f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"',
+                           *start_from,
                            f"TASK_FEATURE_LENGTHS={json.dumps(lengths)}", *common, *checks])
 
     attributes = tasks.DEFAULT_ATTRIBUTES

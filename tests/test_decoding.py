@@ -23,7 +23,8 @@ def make_model(variant="t5_1_1", vocab=64, **overrides):
     model = EncoderDecoderModel(EncoderDecoder(config))
     shapes = {"encoder_input_tokens": (2, 6), "decoder_input_tokens": (2, 5),
               "decoder_target_tokens": (2, 5)}
-    params = model.get_initial_variables(jax.random.PRNGKey(1), shapes)["params"]
+    params = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))(
+        jax.random.PRNGKey(1))["params"]
     # Larger weights than the default init make the distributions peaked and the tokens varied.
     params = jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim == 2 else p, params)
     return model, params
@@ -37,14 +38,17 @@ def batch_for(enc, dec_length):
 
 
 def greedy_by_recompute(model, params, enc, length, eos_id=1):
-    """Reference: re-runs the whole decoder on the growing prefix at every step (no cache)."""
+    """Reference: re-runs the whole decoder (no cache) at every step. The decoder input is always
+    `length` long (the prefix, then padding): the causal mask keeps step i's logits to the prefix,
+    and one compiled forward serves every step."""
     b = enc.shape[0]
     out = np.zeros((b, length), np.int32)
     ended = np.zeros(b, bool)
+    forward = jax.jit(lambda tokens: model.module.apply({"params": params}, enc, tokens))
     for i in range(length):
-        dec_in = np.concatenate([np.zeros((b, 1), np.int32), out[:, :i]], axis=1)
-        logits = model.module.apply({"params": params}, enc, dec_in, np.ones_like(dec_in))
-        nxt = np.where(ended, 0, np.argmax(np.asarray(logits)[:, -1], -1))
+        dec_in = np.concatenate([np.zeros((b, 1), np.int32), out[:, :length - 1]], axis=1)
+        logits = np.asarray(forward(dec_in))[:, i]
+        nxt = np.where(ended, 0, np.argmax(logits, -1))
         out[:, i] = nxt
         ended |= nxt == eos_id
     return out

@@ -41,7 +41,7 @@ def _batch():
 def _init(config: T5Config, batch):
     model = model_for(EncoderDecoder(config))
     shapes = {k: v.shape for k, v in batch.items()}
-    return model, model.get_initial_variables(jax.random.key(0), shapes)
+    return model, jax.jit(lambda key: model.get_initial_variables(key, shapes))(jax.random.key(0))
 
 
 def _host(tree):

@@ -116,7 +116,8 @@ def test_demo_runs_the_main_job_and_prints_the_table(demo_workdir, capsys):
 def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsys):
     from mmt_jax import demo
     tmp_path = demo_workdir
-    report = demo.run(workdir=str(tmp_path), job="multitask", pretrain_steps=2, finetune_steps=2,
+    # From scratch (the table2 test covers the pretrained start): no pretraining run
+    report = demo.run(workdir=str(tmp_path), job="multitask", pretrain_steps=0, finetune_steps=2,
                       num_products=48, batch_size=8, examples=2)
     out = capsys.readouterr().out
     assert set(report) == {"MMT4", "MMT4 image-text"}
@@ -130,3 +131,4 @@ def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsy
             and "multitask_removed100" in out)
     config, params = store.load_checkpoint(str(tmp_path / "mmt4_multitask" / "checkpoint_2"))
     assert config.contrastive is not None and "contrastive_head" in params
+    assert "INITIAL_CHECKPOINT_PATH" not in out and not (tmp_path / "mmt4_multitask_pretrain").exists()

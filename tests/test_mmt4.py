@@ -1,5 +1,7 @@
 """MMT4's fused encoder: patches, Eq. 1-2 fusion, masks (absent image == text only), initialisation
 from a text-only T5, gradients everywhere, and sharding over 8 host devices."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -33,7 +35,10 @@ def make(fusion=FusionConfig(patch_size=8), config=CONFIG, seed=0, example=None)
     model = EncoderDecoderModel(EncoderDecoder(config, fusion))
     example = batch() if example is None else example
     shapes = {k: v.shape for k, v in example.items()}
-    return model, model.get_initial_variables(jax.random.PRNGKey(seed), shapes)["params"]
+    init = functools.partial(model.get_initial_variables, input_shapes=shapes)
+    if fusion is not None and fusion.network is not None:  # op by op, a CNN's init takes ~20 s
+        init = jax.jit(init)
+    return model, init(jax.random.PRNGKey(seed))["params"]
 
 
 def test_patches_are_flattened_crops():
@@ -152,7 +157,7 @@ def test_sharded_over_8_devices_matches_one_device():
 
 def test_cnn_representator_feeds_its_feature_map_and_can_be_frozen():
     from mmt_jax.vision.efficientnet import efficientnet_config
-    network = efficientnet_config("lite0", depth=0.5, width=0.5)
+    network = efficientnet_config("lite0", depth=0.1, width=0.25)  # one block per stage
     example = batch(b=2, image=64)
     grads_into = {}
     for frozen in (False, True):

@@ -232,7 +232,8 @@ def test_the_loss_adds_the_weighted_aux_loss_and_reports_the_statistics():
     batch = {"encoder_input_tokens": rng.integers(2, 64, (2, 6)).astype(np.int32),
              "decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), targets[:, :-1]], 1),
              "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
-    loss, metrics = model.loss_fn(params, batch, None)
+    loss_fn = jax.jit(model.loss_fn)
+    loss, metrics = loss_fn(params, batch, None)
     values = {k: float(v.compute()) for k, v in metrics.items()}
     assert set(values) >= {f"moe/{n}" for n in ("auxiliary_loss", "router_z_loss",
                                                 "fraction_tokens_left_behind", "expert_usage",
@@ -241,8 +242,8 @@ def test_the_loss_adds_the_weighted_aux_loss_and_reports_the_statistics():
     np.testing.assert_allclose(float(loss), cross_entropy + 0.1 * values["moe/auxiliary_loss"]
                                + 0.01 * values["moe/router_z_loss"], rtol=1e-5)
     # training draws router noise from its own stream: two dropout keys, two losses
-    a, _ = model.loss_fn(params, batch, jax.random.key(1))
-    b, _ = model.loss_fn(params, batch, jax.random.key(2))
+    a, _ = loss_fn(params, batch, jax.random.key(1))
+    b, _ = loss_fn(params, batch, jax.random.key(2))
     assert float(a) != float(b)
 
 
@@ -296,9 +297,10 @@ def test_sparse_upcycling_copies_the_dense_mlp_into_every_expert():
     dense = _tiny_moe_model()
     batch = _lm_batch(batch=2)
     shapes = {k: v.shape for k, v in batch.items()}
-    dense_params = dense.get_initial_variables(jax.random.key(0), shapes)["params"]
+    dense_params = jax.jit(lambda key: dense.get_initial_variables(key, shapes))(
+        jax.random.key(0))["params"]
     sparse = _tiny_moe_model(moe=_moe_config(num_experts=3, num_selected=1), decoder_moe_layers="all")
-    fresh = sparse.get_initial_variables(jax.random.key(1), shapes)["params"]
+    fresh = jax.jit(lambda key: sparse.get_initial_variables(key, shapes))(jax.random.key(1))["params"]
     params, fresh_paths, upcycled = initialize_from(fresh, dense_params)
     assert fresh_paths == ["decoder/layers_0/mlp/router/kernel", "decoder/layers_1/mlp/router/kernel"]
     assert upcycled == [f"decoder/layers_{i}/mlp/expert/{w}/kernel" for i in range(2)
@@ -309,8 +311,8 @@ def test_sparse_upcycling_copies_the_dense_mlp_into_every_expert():
             path.replace("/mlp/expert/", "/mlp/")]
         assert all(np.array_equal(expert, dense_kernel) for expert in flat[path])
     # Every expert equal to the dense MLP and k=1 (weight 1): the upcycled model is the dense model.
-    np.testing.assert_allclose(sparse._compute_logits(params, batch),
-                               dense._compute_logits(dense_params, batch), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(sparse._compute_logits)(params, batch),
+                               jax.jit(dense._compute_logits)(dense_params, batch), atol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 4, 1), (4, 1, 2)])
@@ -319,7 +321,7 @@ def test_moe_model_loss_and_gradients_on_a_mesh_equal_one_device(mesh_shape):
                             decoder_moe_layers="odd")
     batch = _lm_batch()
     shapes = {k: v.shape for k, v in batch.items()}
-    variables = model.get_initial_variables(jax.random.key(0), shapes)
+    variables = jax.jit(lambda key: model.get_initial_variables(key, shapes))(jax.random.key(0))
     grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b, None)[0])
     reference_loss, reference_grads = jax.jit(grad_fn)(variables["params"], batch)
 

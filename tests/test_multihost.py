@@ -1,6 +1,7 @@
 """Multi-host training: two processes on localhost (CPU collectives through gloo), each with two
-devices and its own shard of the data, train in lockstep to the losses of one process fed the same
-global batches; a SIGTERM to one of them stops both at the same step with one checkpoint."""
+devices and its own shard of the data, train in lockstep to the losses and parameters of one process
+fed the same global batches, and a SIGTERM to one of them stops both at the same step with one
+checkpoint (one run, to start the processes once)."""
 import os
 import signal
 import socket
@@ -18,7 +19,8 @@ from mmt_jax.checkpoints import store
 from mmt_jax.training import optimizers
 from mmt_jax.training.trainer import Trainer
 
-STEPS, BATCH, LENGTHS = 4, 8, {"inputs": 24, "targets": 8}
+# A run long enough to be stopped by a signal after SIGNAL_AFTER steps.
+STEPS, SIGNAL_AFTER, BATCH, LENGTHS = 100000, 4, 8, {"inputs": 24, "targets": 8}
 
 
 def _free_port() -> int:
@@ -27,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(data_dir: str, model_dir: str, steps: int, log_period: int = 1):
+def _start(data_dir: str, model_dir: str, steps: int):
     """Starts both processes; returns them with the paths of their (stdout, stderr) files."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -39,7 +41,7 @@ def _start(data_dir: str, model_dir: str, steps: int, log_period: int = 1):
             "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16",
             f"--gin.BATCH_SIZE={BATCH}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
             "--gin.t5.t5_config.num_encoder_layers=1", "--gin.t5.t5_config.num_decoder_layers=1",
-            "--gin.LEARNING_RATE=3e-3", f"--gin.train.train.log_period={log_period}",
+            "--gin.LEARNING_RATE=3e-3", "--gin.train.train.log_period=1",
             "--gin.train.train.checkpoint_period=1000",
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     started = []
@@ -69,20 +71,32 @@ def _losses(out: str) -> list[float]:
             if line.startswith("step ") and "/" in line.split()[1]]
 
 
-def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
+def test_two_processes_train_in_lockstep_like_one_process_and_stop_together(data_dir, tmp_path):
+    """The two processes run until a SIGTERM to the second one; then their losses and final
+    parameters are compared with one process fed the same global batches for as many steps."""
     model_dir = str(tmp_path / "run")
-    chief, other = _finish(_start(data_dir, model_dir, STEPS))
+    started = _start(data_dir, model_dir, steps=STEPS)
+    chief_out = started[0][1][0]
+    deadline = time.time() + 300
+    while f"step {SIGNAL_AFTER}/" not in open(chief_out).read():  # training is under way
+        assert time.time() < deadline and all(p.poll() is None for p, _ in started)
+        time.sleep(0.2)
+    started[1][0].send_signal(signal.SIGTERM)
+    chief, other = _finish(started)
     assert "2 process(es)" in chief and "over 4 cpu device(s)" in chief
     assert "step " not in other and "finished" not in other  # only the chief reports
+    step = int(chief.split("stopped by signal at step ")[1].split(";")[0])
+    assert SIGNAL_AFTER <= step < STEPS
+    assert store.resolve(model_dir).endswith(f"checkpoint_{step}")  # one checkpoint, both agreed
     two_process = _losses(chief)
-    assert len(two_process) == STEPS
+    assert len(two_process) == step
 
     # One process, eight devices, the same global batches: process 0's rows, then process 1's.
     from mmt_jax import tasks
     from mmt_jax.data.images import ImagePreprocessing
     task = tasks.catalog_task("attributes_removed100", "multihost", data_dir, "embedded-n96-s0-px32",
                               image=ImagePreprocessing(size=16))
-    config, _ = store.load_checkpoint(model_dir)
+    config, saved = store.load_checkpoint(model_dir)
     model = build_model(config)
     shards = [get_dataset(model, task, "train", LENGTHS, BATCH, seed=0,
                           shard=(i, 2)).as_numpy_iterator() for i in range(2)]
@@ -93,27 +107,11 @@ def test_two_processes_train_in_lockstep_like_one_process(data_dir, tmp_path):
     trainer = Trainer(model, Partitioner((-1, 1, 1)), optimizer, shapes, types)
     state, _, _ = trainer.initial_state(seed=0)
     one_process = []
-    for step in range(STEPS):
-        halves = first if step == 0 else [next(s) for s in shards]
+    for i in range(step):
+        halves = first if i == 0 else [next(s) for s in shards]
         batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
         state, metrics = trainer.train_step(state, trainer.global_batch(batch), jax.random.key(1))
         one_process.append(float(metrics["loss"].compute()))
     np.testing.assert_allclose(two_process, one_process, rtol=2e-5)
-    _, saved = store.load_checkpoint(model_dir)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
                            saved, jax.device_get(state.params))
-
-
-def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
-    model_dir = str(tmp_path / "run")
-    started = _start(data_dir, model_dir, steps=100000, log_period=5)
-    chief_out = started[0][1][0]
-    deadline = time.time() + 300
-    while "step 5/" not in open(chief_out).read():  # training is under way
-        assert time.time() < deadline and all(p.poll() is None for p, _ in started)
-        time.sleep(1)
-    started[1][0].send_signal(signal.SIGTERM)
-    chief, _ = _finish(started)
-    step = int(chief.split("stopped by signal at step ")[1].split(";")[0])
-    assert step % 5 == 0 and step < 100000
-    assert store.resolve(model_dir).endswith(f"checkpoint_{step}")
