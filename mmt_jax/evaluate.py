@@ -70,7 +70,7 @@ def _check_image_preprocessing(task: seqio.Task, config, checkpoint: str) -> Non
     inputs it never saw (e.g. 224 px images for a 64 px model): refuse, saying what to set."""
     used = [p.keywords["options"] for p in task.preprocessors
             if isinstance(p, functools.partial) and "options" in p.keywords]
-    if config.fusion is None or config.image is None or not used:
+    if config.image_branch is None or config.image is None or not used:
         return
     if dataclasses.replace(used[0], augment=False) != dataclasses.replace(config.image, augment=False):
         raise InputError(f"task {task.name} preprocesses images as {used[0]}, but {checkpoint} was "

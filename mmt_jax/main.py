@@ -48,8 +48,8 @@ def _convert(args) -> None:
         if not args.to_hf:
             raise SystemExit("convert --from-checkpoint needs --to-hf DIR")
         model_config, params = store.load_checkpoint(args.from_checkpoint)
-        if model_config.fusion is not None:
-            raise CheckpointFormatError(f"{args.from_checkpoint} is an MMT4 checkpoint; only its text "
+        if model_config.image_branch is not None:
+            raise CheckpointFormatError(f"{args.from_checkpoint} is a multimodal checkpoint; only its text "
                                         "part has a Hugging Face T5 form, and exporting it is not "
                                         "supported yet")
         config = model_config.t5
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--job", choices=("table2", "multitask"), default="table2",
                       help="table2: MMT4 vs T5 on the attributes (default); multitask: MMT4 with "
                            "the contrastive head on attributes, titles and matching in one run")
-    demo.add_argument("--pretrain-steps", type=int, default=300)
+    demo.add_argument("--pretrain-steps", type=int, default=300,
+                      help="0: fine-tune from scratch")
     demo.add_argument("--finetune-steps", type=int, default=None, help="default: the job's")
     demo.add_argument("--num-products", type=int, default=3000)
     demo.add_argument("--learning-rate", type=float, default=2e-3,

@@ -29,7 +29,9 @@ from mmt_jax.losses import (DEFAULT_LOSS, NUM_REAL_TARGET_TOKENS, LossConfig,  #
 Batch = Mapping[str, jax.Array]
 FLOAT_FEATURES = {"encoder_images": jnp.float32, "encoder_image_features": jnp.float32}
 IMAGE_FEATURES = ("encoder_images", "encoder_image_features", "encoder_image_mask")
-ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids") + IMAGE_FEATURES
+# MoEMoE's question beside the context (`models/moemoe.py`).
+ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_question_tokens") + \
+    IMAGE_FEATURES
 # Read by the contrastive head only (data/feature_converter.py): the text paired with each row's
 # image and whether it describes that image (1) or not / there is none (0).
 PAIR_FEATURES = ("pair_text_tokens", "pair_label")
@@ -37,6 +39,9 @@ NOT_MODULE_INPUTS = ("decoder_loss_weights",) + PAIR_FEATURES
 # What every MoE layer sows into `intermediates` (DESIGN.md; t5x contrib/moe reads the same names).
 MOE_STATISTICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage",
                   "router_confidence")
+# What MoEMoE's encoder front sows (`models/moemoe.py`), with its `MultiSourceConfig` weight.
+ALIGNMENT_LOSSES = {"question_context_alignment_loss": "question_context_weight",
+                    "question_image_alignment_loss": "question_image_weight"}
 
 
 def model_class(module) -> type["EncoderDecoderModel"]:
@@ -81,12 +86,18 @@ class EncoderDecoderModel:
         # A module with an image branch (MMT4) reads images, or stored image features: its batches
         # come from the multimodal converters. t5x reads this instance attribute as it reads its own
         # models' (models.py:386).
-        fusion = getattr(module, "encoder_input", None)  # MMT4: its FusionConfig (None: text)
+        # MoEMoE's come from its own (with the question), with its image encoder's representator.
+        sources = getattr(module, "sources", None)
+        fusion = (sources.image if sources is not None  # MMT4: its FusionConfig (None: text)
+                  else getattr(module, "encoder_input", None))
         if feature_converter_cls is None and fusion is not None:
-            feature_converter_cls = (
-                feature_converter.MultimodalFeaturesEncDecFeatureConverter
-                if fusion.representator == "precomputed"
-                else feature_converter.MultimodalEncDecFeatureConverter)
+            stored = fusion.representator == "precomputed"
+            feature_converter_cls = {
+                (False, False): feature_converter.MultimodalEncDecFeatureConverter,
+                (True, False): feature_converter.MultimodalFeaturesEncDecFeatureConverter,
+                (False, True): feature_converter.MultiSourceEncDecFeatureConverter,
+                (True, True): feature_converter.MultiSourceFeaturesEncDecFeatureConverter,
+            }[stored, sources is not None]
         if feature_converter_cls is not None:
             self.FEATURE_CONVERTER_CLS = feature_converter_cls
         self._input_vocabulary = input_vocabulary
@@ -156,9 +167,41 @@ class EncoderDecoderModel:
         if not isinstance(self, expected):
             raise TypeError(f"{type(self).__name__} does not compute the loss of this module; its "
                             f"Model is {expected.__name__}: build it with model.model_for(module)")
-        logits = self._compute_logits(params, batch, dropout_rng)
-        loss, metrics = self.loss_from_logits(logits, batch)
+        if self.sows_losses:
+            logits, state = self._apply(params, batch, dropout_rng, mutable=["intermediates"])
+            loss, metrics = self.loss_from_logits_and_sown(logits, state["intermediates"], batch)
+        else:
+            loss, metrics = self.loss_from_logits(
+                self._compute_logits(params, batch, dropout_rng), batch)
         return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
+
+    # ---- losses sown by the module ------------------------------------------------------------
+    @property
+    def sows_losses(self) -> bool:
+        """Whether the module's forward pass sows losses into `intermediates` (MoEMoE's alignment
+        losses, `models/moemoe.py`; the MoE subclass adds its layers')."""
+        return getattr(self.module, "sources", None) is not None
+
+    def sown_losses(self, intermediates) -> dict[str, tuple[float, jax.Array]]:
+        """`{name: (weight, value)}` of the losses in `intermediates`: MoEMoE's alignment losses
+        (Eq. 6-7) with their `MultiSourceConfig` weights."""
+        sources = getattr(self.module, "sources", None)
+        if sources is None:
+            return {}
+        sown = intermediates
+        return {name: (getattr(sources, weight), jnp.asarray(sown[name][0]))
+                for name, weight in ALIGNMENT_LOSSES.items()}
+
+    def loss_from_logits_and_sown(self, logits, intermediates, batch: Batch):
+        """The cross-entropy loss plus every sown loss times its weight (MoEMoE's Eq. 8:
+        `CE + L_QCA + L_QIA + lambda L_aux`), each sown loss also a metric by its name."""
+        loss, metrics = self.loss_from_logits(logits, batch)
+        sown = self.sown_losses(intermediates)
+        for weight, value in sown.values():
+            loss = loss + weight * value
+        average = clu.metrics.Average.from_model_output
+        return loss, {**metrics, "loss": average(loss),
+                      **{name: average(value) for name, (_, value) in sown.items()}}
 
     # ---- the contrastive head (models/contrastive.py) -----------------------------------------
     CONTRASTIVE_DROPOUT_FOLD = 2
@@ -339,21 +382,16 @@ class MoeEncoderDecoderModel(EncoderDecoderModel):
             statistics[name] = jnp.mean(jnp.stack(values))
         return statistics
 
-    def loss_fn(self, params, batch: Batch, dropout_rng):
-        """`(CE + weighted MoE losses, metrics with moe/*)`; dropout and router noise are on iff
-        `dropout_rng` is given."""
-        logits, state = self._apply(params, batch, dropout_rng, mutable=["intermediates"])
-        loss, metrics = self.loss_from_logits_and_statistics(
-            logits, self.moe_statistics(state["intermediates"]), batch)
-        return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
+    @property
+    def sows_losses(self) -> bool:
+        return True
 
-    def loss_from_logits_and_statistics(self, logits, statistics: Mapping[str, jax.Array],
-                                        batch: Batch):
-        loss, metrics = self.loss_from_logits(logits, batch)
+    def sown_losses(self, intermediates) -> dict[str, tuple[float, jax.Array]]:
+        """The dense Model's, plus `moe/<statistic>` for every statistic in `MOE_STATISTICS`:
+        `auxiliary_loss` weighted by `aux_loss_weight`, `router_z_loss` by `z_loss_weight`, the
+        others reported with weight 0."""
         moe = self.moe_config
-        loss = (loss + moe.aux_loss_weight * statistics["auxiliary_loss"]
-                + moe.z_loss_weight * statistics["router_z_loss"])
-        metrics = {**metrics, "loss": clu.metrics.Average.from_model_output(loss),
-                   **{f"moe/{name}": clu.metrics.Average.from_model_output(value)
-                      for name, value in statistics.items()}}
-        return loss, metrics
+        weights = {"auxiliary_loss": moe.aux_loss_weight, "router_z_loss": moe.z_loss_weight}
+        return {**super().sown_losses(intermediates),
+                **{f"moe/{name}": (weights.get(name, 0.0), value)
+                   for name, value in self.moe_statistics(intermediates).items()}}

@@ -39,7 +39,8 @@ def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
         rules.append(("embed", "data"))
     rules += [(name, None) for name in (
         "embed", "kv", "length", "relpos_buckets", "abspos_buckets", "layers", "stack",
-        "mlp_activations", "unmodeled", "image_features", "segments",
+        "mlp_activations", "unmodeled", "image_features", "segments", "contrastive", "sources",
+        "alignment", "image_vectors",
         "conv_height", "conv_width", "conv_in", "conv_out")]
     return tuple(rules)
 

@@ -73,7 +73,7 @@ class Predictor:
 
     def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
                  target_length: int = 16, batch_size: int = 16, num_beams: int = 1):
-        if config.fusion is not None and config.image is None:
+        if config.image_branch is not None and config.image is None:
             raise InputError("the checkpoint does not record its image preprocessing (written before "
                              "ModelConfig.image existed); set config.image to the training run's "
                              "ImagePreprocessing")
@@ -82,7 +82,7 @@ class Predictor:
         self.input_length, self.target_length = input_length, target_length
         self.batch_size, self.num_beams = batch_size, num_beams
         self.vocabulary = model.output_vocabulary
-        self._image = (None if config.fusion is None
+        self._image = (None if config.image_branch is None
                        else dataclasses.replace(config.image, augment=False))
         decode_fn = (decoding.greedy if num_beams == 1
                      else functools.partial(decoding.beam_search, alpha=0.0))

@@ -16,7 +16,7 @@ call registers, with `P` the prefix:
     P_multitask_removed<R>       mixture of the attribute tasks, title and match at twice their
                                  rate (`mmt-jax demo --job multitask`; the `_text` twin has no
                                  matching)
-    P_qa                 MoEMoE multi-source records: question, context, image -> value
+    P_qa                 MoEMoE multi-source records: question, context (inputs), image -> value
   and `_text` variants of the pretraining, attribute and title tasks without the image, for the
   text-only T5 baseline (matching needs the image, and MoEMoE QA its own converter).
 
@@ -186,7 +186,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
             seqio.MixtureRegistry.add(f"{prefix}_multitask_{removed}{suffix}", rates)
             names.append(f"{prefix}_multitask_{removed}{suffix}")
     qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
-                   "context": seqio.Feature(vocabulary, add_eos=True),
+                   "inputs": seqio.Feature(vocabulary, add_eos=True),  # the context
                    "targets": seqio.Feature(vocabulary, add_eos=True)}
     if attributes:
         add(f"{prefix}_qa", functools.partial(prompts.question_answering_examples,

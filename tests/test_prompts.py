@@ -97,11 +97,11 @@ def test_title_and_question_answering_examples():
     assert attribute["inputs"] == b"Acme shirt color:"  # the value is gone from the prompt only:
     assert attribute["pair_text"] == b"Acme red shirt" and attribute["pair_label"] == [1]
     qa = _decode(prompts.question_answering_examples(_dataset([product]), ("color", "brand")),
-                 keys=("question", "context", "targets"))
+                 keys=("question", "inputs", "targets"))
     assert qa == [
-        {"question": "brand", "context": "Acme red shirt Description 0. soft warm shirt",
+        {"question": "brand", "inputs": "Acme red shirt Description 0. soft warm shirt",
          "targets": "Acme"},
-        {"question": "color", "context": "Acme red shirt Description 0. soft warm shirt",
+        {"question": "color", "inputs": "Acme red shirt Description 0. soft warm shirt",
          "targets": "red"}]
 
 

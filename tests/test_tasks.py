@@ -96,7 +96,7 @@ def test_question_answering_records_carry_question_context_and_image(registered)
     ex = next(ds.as_numpy_iterator())
     assert vocab.decode(ex["question"].tolist()) in tasks.DEFAULT_ATTRIBUTES
     assert ex["image"].shape == (32, 32, 3) and ex["image_mask"].tolist() == [1]
-    assert len(vocab.decode(ex["context"].tolist()).split()) > 5
+    assert len(vocab.decode(ex["inputs"].tolist()).split()) > 5  # the context
 
 
 def test_pipeline_is_deterministic_given_a_seed(registered):

@@ -21,7 +21,11 @@ Model features, for a batch of B:
 `[B, Lv, D]`.
 
 `TASK_FEATURE_LENGTHS` needs only `inputs` and `targets`, as for a text task; the image side is taken
-from the examples' static shape, and `pair_text` is as long as `inputs` unless given its own length. Packing is refused: packing would put several products' images into
+from the examples' static shape, and `pair_text` is as long as `inputs` unless given its own length. MoEMoE's converters (`MultiSource...`) also read the task feature `question` and pad it to the
+length of `inputs` (the context) as `encoder_question_tokens [B, Li]`: the model weighs its sources
+position by position (`models/moemoe.py`).
+
+Packing is refused: packing would put several products' images into
 one row, which the fused encoder (one image per row, Eq. 2 of the MMT4 paper) does not model, so t5x
 runs must set `DatasetConfig.pack = False`.
 """
@@ -57,6 +61,7 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
     IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK = "image", "encoder_images", 3
     TASK_FEATURES, MODEL_FEATURES = _with_image(IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK)
+    QUESTION = False  # MoEMoE's: also `question` -> `encoder_question_tokens`
 
     def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False, **kwargs):
         if pack:
@@ -75,7 +80,8 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 f"images.preprocess_images to the task's preprocessors, with the preprocessing the "
                 f"model was built for); got {image_shape}")
         lengths = {name: image_shape[0], "image_mask": 1, "pair_label": 1,
-                   "pair_text": task_feature_lengths["inputs"], **task_feature_lengths}
+                   "pair_text": task_feature_lengths["inputs"], **task_feature_lengths,
+                   **({"question": task_feature_lengths["inputs"]} if self.QUESTION else {})}
         if "pair_text" in ds.element_spec:  # a title longer than the inputs is cut as they are
             ds = ds.map(lambda ex: {**ex, "pair_text": ex["pair_text"][:lengths["pair_text"]]})
         else:
@@ -84,7 +90,8 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
     def _convert_features(self, ds: tf.data.Dataset,
                           task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-        text_lengths = {k: task_feature_lengths[k] for k in ("inputs", "targets", "pair_text")}
+        text_lengths = {k: task_feature_lengths[k] for k in
+                        ("inputs", "targets", "pair_text", *(("question",) if self.QUESTION else ()))}
         ds = self._pack_or_pad(ds, text_lengths)
 
         def convert(features):
@@ -93,6 +100,8 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
             converted["encoder_image_mask"] = features["image_mask"][0]
             converted["pair_text_tokens"] = features["pair_text"]
             converted["pair_label"] = features["pair_label"][0]
+            if self.QUESTION:
+                converted["encoder_question_tokens"] = features["question"]
             return converted
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -103,7 +112,9 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 "encoder_image_mask": 0,
                 "pair_text_tokens": task_feature_lengths.get("pair_text",
                                                              task_feature_lengths["inputs"]),
-                "pair_label": 0}
+                "pair_label": 0,
+                **({"encoder_question_tokens": task_feature_lengths["inputs"]}
+                   if self.QUESTION else {})}
 
 
 class MultimodalFeaturesEncDecFeatureConverter(MultimodalEncDecFeatureConverter):
@@ -111,3 +122,21 @@ class MultimodalFeaturesEncDecFeatureConverter(MultimodalEncDecFeatureConverter)
 
     IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK = "image_features", "encoder_image_features", 2
     TASK_FEATURES, MODEL_FEATURES = _with_image(IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK)
+
+
+def _with_question(base: type) -> dict:
+    """The class attributes of MoEMoE's twin of the converter `base`."""
+    return {"QUESTION": True,
+            "TASK_FEATURES": {**base.TASK_FEATURES, "question": FeatureSpec(dtype=tf.int32)},
+            "MODEL_FEATURES": {**base.MODEL_FEATURES,
+                               "encoder_question_tokens": FeatureSpec(dtype=tf.int32)}}
+
+
+MultiSourceEncDecFeatureConverter = type(
+    "MultiSourceEncDecFeatureConverter", (MultimodalEncDecFeatureConverter,),
+    {"__doc__": "MoEMoE's batches from pixels: question, context (`inputs`) and image.",
+     **_with_question(MultimodalEncDecFeatureConverter)})
+MultiSourceFeaturesEncDecFeatureConverter = type(
+    "MultiSourceFeaturesEncDecFeatureConverter", (MultimodalFeaturesEncDecFeatureConverter,),
+    {"__doc__": "MoEMoE's batches from stored image features: question, context and image.",
+     **_with_question(MultimodalFeaturesEncDecFeatureConverter)})

@@ -106,8 +106,9 @@ def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 def question_answering_examples(dataset: tf.data.Dataset, attributes: tuple[str, ...]) -> tf.data.Dataset:
     """Multi-source QA records for MoEMoE (paper section 4): for every attribute a product has,
-    `question` the attribute name, `context` title + description + bullet points + product type,
-    `targets` the value, and the image."""
+    `question` the attribute name, `inputs` the context (title + description + bullet points +
+    product type: the encoder input MoEMoE's context encoder reads), `targets` the value, and the
+    image."""
     def per_product(example):
         context = tf.strings.join([example["title"], example["description"],
                                    tf.strings.reduce_join(example["bullet_points"], separator=" "),
@@ -120,5 +121,5 @@ def question_answering_examples(dataset: tf.data.Dataset, attributes: tuple[str,
         product = _keep(example)
         repeated = {k: tf.repeat(v[tf.newaxis], n, axis=0) for k, v in product.items()}
         return tf.data.Dataset.from_tensor_slices({
-            **repeated, "question": names, "context": tf.fill([n], context), "targets": values})
+            **repeated, "question": names, "inputs": tf.fill([n], context), "targets": values})
     return dataset.flat_map(per_product)

@@ -1,6 +1,7 @@
 """ModelConfig: everything that builds a model, stored as JSON beside its checkpoints.
 
-`ModelConfig(t5=..., fusion=None)` is the text-only T5; with a `FusionConfig` it is MMT4. The JSON
+`ModelConfig(t5=..., fusion=None)` is the text-only T5; with a `FusionConfig` it is MMT4; with a
+`MultiSourceConfig` (`sources`) it is MoEMoE (its image encoder's FusionConfig inside). The JSON
 form names the representator network's type (`ViTConfig`, `EfficientNetConfig`), so a checkpoint
 rebuilds its own model with nothing but its directory, and records how its images were preprocessed,
 so the Predictor and the infer binary feed new images exactly as training did.
@@ -14,6 +15,7 @@ import numpy as np
 from mmt_jax.image_spec import ImagePreprocessing
 from mmt_jax.models.contrastive import ContrastiveConfig
 from mmt_jax.models.mmt4 import FusionConfig
+from mmt_jax.models.moemoe import MultiSourceConfig, MultiSourceEncoderDecoder
 from mmt_jax.models.t5 import EncoderDecoder, T5Config
 from mmt_jax.vision.efficientnet import EfficientNetConfig
 from mmt_jax.vision.vit import ViTConfig
@@ -27,30 +29,45 @@ class ModelConfig:
     model the token ids belong to (None: the catalog vocabulary shipped with the package); image: how
     stored images became `encoder_images` in training (MMT4 only; gin binds the task's own, see
     gin/runs/catalog.gin; None in checkpoints written before it was recorded); contrastive: MMT4's
-    optional contrastive image-text head (`models/contrastive.py`; None: none)."""
+    optional contrastive image-text head (`models/contrastive.py`; None: none); sources: MoEMoE's
+    question, context and image encoders (`models/moemoe.py`; None: not MoEMoE)."""
     t5: T5Config
     fusion: FusionConfig | None = None
     vocabulary: str | None = None
     image: ImagePreprocessing | None = None
     contrastive: ContrastiveConfig | None = None
+    sources: MultiSourceConfig | None = None
 
     def __post_init__(self):
         if self.contrastive is not None and self.fusion is None:
             raise ValueError("a contrastive head compares images with texts: it needs an image "
                              "branch (ModelConfig.fusion)")
+        if self.sources is not None and (self.fusion is not None or self.contrastive is not None):
+            raise ValueError("MoEMoE (ModelConfig.sources) has its own image encoder "
+                             "(sources.image): no fusion, no contrastive head")
+
+    @property
+    def image_branch(self) -> FusionConfig | None:
+        """The image representator's config: MMT4's fusion or MoEMoE's image encoder."""
+        return self.sources.image if self.sources is not None else self.fusion
 
     def module(self) -> EncoderDecoder:
         """The Flax module: the T5 stack with the fusion's encoder-input part (MMT4's
         `FusedImageTextInput`, a FusionConfig being its factory) or, without one, text alone,
-        and the contrastive head when there is one."""
+        and the contrastive head when there is one; MoEMoE's `MultiSourceEncoderDecoder`."""
+        if self.sources is not None:
+            return MultiSourceEncoderDecoder(self.t5, sources=self.sources)
         return EncoderDecoder(self.t5, encoder_input=self.fusion, contrastive=self.contrastive)
 
     def to_json_dict(self) -> dict:
         image = None if self.image is None else {
             f.name: _plain(getattr(self.image, f.name)) for f in dataclasses.fields(self.image)}
         contrastive = None if self.contrastive is None else dataclasses.asdict(self.contrastive)
+        sources = None if self.sources is None else {
+            **dataclasses.asdict(self.sources), "image": _fusion_to_json(self.sources.image)}
         return {"t5": self.t5.to_json_dict(), "fusion": _fusion_to_json(self.fusion),
-                "vocabulary": self.vocabulary, "image": image, "contrastive": contrastive}
+                "vocabulary": self.vocabulary, "image": image, "contrastive": contrastive,
+                "sources": sources}
 
     @classmethod
     def from_json_dict(cls, fields: dict) -> "ModelConfig":
@@ -61,9 +78,12 @@ class ModelConfig:
             image = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in image.items()})
         contrastive = fields.get("contrastive")
+        sources = fields.get("sources")
+        if sources is not None:
+            sources = MultiSourceConfig(**{**sources, "image": _fusion_from_json(sources["image"])})
         return cls(T5Config.from_json_dict(fields["t5"]), _fusion_from_json(fields.get("fusion")),
                    fields.get("vocabulary"), image,
-                   None if contrastive is None else ContrastiveConfig(**contrastive))
+                   None if contrastive is None else ContrastiveConfig(**contrastive), sources)
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,191 @@
+"""MoEMoE's encoder front (paper sections 4.1-4.3): separate question, context and image encoders,
+question-guided source weights, and the question-source alignment losses, on the T5 stack.
+
+    C = T5_c(context),  Q = T5_q(question)                         [B, k, E]    (Eq. 1)
+    I = tile(LayerNorm(W_proj f_v(image)), k)                      [B, k, E]    (Eq. 2-3)
+    q_a = FC(Q)  (`source_gate`)                                   [B, k, c]    (Eq. 4)
+    e = q_a[..., 0] * I + q_a[..., 1] * C                          [B, k, E]    (Eq. 5, to the decoder)
+    L_QCA = |1 - cos(q_p, c_p)|,  L_QIA = |1 - cos(q_p, i_p)|                   (Eq. 6-7)
+
+`MultiSourceEncoderDecoder(config, sources=MultiSourceConfig(...))` is the model: the context
+encoder is the stack's own `encoder` (so a T5 checkpoint's encoder is its encoder), the question has
+its own, unshared `question_encoder`, the image goes through any MMT4 representator and Eq. 1's
+projection (`image_encoder`, `models/mmt4.py`'s part: its SE(0) is the image source's learned offset),
+and the decoder (sparse MoE layers per `T5Config.decoder_moe_layers`) reads `e`. The sources are the
+image and the context (c = 2, the paper's).
+
+Batches: `encoder_input_tokens [B, k]` the context, `encoder_question_tokens [B, k]` the question,
+padded to the same length k (the weights are per position, Eq. 4), and the image input of the
+representator (`encoder_images` or `encoder_image_features`, `encoder_image_mask`).
+
+Sown into `intermediates` (the Model adds the losses, `model.py`): `source_weights [B, k, c]`,
+`question_context_alignment_loss`, `question_image_alignment_loss` (batch means).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import partitioning
+
+from mmt_jax.layers.dense import DenseGeneral
+from mmt_jax.models.contrastive import mean_pool, normalise
+from mmt_jax.models.mmt4 import FusedImageTextInput, FusionConfig
+from mmt_jax.models.t5 import Encoder, EncoderDecoder
+
+SOURCES = ("image", "context")
+SOURCE_WEIGHTINGS = ("linear", "softmax", "uniform")
+IMAGE_TO_LENGTH = ("repeat", "resample")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiSourceConfig:
+    """How MoEMoE's encoders meet.
+
+    image: the image encoder: an MMT4 `FusionConfig` (its representator, `feature_dim` for stored
+      features, `freeze_representator`); its segment and position options do not apply.
+    source_weighting: how `q_a = FC(Q)` weighs the sources at each position:
+      "linear"  the paper's Eq. 4-5: the FC's outputs as they are;
+      "softmax" normalised over the sources (weights in (0, 1) that sum to 1);
+      "uniform" no question guidance (Fig. 5's WoQG ablation): every source weighs 1/c, no FC.
+    image_to_length: Eq. 3, image vectors `[B, Lv, E]` -> `[B, k, E]`:
+      "repeat"   the paper's `repeat(i, int(k / Lv))`: the Lv vectors tiled floor(k / Lv) times; when
+                 k is not a multiple of Lv the last `k mod Lv` positions get no image (zero, masked);
+      "resample" beyond the paper: a learned map from the Lv vectors to the k positions (kernel
+                 `[Lv, k]`, initialised as the tiling, so training starts from the paper's).
+    alignment_dim: the width of the projected vectors of Eq. 6-7.
+    question_context_weight, question_image_weight: the weights of L_QCA and L_QIA in the loss
+      (Eq. 8: 1 and 1; 0 switches a loss off, Fig. 5's WoAL ablation is both 0).
+    """
+
+    image: FusionConfig
+    source_weighting: str = "linear"
+    image_to_length: str = "repeat"
+    alignment_dim: int = 128
+    question_context_weight: float = 1.0
+    question_image_weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.image, FusionConfig):
+            raise ValueError(f"MultiSourceConfig.image must be a FusionConfig (the image encoder's "
+                             f"representator), got {type(self.image).__name__}")
+        if self.source_weighting not in SOURCE_WEIGHTINGS:
+            raise ValueError(f"source_weighting={self.source_weighting!r}; choose from "
+                             f"{SOURCE_WEIGHTINGS}")
+        if self.image_to_length not in IMAGE_TO_LENGTH:
+            raise ValueError(f"image_to_length={self.image_to_length!r}; choose from "
+                             f"{IMAGE_TO_LENGTH}")
+        if self.alignment_dim < 1:
+            raise ValueError(f"alignment_dim={self.alignment_dim}; need at least 1")
+        if self.question_context_weight < 0 or self.question_image_weight < 0:
+            raise ValueError("the alignment loss weights must be >= 0")
+
+
+def tiling(num_vectors: int, length: int) -> jax.Array:
+    """Eq. 3 as a `[num_vectors, length]` 0/1 matrix: position p reads vector `p mod num_vectors`
+    for the first `num_vectors * floor(length / num_vectors)` positions, nothing after."""
+    positions = jnp.arange(length)
+    covered = positions < num_vectors * (length // num_vectors)
+    return ((positions[None] % num_vectors == jnp.arange(num_vectors)[:, None])
+            & covered[None]).astype(jnp.float32)
+
+
+def alignment_loss(a: jax.Array, b: jax.Array, valid: jax.Array) -> jax.Array:
+    """Eq. 6-7: `mean over valid rows of |1 - cos(a, b)|`, for `a, b [B, D]`, `valid [B]` bool."""
+    cosine = jnp.sum(normalise(a) * normalise(b), axis=-1)
+    weights = valid.astype(jnp.float32)
+    return jnp.sum(jnp.abs(1.0 - cosine) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+class ImageToLength(nn.Module):
+    """Eq. 3: image vectors `[B, Lv, E]` and their mask `[B, Lv]` -> `[B, k, E]`, `[B, k]` by
+    `tiling` (an absent image, masked, is zeros); `learned`: through a `[Lv, k]` parameter
+    (`resampling`) initialised as the tiling."""
+
+    learned: bool = False
+
+    @nn.compact
+    def __call__(self, image: jax.Array, mask: jax.Array, length: int):
+        image = image * mask[..., None].astype(image.dtype)
+        matrix = tiling(image.shape[1], length)
+        if self.learned:
+            initial = matrix
+            matrix = partitioning.param_with_axes("resampling", lambda rng: initial,
+                                                  axes=("image_vectors", "length"))
+        placed = jnp.einsum("bve,vk->bke", image, matrix.astype(image.dtype))
+        reached = jnp.einsum("bv,vk->bk", mask.astype(jnp.float32), tiling(image.shape[1], length))
+        return placed, reached > 0
+
+
+class MultiSourceEncoderDecoder(EncoderDecoder):
+    """MoEMoE: the T5 stack with its encoder front replaced by the question-guided fusion of the
+    module docstring. The decoder, `decode` and the decoding cache are the stack's own."""
+
+    sources: MultiSourceConfig | None = None
+
+    def setup(self):
+        if self.sources is None:
+            raise ValueError("MultiSourceEncoderDecoder needs sources= a MultiSourceConfig")
+        if self.encoder_input is not None or self.contrastive is not None:
+            raise ValueError("MoEMoE reads its question, context and image through its own "
+                             "encoders: no encoder_input part, no contrastive head")
+        super().setup()  # token_embedder, the text part, `encoder` (the context's), decoder
+        cfg = self.config
+        self.question_encoder = Encoder(cfg, self.input_part.bias_layout)
+        self.image_encoder = FusedImageTextInput(self.sources.image, cfg.emb_dim, cfg.dtype)
+        self.image_to_length = ImageToLength(self.sources.image_to_length == "resample")
+        if self.sources.source_weighting != "uniform":
+            self.source_gate = DenseGeneral(len(SOURCES), kernel_axes=("embed", "sources"),
+                                               dtype=cfg.dtype)
+        self.alignment_projections = {
+            name: DenseGeneral(self.sources.alignment_dim, kernel_axes=("embed", "alignment"),
+                               dtype=cfg.dtype, name=f"{name}_projection")
+            for name in ("question", *SOURCES)}
+
+    def _text(self, encoder: nn.Module, tokens, enable_dropout):
+        inputs = self.input_part(self.token_embedder, tokens, enable_dropout=enable_dropout)
+        return encoder(inputs, enable_dropout=enable_dropout), inputs.mask
+
+    def weigh_sources(self, question: jax.Array) -> jax.Array:
+        """Eq. 4: `Q [B, k, E]` -> per-position weights of the sources `[B, k, c]`."""
+        if self.sources.source_weighting == "uniform":
+            return jnp.full(question.shape[:2] + (len(SOURCES),), 1.0 / len(SOURCES), question.dtype)
+        weights = self.source_gate(question)
+        if self.sources.source_weighting == "softmax":
+            weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(question.dtype)
+        return weights
+
+    def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
+        if encoder_segment_ids is not None:
+            raise ValueError("MoEMoE does not read packed batches (encoder_segment_ids): its "
+                             "sources are aligned position by position")
+        question_tokens = features.pop("encoder_question_tokens", None)
+        if question_tokens is None:
+            raise ValueError("MoEMoE reads encoder_question_tokens [batch, length] (the question) "
+                             "beside encoder_input_tokens (the context); the batch has none")
+        length = jnp.shape(encoder_input_tokens)[1]
+        if jnp.shape(question_tokens)[1] != length:
+            raise ValueError(f"encoder_question_tokens has length {jnp.shape(question_tokens)[1]}, "
+                             f"the context {length}: MoEMoE weighs the sources position by "
+                             f"position (Eq. 4), so both are padded to one length")
+        context, context_mask = self._text(self.encoder, encoder_input_tokens, enable_dropout)
+        question, question_mask = self._text(self.question_encoder, question_tokens,
+                                             enable_dropout)
+        image, image_mask = self.image_encoder.image_vectors(**features,
+                                                             enable_dropout=enable_dropout)
+        image_k, image_k_mask = self.image_to_length(image.astype(context.dtype), image_mask,
+                                                     length)
+        weights = self.weigh_sources(question)  # Eq. 4
+        fused = weights[..., 0:1] * image_k + weights[..., 1:2] * context  # Eq. 5
+        self.sow("intermediates", "source_weights", weights)
+        pooled = {"question": mean_pool(question, question_mask),
+                  "context": mean_pool(context, context_mask),
+                  "image": mean_pool(image, image_mask)}
+        projected = {name: self.alignment_projections[name](vector)
+                     for name, vector in pooled.items()}
+        has_question = jnp.any(question_mask, axis=-1)
+        self.sow("intermediates", "question_context_alignment_loss", alignment_loss(
+            projected["question"], projected["context"], has_question & jnp.any(context_mask, -1)))
+        self.sow("intermediates", "question_image_alignment_loss", alignment_loss(
+            projected["question"], projected["image"], has_question & jnp.any(image_mask, -1)))
+        return fused, context_mask | image_k_mask

@@ -1,0 +1,254 @@
+"""MoEMoE's encoder front (mmt_jax/models/moemoe.py) and its Model: shapes and the parameter tree,
+Eq. 3-5 and 6-7 against direct computations, the loss of Eq. 8, gradients into every part, each
+ablation switch, cached decoding against the full forward pass, the config's JSON round trip, and
+sharded training on 8 host devices against one device."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mmt_jax.layers.moe import MoeConfig
+from mmt_jax.model import model_for
+from mmt_jax.models.config import ModelConfig
+from mmt_jax.models.mmt4 import FusionConfig
+from mmt_jax.models.moemoe import MultiSourceConfig, tiling
+from mmt_jax.models.t5 import t5_config
+from mmt_jax.partitioning import Partitioner
+
+VOCAB, K, LV, DP = 64, 8, 3, 12  # k = 8 positions, 3 image vectors: 6 tiled, 2 without image
+IMAGE = FusionConfig(representator="precomputed", feature_dim=DP)
+
+
+def _config(moe: bool = False, **sources) -> ModelConfig:
+    t5 = t5_config("tiny", vocab_size=VOCAB, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                   num_encoder_layers=2, num_decoder_layers=2,
+                   **(dict(moe=MoeConfig(num_experts=4, num_selected=2, eval_capacity_factor=4.0,
+                                         min_capacity=1), decoder_moe_layers="odd") if moe else {}))
+    return ModelConfig(t5, sources=MultiSourceConfig(IMAGE, **{"alignment_dim": 8, **sources}))
+
+
+def _batch(b: int = 2, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    context = rng.integers(2, VOCAB, (b, K)).astype(np.int32)
+    context[0, 5:] = 0  # padding in the context; the image reaches positions 0..5
+    question = np.zeros((b, K), np.int32)
+    question[:, :2] = rng.integers(2, VOCAB, (b, 2))
+    targets = rng.integers(2, VOCAB, (b, 4)).astype(np.int32)
+    return {"encoder_input_tokens": context, "encoder_question_tokens": question,
+            "encoder_image_features": rng.normal(size=(b, LV, DP)).astype(np.float32),
+            "encoder_image_mask": np.array([1] + [0] * (b - 1), np.int32),  # row 1: no image
+            "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
+            "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(config: ModelConfig):
+    model = model_for(config.module())
+    shapes = {k: v.shape for k, v in _batch().items()}
+    types = {k: v.dtype for k, v in _batch().items()}
+    variables = jax.jit(lambda key: model.get_initial_variables(key, shapes, types))(
+        jax.random.key(0))
+    return model, variables
+
+
+def _parts(model, params, batch):
+    """The module's pieces, each computed on its own: C, Q, the image vectors, the weights."""
+    module = model.module
+
+    def pieces(m):
+        context, context_mask = m._text(m.encoder, batch["encoder_input_tokens"], False)
+        question, question_mask = m._text(m.question_encoder, batch["encoder_question_tokens"],
+                                          False)
+        image, image_mask = m.image_encoder.image_vectors(
+            encoder_image_features=batch["encoder_image_features"],
+            encoder_image_mask=batch["encoder_image_mask"])
+        return dict(context=context, context_mask=context_mask, question=question,
+                    question_mask=question_mask, image=image, image_mask=image_mask,
+                    weights=m.weigh_sources(question))
+    return jax.tree_util.tree_map(np.asarray, module.apply({"params": params}, method=pieces))
+
+
+def _encode(model, params, batch):
+    return jax.tree_util.tree_map(np.asarray, jax.jit(model.encode)(params, batch))
+
+
+def test_the_tree_shapes_and_eq_3_to_5_against_the_pieces():
+    model, variables = _model(_config())
+    params = variables["params"]
+    assert {"encoder", "question_encoder", "image_encoder", "source_gate", "decoder",
+            "question_projection", "context_projection", "image_projection",
+            "token_embedder"} == set(params)
+    assert params["source_gate"]["kernel"].shape == (16, 2)
+    assert params["image_encoder"]["projection"]["kernel"].shape == (DP, 16)
+    # the two text encoders are unshared: same shapes, different values
+    assert not np.allclose(params["encoder"]["layers_0"]["attention"]["query"]["kernel"],
+                           params["question_encoder"]["layers_0"]["attention"]["query"]["kernel"])
+    batch = _batch()
+    encoded, mask = _encode(model, params, batch)
+    assert encoded.shape == (2, K, 16) and mask.shape == (2, K)
+    p = _parts(model, params, batch)
+    # Eq. 3: positions 0..5 read image vectors 0, 1, 2, 0, 1, 2; 6 and 7 none
+    image = p["image"] * p["image_mask"][..., None]  # row 1 has none: zeros
+    image_k = np.concatenate([image, image, np.zeros_like(image[:, :2])], 1)
+    assert np.any(image_k[0]) and not np.any(image_k[1])
+    np.testing.assert_allclose(encoded, p["weights"][..., :1] * image_k
+                               + p["weights"][..., 1:] * p["context"], atol=1e-5)  # Eq. 5
+    # where the decoder looks: the context's tokens, and the image's positions if there is one
+    np.testing.assert_array_equal(mask[0], [True] * 6 + [False] * 2)
+    np.testing.assert_array_equal(mask[1], batch["encoder_input_tokens"][1] > 0)
+
+
+def test_tiling_is_eq_3():
+    np.testing.assert_array_equal(np.argmax(tiling(3, 8), 0)[:6], [0, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(tiling(3, 8).sum(0), [1] * 6 + [0, 0])
+    np.testing.assert_array_equal(tiling(4, 4), np.eye(4))
+
+
+def test_the_loss_is_eq_8_with_alignment_by_hand():
+    model, variables = _model(_config(moe=True, question_context_weight=0.5))
+    params, batch = variables["params"], _batch()
+    loss, metrics = jax.jit(model.loss_fn)(params, batch, None)
+    values = {k: float(v.compute()) for k, v in metrics.items()}
+    p = _parts(model, params, batch)
+
+    def pooled(x, mask):
+        return (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+
+    def projected(name, vector):
+        kernel = np.asarray(params[f"{name}_projection"]["kernel"])
+        return vector @ kernel
+
+    q = projected("question", pooled(p["question"], p["question_mask"]))
+    c = projected("context", pooled(p["context"], p["context_mask"]))
+    i = projected("image", pooled(p["image"], p["image_mask"]))
+
+    def one_minus_cos(a, b):
+        return np.abs(1 - (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
+
+    qca = one_minus_cos(q, c).mean()
+    qia = one_minus_cos(q, i)[0]  # row 1 has no image: not aligned
+    np.testing.assert_allclose(values["question_context_alignment_loss"], qca, rtol=1e-4)
+    np.testing.assert_allclose(values["question_image_alignment_loss"], qia, rtol=1e-4)
+    cross_entropy = values["cross_ent_loss"] + values["z_loss"]
+    np.testing.assert_allclose(float(loss), cross_entropy + 0.5 * qca + 1.0 * qia
+                               + 0.1 * values["moe/auxiliary_loss"], rtol=1e-5)
+
+
+def test_gradients_reach_every_part():
+    model, variables = _model(_config(moe=True))
+    grads = jax.jit(jax.grad(lambda p: model.loss_fn(p, _batch(), jax.random.key(1))[0]))(
+        variables["params"])
+    flat = traverse_util.flatten_dict(grads, sep="/")
+    silent = [path for path, g in flat.items() if not np.any(np.asarray(g))]
+    assert not silent, silent
+    assert any("/expert/" in path for path in flat) and "source_gate/kernel" in flat
+
+
+@pytest.mark.parametrize("switch", ["softmax", "uniform", "no_alignment", "resample"])
+def test_each_ablation_switch_changes_what_it_says(switch):
+    base_model, base = _model(_config())
+    sources = {"softmax": dict(source_weighting="softmax"),
+               "uniform": dict(source_weighting="uniform"),
+               "no_alignment": dict(question_context_weight=0.0, question_image_weight=0.0),
+               "resample": dict(image_to_length="resample")}[switch]
+    model, variables = _model(_config(**sources))
+    params, batch = variables["params"], _batch()
+    base_paths = set(traverse_util.flatten_dict(base["params"], sep="/"))
+    paths = set(traverse_util.flatten_dict(params, sep="/"))
+    weights = _parts(model, params, batch)["weights"]
+    loss, metrics = jax.jit(model.loss_fn)(params, batch, None)
+    if switch == "softmax":  # same parameters, weights normalised over the sources
+        assert paths == base_paths
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+        assert np.all(weights > 0)
+    elif switch == "uniform":  # no question guidance: no FC, every source 1/2
+        assert paths == base_paths - {"source_gate/kernel"}
+        np.testing.assert_array_equal(weights, 0.5)
+    elif switch == "no_alignment":  # the same model; the loss is the cross entropy alone
+        assert paths == base_paths
+        values = {k: float(v.compute()) for k, v in metrics.items()}
+        np.testing.assert_allclose(float(loss), values["cross_ent_loss"] + values["z_loss"],
+                                   rtol=1e-6)
+        assert values["question_image_alignment_loss"] > 0  # still reported
+    else:  # a learned [Lv, k] map, initialised as Eq. 3's tiling: the same encodings at first
+        assert paths == base_paths | {"image_to_length/resampling"}
+        np.testing.assert_array_equal(params["image_to_length"]["resampling"], tiling(LV, K))
+        params_without = {k: v for k, v in params.items() if k != "image_to_length"}
+        np.testing.assert_allclose(_encode(model, params, batch)[0],
+                                   _encode(base_model, params_without, batch)[0], atol=1e-6)
+
+
+def test_cached_greedy_decoding_equals_the_full_forward_pass():
+    model, variables = _model(_config(moe=True))
+    params = jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim == 2 else p, variables["params"])
+    batch = _batch(seed=1)
+    length = 6
+    tokens, _ = jax.jit(model.predict_batch_with_aux)(
+        params, {**batch, "decoder_input_tokens": np.zeros((2, length), np.int32)})
+    logits_fn = jax.jit(lambda decoder_input: model._compute_logits(
+        params, {**batch, "decoder_input_tokens": decoder_input,
+                 "decoder_target_tokens": decoder_input}))
+    expected = np.zeros((2, length), np.int32)
+    ended = np.zeros(2, bool)
+    for i in range(length):  # the whole decoder on the prefix, padded (causal: no look ahead)
+        decoder_input = np.concatenate([np.zeros((2, 1), np.int32), expected[:, :-1]], 1)
+        step = np.where(ended, 0, np.argmax(np.asarray(logits_fn(decoder_input))[:, i], -1))
+        expected[:, i] = step
+        ended |= step == 1
+    np.testing.assert_array_equal(np.asarray(tokens), expected)
+    assert len(np.unique(expected)) > 2
+
+
+def test_config_round_trips_through_json_and_a_checkpoint(tmp_path):
+    from mmt_jax.checkpoints import store
+    config = _config(moe=True, source_weighting="softmax", image_to_length="resample")
+    assert ModelConfig.from_json_dict(config.to_json_dict()) == config
+    _, variables = _model(config)
+    store.save_checkpoint(str(tmp_path / "ckpt"), variables["params"], config)
+    loaded_config, loaded = store.load_checkpoint(str(tmp_path / "ckpt"))
+    assert loaded_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables["params"])
+
+
+def test_bad_configs_and_batches_are_named():
+    with pytest.raises(ValueError, match="source_weighting"):
+        MultiSourceConfig(IMAGE, source_weighting="sigmoid")
+    with pytest.raises(ValueError, match="no fusion"):
+        dataclasses.replace(_config(), fusion=IMAGE)
+    model, variables = _model(_config())
+    batch = _batch()
+    with pytest.raises(ValueError, match="encoder_question_tokens"):
+        model.encode(variables["params"], {k: v for k, v in batch.items()
+                                           if k != "encoder_question_tokens"})
+    short = {**batch, "encoder_question_tokens": batch["encoder_question_tokens"][:, :4]}
+    with pytest.raises(ValueError, match="padded to one length"):
+        model.encode(variables["params"], short)
+
+
+def test_sharded_training_step_on_8_devices_equals_one_device():
+    import optax
+    from mmt_jax.training.trainer import Trainer
+    config = _config(moe=True)
+    batch = _batch(b=8)
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
+    results = []
+    for mesh in ((1, 1, 1), (2, 2, 2)):
+        devices = jax.devices()[:int(np.prod(mesh))]
+        trainer = Trainer(model_for(config.module()), Partitioner(mesh, devices=devices),
+                          optax.sgd(0.1), shapes, types)  # SGD: the update is the gradient
+        state, _, _ = trainer.initial_state(seed=0)
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch), jax.random.key(0))
+        results.append((jax.device_get(state.params),
+                        {k: float(v.compute()) for k, v in metrics.items()}))
+    (one, one_metrics), (mesh, mesh_metrics) = results
+    assert one_metrics.keys() == mesh_metrics.keys()
+    assert {"question_image_alignment_loss", "moe/auxiliary_loss"} <= set(one_metrics)
+    for name in one_metrics:
+        np.testing.assert_allclose(mesh_metrics[name], one_metrics[name], rtol=2e-4, err_msg=name)
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
+                           mesh, one)
