@@ -1,6 +1,8 @@
 """The eval binary's figures (PNG, matplotlib without a display).
 
 - `attribute_accuracy.png`: one bar per attribute task, its `attribute_accuracy` (MMT4 Tables 1-2).
+- `source_weights.png` (MoEMoE): per task, the mean weight of each source (image, context) in the
+  fused encoding (Eq. 4-5 of the MoEMoE paper): which source its answers came from.
 - per image-text matching task (MMT4 sec. 4.4): `<task>_roc.png` and `<task>_pr.png`, the ROC and
   precision-recall curves of P(yes) (`metrics.yes_probability`) with their areas, and
   `<task>_confusion.png`, decoded answer against reference.
@@ -25,6 +27,10 @@ def write_plots(report: dict, rows: Mapping[str, list], output_dir: str) -> list
                 if "attribute_accuracy" in task["metrics"]}
     if accuracy:
         written.append(_accuracy_bars(accuracy, output_dir))
+    weights = {name: task["mean_source_weights"] for name, task in report["tasks"].items()
+               if task.get("mean_source_weights")}
+    if weights:
+        written.append(_source_weight_bars(weights, output_dir))
     for name, task in report["tasks"].items():
         if "match_accuracy" in task["metrics"]:
             written += _matching(name, rows[name], output_dir)
@@ -47,6 +53,22 @@ def _accuracy_bars(accuracy: Mapping[str, float], output_dir: str) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("attribute accuracy")
     return _save(fig, output_dir, "attribute_accuracy.png")
+
+
+def _source_weight_bars(weights: Mapping[str, Mapping[str, float]], output_dir: str) -> str:
+    names = list(weights)
+    sources = list(next(iter(weights.values())))
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.2))
+    height = 0.8 / len(sources)
+    for i, source in enumerate(sources):
+        values = [weights[n][source] for n in names]
+        bars = ax.barh(np.arange(len(names)) + i * height, values, height, label=source)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3)
+    ax.set_yticks(np.arange(len(names)) + height * (len(sources) - 1) / 2, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean source weight (MoEMoE Eq. 4)")
+    ax.legend()
+    return _save(fig, output_dir, "source_weights.png")
 
 
 def _matching(task: str, rows: list, output_dir: str) -> list[str]:

@@ -5,8 +5,8 @@
         --gin.tasks.catalog_task.with_description=True --gin.TASK=\"attributes_removed100\" \
         --gin.EVAL_OUTPUT_DIR=\"runs/demo/eval\"
 
-writes `report.json` (every task's metrics, and a warning for a task whose predictions are all the
-same), `predictions/<task>.jsonl` and the plots of
+writes `report.json` (every task's metrics, a warning for a task whose predictions are all the
+same, and for MoEMoE each task's mean source weights), `predictions/<task>.jsonl` and the plots of
 `eval_plots.py` into the output directory. Decoding and scoring are `task_inference`'s.
 """
 import dataclasses
@@ -53,6 +53,9 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
             task.name, [row.prediction for row in rows[task.name]])
         report["tasks"][task.name] = {"num_examples": len(rows[task.name]), "metrics": metrics,
                                       "warnings": [constant] if constant else []}
+        weights = mean_source_weights(rows[task.name])
+        if weights:  # MoEMoE: where its answers came from
+            report["tasks"][task.name]["mean_source_weights"] = weights
         with open(os.path.join(output_dir, "predictions", f"{task.name}.jsonl"), "w") as f:
             for row in rows[task.name]:
                 f.write(json.dumps(dataclasses.asdict(row), ensure_ascii=False) + "\n")
@@ -63,6 +66,13 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2, allow_nan=True)
     return report
+
+
+def mean_source_weights(rows) -> dict[str, float]:
+    """MoEMoE's mean weight of each source over a task's predictions; {} for other models."""
+    weights = [row.source_weights for row in rows if row.source_weights]
+    return {source: sum(w[source] for w in weights) / len(weights)
+            for source in weights[0]} if weights else {}
 
 
 def _check_image_preprocessing(task: seqio.Task, config, checkpoint: str) -> None:

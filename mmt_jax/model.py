@@ -301,8 +301,24 @@ class EncoderDecoderModel:
     # ---- decoding ----------------------------------------------------------------------------
     def encode(self, params, batch: Batch):
         """`(encoded [B, Le, E], encoder_mask [B, Le])` for decoding (images first for MMT4)."""
+        return self.encode_with_aux(params, batch)[:2]
+
+    def encode_with_aux(self, params, batch: Batch):
+        """`encode`'s pair and what decoding reports beside its answers: for MoEMoE
+        `source_weights [B, c]`, each source's weight (`models/moemoe.py`, Eq. 4) averaged over the
+        positions the decoder reads; else nothing."""
         inputs = {k: batch[k] for k in ENCODER_FEATURES if batch.get(k) is not None}
-        return self.module.apply({"params": params}, **inputs, method=self.module.encode_with_mask)
+        if getattr(self.module, "sources", None) is None:
+            encoded, mask = self.module.apply({"params": params}, **inputs,
+                                              method=self.module.encode_with_mask)
+            return encoded, mask, {}
+        (encoded, mask), state = self.module.apply({"params": params}, **inputs,
+                                                   method=self.module.encode_with_mask,
+                                                   mutable=["intermediates"])
+        weights = jnp.asarray(state["intermediates"]["source_weights"][0], jnp.float32)
+        read = mask[..., None].astype(jnp.float32)
+        mean = jnp.sum(weights * read, axis=1) / jnp.maximum(jnp.sum(read, axis=1), 1.0)
+        return encoded, mask, {"source_weights": mean}
 
     def init_decode_cache(self, params, encoded, encoder_mask, max_decode_length: int):
         """The decoder's `cache` collection for a batch, with the cross-attention projections filled."""
@@ -325,12 +341,13 @@ class EncoderDecoderModel:
 
     def predict_batch_with_aux(self, params, batch: Batch, rng=None, decode_fn=None,
                                num_decodes: int = 1, return_all_decodes: bool = False):
-        """Decoded tokens `[B, L]` (or `[B, num_decodes, L]`) and `{"scores": ...}`.
+        """Decoded tokens `[B, L]` (or `[B, num_decodes, L]`) and `{"scores": ...}` (and MoEMoE's
+        `source_weights [B, c]`, `encode_with_aux`).
 
         `L` is the decoder feature length (`decoder_input_tokens.shape[1]`), as in t5x.
         """
         decode_fn = decode_fn or self._decode_fn
-        encoded, encoder_mask = self.encode(params, batch)
+        encoded, encoder_mask, aux = self.encode_with_aux(params, batch)
         batch_size, max_length = batch["decoder_input_tokens"].shape
         cache = self.init_decode_cache(params, encoded, encoder_mask, max_length)
         tokens_to_logits = self.tokens_to_logits_fn(
@@ -339,8 +356,8 @@ class EncoderDecoderModel:
                                    max_decode_length=max_length, eos_id=self.eos_id, rng=rng,
                                    num_decodes=num_decodes)
         if return_all_decodes:
-            return tokens, {"scores": scores}
-        return tokens[:, -1], {"scores": scores[:, -1]}
+            return tokens, {"scores": scores, **aux}
+        return tokens[:, -1], {"scores": scores[:, -1], **aux}
 
     def predict_batch(self, params, batch: Batch, rng=None):
         return self.predict_batch_with_aux(params, batch, rng=rng)[0]

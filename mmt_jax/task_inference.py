@@ -21,6 +21,7 @@ from mmt_jax.data import vocabulary as vocab_lib
 from mmt_jax.errors import TrainingError, UnknownTaskError
 from mmt_jax.model import EncoderDecoderModel, model_for
 from mmt_jax.models.config import ModelConfig
+from mmt_jax.models.moemoe import SOURCES
 
 
 def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
@@ -47,11 +48,14 @@ def get_task(name: str):
 
 @dataclasses.dataclass
 class Prediction:
+    """One decoded example; `source_weights`: MoEMoE's mean weight of each source (`{"image": ...,
+    "context": ...}`, `models/moemoe.py`), None for other models."""
     id: str
     inputs: str
     target: str
     prediction: str
     score: float
+    source_weights: dict[str, float] | None = None
 
 
 def task_batches(model, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
@@ -81,12 +85,14 @@ def predict_task(model, params, task_name: str, split: str, task_feature_lengths
                                         max_examples):
         tokens, aux = predict(params, batch)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-        for row, decoded, score in zip(rows, tokens, scores):
+        weights = ([None] * n if "source_weights" not in aux else
+                   [dict(zip(SOURCES, map(float, w))) for w in np.asarray(aux["source_weights"])])
+        for row, decoded, score, source_weights in zip(rows, tokens, scores, weights):
             results.append(Prediction(
                 id=row_text(row, "id"), inputs=row_text(row, "inputs"),
                 target=row_text(row, "targets"),
                 prediction=vocabulary.decode(until_eos(decoded, vocabulary.eos_id)),
-                score=float(score)))
+                score=float(score), source_weights=source_weights))
     return results
 
 

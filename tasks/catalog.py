@@ -16,7 +16,10 @@ call registers, with `P` the prefix:
     P_multitask_removed<R>       mixture of the attribute tasks, title and match at twice their
                                  rate (`mmt-jax demo --job multitask`; the `_text` twin has no
                                  matching)
-    P_qa                 MoEMoE multi-source records: question, context (inputs), image -> value
+    P_qa_<attribute>_removed<R>  MoEMoE's records: question (the attribute name), context as
+                                 `inputs` (title, description, bullets, type; R% of titles without
+                                 the value, the same products as above), image -> value
+    P_qa_removed<R>              mixture over the attributes
   and `_text` variants of the pretraining, attribute and title tasks without the image, for the
   text-only T5 baseline (matching needs the image, and MoEMoE QA its own converter).
 
@@ -188,10 +191,14 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
                    "inputs": seqio.Feature(vocabulary, add_eos=True),  # the context
                    "targets": seqio.Feature(vocabulary, add_eos=True)}
-    if attributes:
-        add(f"{prefix}_qa", functools.partial(prompts.question_answering_examples,
-                                              attributes=tuple(attributes)),
-            attribute_metrics, features=qa_features, modalities=("image",))
+    for share in removal_shares if attributes else ():
+        removed = f"removed{round(share * 100)}"
+        for attribute in attributes:
+            add(f"{prefix}_qa_{slugs[attribute]}_{removed}", functools.partial(
+                prompts.question_answering_examples, attribute=attribute, removal_share=share),
+                attribute_metrics, features=qa_features, modalities=("image",))
+        _add_mixture(f"{prefix}_qa_{removed}",
+                     [f"{prefix}_qa_{slugs[a]}_{removed}" for a in attributes], names)
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
                                           attributes=attributes, image=image,
                                           removal_shares=removal_shares,

@@ -252,3 +252,37 @@ def test_sharded_training_step_on_8_devices_equals_one_device():
         np.testing.assert_allclose(mesh_metrics[name], one_metrics[name], rtol=2e-4, err_msg=name)
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6),
                            mesh, one)
+
+
+def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, tmp_path, capsys):
+    """gin/models/moemoe_tiny_lite0.gin through `mmt-jax train` on the qa tasks (pixels instead
+    of stored features, one layer per stack), then `mmt-jax eval`: every answer carries its source
+    weights, the report their mean per attribute (one here), and the plot exists."""
+    import json
+    from mmt_jax import main
+    from mmt_jax.checkpoints import store
+    model_dir, out = str(tmp_path / "moemoe"), tmp_path / "eval"
+    common = ["--gin.CATALOG_PREFIX='moemoe_test'", f"--gin.DATA_DIR='{data_dir}'",
+              "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16", "--gin.BATCH_SIZE=8",
+              "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
+    assert main.run(["train", "--gin_file=runs/catalog.gin", "--gin_file=models/moemoe_tiny_lite0.gin",
+                     f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
+                     "--gin.TASK='qa_removed100'", "--gin.mmt4.FusionConfig.representator='patches'",
+                     "--gin.mmt4.FusionConfig.patch_size=8", "--gin.mmt4.FusionConfig.feature_dim=None",
+                     "--gin.t5.t5_config.num_encoder_layers=1",
+                     "--gin.t5.t5_config.num_decoder_layers=2", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "question_image_alignment_loss" in printed and "moe/auxiliary_loss" in printed
+    config, _ = store.load_checkpoint(model_dir)
+    assert config.sources.source_weighting == "linear" and config.t5.decoder_moe_layers == "odd"
+    assert main.run(["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                     f"--gin.EVAL_OUTPUT_DIR='{out}'", "--gin.TASK='qa_color_removed100'",
+                     *common]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["tasks"]) == ["moemoe_test_qa_color_removed100"]
+    assert "source_weights.png" in report["plots"]
+    for name, task in report["tasks"].items():
+        assert set(task["mean_source_weights"]) == {"image", "context"}, name
+        rows = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").open()]
+        mean = np.mean([row["source_weights"]["image"] for row in rows])
+        np.testing.assert_allclose(task["mean_source_weights"]["image"], mean, rtol=1e-5)

@@ -96,13 +96,13 @@ def test_title_and_question_answering_examples():
                      .as_numpy_iterator())
     assert attribute["inputs"] == b"Acme shirt color:"  # the value is gone from the prompt only:
     assert attribute["pair_text"] == b"Acme red shirt" and attribute["pair_label"] == [1]
-    qa = _decode(prompts.question_answering_examples(_dataset([product]), ("color", "brand")),
+    qa = _decode(prompts.question_answering_examples(_dataset([product]), "color", 0.0),
                  keys=("question", "inputs", "targets"))
-    assert qa == [
-        {"question": "brand", "inputs": "Acme red shirt Description 0. soft warm shirt",
-         "targets": "Acme"},
-        {"question": "color", "inputs": "Acme red shirt Description 0. soft warm shirt",
-         "targets": "red"}]
+    assert qa == [{"question": "color", "targets": "red",
+                   "inputs": "Acme red shirt Description 0. soft warm shirt"}]
+    (removed,) = _decode(prompts.question_answering_examples(_dataset([product]), "color", 1.0),
+                         keys=("inputs",))
+    assert removed == {"inputs": "Acme shirt Description 0. soft warm shirt"}
 
 
 def test_image_preprocessing_resizes_normalises_and_marks_missing_images():

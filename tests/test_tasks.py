@@ -32,7 +32,8 @@ def _batch(task_name, converter_cls, split="train", n=8):
 def test_every_task_and_mixture_is_registered(registered):
     for name in ("test_catalog_pretrain", "test_catalog_pretrain_text", "test_catalog_color_removed20",
                  "test_catalog_attributes_removed100_text", "test_catalog_title", "test_catalog_match",
-                 "test_catalog_qa", "test_catalog_sleeve_type_removed0"):
+                 "test_catalog_qa_removed100", "test_catalog_qa_color_removed20",
+                 "test_catalog_sleeve_type_removed0"):
         assert name in registered
         assert seqio.get_mixture_or_task(name)
     assert "test_catalog_match_text" not in registered
@@ -91,12 +92,26 @@ def test_matching_task_is_balanced(registered):
 
 
 def test_question_answering_records_carry_question_context_and_image(registered):
+    """MoEMoE's records: the question, the context without the value (removed100, as the attribute
+    task's title), the image; its converter pads the question to the context's length."""
     vocab = vocab_lib.vocabulary()
-    ds = seqio.get_mixture_or_task("test_catalog_qa").get_dataset(LENGTHS, split="train", shuffle=False)
-    ex = next(ds.as_numpy_iterator())
-    assert vocab.decode(ex["question"].tolist()) in tasks.DEFAULT_ATTRIBUTES
-    assert ex["image"].shape == (32, 32, 3) and ex["image_mask"].tolist() == [1]
-    assert len(vocab.decode(ex["inputs"].tolist()).split()) > 5  # the context
+    name = "test_catalog_qa_color_removed100"
+    qa = next(seqio.get_mixture_or_task(name).get_dataset(
+        LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+    prompt = next(seqio.get_mixture_or_task("test_catalog_color_removed100").get_dataset(
+        LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+    assert qa["question_pretokenized"] == b"color" and qa["id"] == prompt["id"]
+    value = qa["targets_pretokenized"].decode()
+    context = qa["inputs_pretokenized"].decode()
+    assert value and value.lower() not in context.lower() and len(context.split()) > 5
+    assert context.startswith(prompt["inputs_pretokenized"].decode().removesuffix(" color:"))
+    assert qa["image"].shape == (32, 32, 3) and qa["image_mask"].tolist() == [1]
+    batch = _batch(name, feature_converter.MultiSourceEncDecFeatureConverter)
+    assert batch["encoder_question_tokens"].shape == batch["encoder_input_tokens"].shape == (8, 48)
+    np.testing.assert_array_equal(batch["encoder_question_tokens"][:, :2],
+                                  [vocab.encode("color") + [1]] * 8)
+    assert not batch["encoder_question_tokens"][:, 2:].any()
+    assert batch["encoder_images"].shape == (8, 32, 32, 3)
 
 
 def test_pipeline_is_deterministic_given_a_seed(registered):

@@ -1,7 +1,7 @@
 """Stored products -> the text examples of each task (before tokenisation), as seqio preprocessors.
 
 Each function maps a dataset of stored products (`tfds_catalog.FEATURES`) to examples with string
-`inputs` and `targets` (plus `question`/`context` for multi-source QA), keeping `id`, `image` and,
+`inputs` and `targets` (plus `question` for MoEMoE's multi-source QA), keeping `id`, `image` and,
 in a catalog written with them, the stored `image_features`. Every example also carries the text
 paired with its image for the contrastive head (`models/contrastive.py`): `pair_text`, the
 product's title (matching: the candidate title), and `pair_label` `[1]`, 1 when that text describes
@@ -104,22 +104,26 @@ def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return pairs.flat_map(four)
 
 
-def question_answering_examples(dataset: tf.data.Dataset, attributes: tuple[str, ...]) -> tf.data.Dataset:
-    """Multi-source QA records for MoEMoE (paper section 4): for every attribute a product has,
+def question_answering_examples(dataset: tf.data.Dataset, attribute: str,
+                                removal_share: float) -> tf.data.Dataset:
+    """MoEMoE's multi-source examples (paper sections 3-4) of the products that have `attribute`:
     `question` the attribute name, `inputs` the context (title + description + bullet points +
-    product type: the encoder input MoEMoE's context encoder reads), `targets` the value, and the
-    image."""
-    def per_product(example):
-        context = tf.strings.join([example["title"], example["description"],
+    product type: what MoEMoE's context encoder reads), `targets` the value, and the image.
+
+    `removal_share` of the titles (by id, `removal_drawn`, the same products as the attribute
+    tasks') lose the value's words, as in `attribute_examples`.
+    """
+    def has_value(example):
+        return tf.strings.length(attribute_value(example, attribute)) > 0
+
+    def to_example(example):
+        value = attribute_value(example, attribute)
+        title = tf.cond(removal_drawn(example["id"], attribute, removal_share),
+                        lambda: remove_words(example["title"], value), lambda: example["title"])
+        context = tf.strings.join([title, example["description"],
                                    tf.strings.reduce_join(example["bullet_points"], separator=" "),
                                    example["product_type"]], " ")
         context = tf.strings.strip(tf.strings.regex_replace(context, r"\s+", " "))
-        wanted = tf.reduce_any(tf.equal(example["attribute_names"][:, None], list(attributes)), axis=1)
-        names = tf.boolean_mask(example["attribute_names"], wanted)
-        values = tf.boolean_mask(example["attribute_values"], wanted)
-        n = tf.size(names)
-        product = _keep(example)
-        repeated = {k: tf.repeat(v[tf.newaxis], n, axis=0) for k, v in product.items()}
-        return tf.data.Dataset.from_tensor_slices({
-            **repeated, "question": names, "inputs": tf.fill([n], context), "targets": values})
-    return dataset.flat_map(per_product)
+        return _keep(example, question=tf.constant(attribute), inputs=context, targets=value)
+
+    return dataset.filter(has_value).map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
