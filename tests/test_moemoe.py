@@ -286,3 +286,30 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
         rows = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").open()]
         mean = np.mean([row["source_weights"]["image"] for row in rows])
         np.testing.assert_allclose(task["mean_source_weights"]["image"], mean, rtol=1e-5)
+
+
+def test_both_text_encoders_and_the_decoder_start_from_one_t5():
+    """A text-only T5 checkpoint of the same size initialises MoEMoE: the context and question
+    encoders both as its encoder, the decoder as its decoder, the experts upcycled from its MLPs;
+    the image encoder, the source gate, the projections and the routers start fresh."""
+    from mmt_jax.checkpoints.store import initialize_from
+    config = _config(moe=True)
+    t5 = model_for(ModelConfig(dataclasses.replace(config.t5, moe=None,
+                                                   decoder_moe_layers="none")).module())
+    shapes = {k: v.shape for k, v in _batch().items() if k in ("encoder_input_tokens",
+                                                                 "decoder_input_tokens",
+                                                                 "decoder_target_tokens")}
+    t5_params = jax.jit(lambda key: t5.get_initial_variables(key, shapes))(
+        jax.random.key(7))["params"]
+    _, variables = _model(config)
+    params, fresh, derived = initialize_from(jax.device_get(variables["params"]),
+                                             jax.device_get(t5_params))
+    assert {p.split("/")[0] for p in fresh} == {"image_encoder", "source_gate", "question_projection",
+                                                "context_projection", "image_projection", "decoder"}
+    assert all("router" in p for p in fresh if p.startswith("decoder/"))
+    assert any(p.startswith("question_encoder/") for p in derived)
+    assert any("/mlp/expert/" in p for p in derived)
+    for name in ("encoder", "question_encoder"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], t5_params["encoder"])
+    expert = params["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
+    np.testing.assert_array_equal(expert[2], t5_params["decoder"]["layers_1"]["mlp"]["wo"]["kernel"])

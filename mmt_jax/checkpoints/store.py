@@ -99,37 +99,47 @@ def initialize_from(fresh_params, pretrained_params):
 
     Sparse upcycling: an MoE expert kernel `.../mlp/expert/W` [experts, ...] whose dense
     counterpart `.../mlp/W` is pretrained starts as that kernel in every expert; the router starts
-    fresh.
+    fresh. MoEMoE from one T5 (`models/moemoe.py`): its `question_encoder/...`, absent from the
+    pretrained tree, starts as the pretrained `encoder/...` (the context's).
 
     Either tree may be scanned (`T5Config.scan_layers`): both are matched unrolled, with unrolled
     names, and the result comes back in the fresh tree's layout (layers/layer_stack.py).
 
-    Returns `(params, fresh_paths, upcycled_paths)` ('/'-joined). A path in both trees with
+    Returns `(params, fresh_paths, derived_paths)` ('/'-joined; derived: upcycled or copied from
+    another pretrained path). A path in both trees with
     different shapes, or a pretrained path the model lacks, is an error naming it.
     """
     fresh = traverse_util.flatten_dict(layer_stack.unscanned(fresh_params), sep="/")
     pretrained = traverse_util.flatten_dict(layer_stack.unscanned(pretrained_params), sep="/")
-    dense_of = {path: path.replace("/mlp/expert/", "/mlp/") for path in fresh
-                if "/mlp/expert/" in path and path.replace("/mlp/expert/", "/mlp/") in pretrained}
-    unused = sorted(set(pretrained) - set(fresh) - set(dense_of.values()))
+
+    def source_of(path: str) -> str | None:
+        """The pretrained parameter a fresh one without its own starts from, if any."""
+        if path.startswith("question_encoder/"):
+            path = "encoder/" + path.removeprefix("question_encoder/")
+        for candidate in (path, path.replace("/mlp/expert/", "/mlp/")):
+            if candidate in pretrained:
+                return candidate
+        return None
+
+    derived = {path: source_of(path) for path in fresh if path not in pretrained}
+    derived = {path: source for path, source in derived.items() if source is not None}
+    unused = sorted(set(pretrained) - set(fresh) - set(derived.values()))
     if unused:
         raise ValueError(f"pretrained parameter {unused[0]} (and {len(unused) - 1} more) has no "
                          "place in this model")
     merged, fresh_paths = {}, []
     for path, value in fresh.items():
-        if path in dense_of:
-            dense = np.asarray(pretrained[dense_of[path]], np.asarray(value).dtype)
-            if dense.shape != np.shape(value)[1:]:
-                raise ValueError(f"pretrained parameter {dense_of[path]} has shape {dense.shape}; "
-                                 f"the experts of {path} need {np.shape(value)[1:]}")
-            merged[path] = np.broadcast_to(dense, np.shape(value)).copy()
-        elif path in pretrained:
-            if np.shape(pretrained[path]) != np.shape(value):
-                raise ValueError(f"pretrained parameter {path} has shape "
-                                 f"{np.shape(pretrained[path])}, the model needs {np.shape(value)}")
-            merged[path] = np.asarray(pretrained[path], np.asarray(value).dtype)
-        else:
+        source = path if path in pretrained else derived.get(path)
+        if source is None:
             merged[path] = value
             fresh_paths.append(path)
+            continue
+        weights = np.asarray(pretrained[source], np.asarray(value).dtype)
+        upcycled = "/mlp/expert/" in path and "/mlp/expert/" not in source
+        needed = np.shape(value)[1:] if upcycled else np.shape(value)
+        if weights.shape != needed:
+            raise ValueError(f"pretrained parameter {source} has shape {weights.shape}; "
+                             f"{path} needs {needed}")
+        merged[path] = np.broadcast_to(weights, np.shape(value)).copy() if upcycled else weights
     merged = layer_stack.scanned(traverse_util.unflatten_dict(merged, sep="/"), fresh_params)
-    return merged, sorted(fresh_paths), sorted(dense_of)
+    return merged, sorted(fresh_paths), sorted(derived)
