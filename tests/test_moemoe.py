@@ -148,18 +148,19 @@ def test_gradients_reach_every_part():
     assert any("/expert/" in path for path in flat) and "source_gate/kernel" in flat
 
 
-@pytest.mark.parametrize("switch", ["softmax", "uniform", "no_alignment", "resample"])
+@pytest.mark.parametrize("switch", ["softmax", "uniform", "no_alignment", "resample", "joint"])
 def test_each_ablation_switch_changes_what_it_says(switch):
     base_model, base = _model(_config())
     sources = {"softmax": dict(source_weighting="softmax"),
                "uniform": dict(source_weighting="uniform"),
                "no_alignment": dict(question_context_weight=0.0, question_image_weight=0.0),
-               "resample": dict(image_to_length="resample")}[switch]
+               "resample": dict(image_to_length="resample"),
+               "joint": dict(joint_encoder=True, source_weighting="uniform")}[switch]
     model, variables = _model(_config(**sources))
     params, batch = variables["params"], _batch()
     base_paths = set(traverse_util.flatten_dict(base["params"], sep="/"))
     paths = set(traverse_util.flatten_dict(params, sep="/"))
-    weights = _parts(model, params, batch)["weights"]
+    weights = None if switch == "joint" else _parts(model, params, batch)["weights"]
     loss, metrics = jax.jit(model.loss_fn)(params, batch, None)
     if switch == "softmax":  # same parameters, weights normalised over the sources
         assert paths == base_paths
@@ -174,6 +175,18 @@ def test_each_ablation_switch_changes_what_it_says(switch):
         np.testing.assert_allclose(float(loss), values["cross_ent_loss"] + values["z_loss"],
                                    rtol=1e-6)
         assert values["question_image_alignment_loss"] > 0  # still reported
+    elif switch == "joint":  # S-Enc: one encoder reads [question ; context]; no guidance
+        assert paths == {p for p in base_paths if not p.startswith(("question_encoder/",
+                                                                    "source_gate/"))}
+        encoded, mask = _encode(model, params, batch)
+        assert encoded.shape == (2, 2 * K, 16)
+        joint = np.concatenate([batch["encoder_question_tokens"], batch["encoder_input_tokens"]], 1)
+        np.testing.assert_array_equal(mask[1], joint[1] > 0)  # row 1: no image
+        text, _ = model.module.apply({"params": params}, joint, method=lambda m, t: m._text(
+            m.encoder, t, False))
+        image_rows = mask[0] & ~(joint[0] > 0)  # where row 0 has its image and no token
+        np.testing.assert_allclose(encoded[1], 0.5 * np.asarray(text)[1], atol=1e-6)
+        assert image_rows.sum() == 0 or not np.allclose(encoded[0][image_rows], 0)
     else:  # a learned [Lv, k] map, initialised as Eq. 3's tiling: the same encodings at first
         assert paths == base_paths | {"image_to_length/resampling"}
         np.testing.assert_array_equal(params["image_to_length"]["resampling"], tiling(LV, K))
@@ -217,6 +230,8 @@ def test_config_round_trips_through_json_and_a_checkpoint(tmp_path):
 def test_bad_configs_and_batches_are_named():
     with pytest.raises(ValueError, match="source_weighting"):
         MultiSourceConfig(IMAGE, source_weighting="sigmoid")
+    with pytest.raises(ValueError, match="S-Enc"):
+        MultiSourceConfig(IMAGE, joint_encoder=True)
     with pytest.raises(ValueError, match="no fusion"):
         dataclasses.replace(_config(), fusion=IMAGE)
     model, variables = _model(_config())

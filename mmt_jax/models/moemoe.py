@@ -53,6 +53,10 @@ class MultiSourceConfig:
                  k is not a multiple of Lv the last `k mod Lv` positions get no image (zero, masked);
       "resample" beyond the paper: a learned map from the Lv vectors to the k positions (kernel
                  `[Lv, k]`, initialised as the tiling, so training starts from the paper's).
+    joint_encoder: Fig. 5's S-Enc ablation: no question encoder; the context's encoder reads
+      `[question ; context]` (length 2k), which is the text source; question guidance is then not
+      possible (the paper), so `source_weighting` must be "uniform", and the alignment pools the
+      question's and the context's positions of that one encoding.
     alignment_dim: the width of the projected vectors of Eq. 6-7.
     question_context_weight, question_image_weight: the weights of L_QCA and L_QIA in the loss
       (Eq. 8: 1 and 1; 0 switches a loss off, Fig. 5's WoAL ablation is both 0).
@@ -61,6 +65,7 @@ class MultiSourceConfig:
     image: FusionConfig
     source_weighting: str = "linear"
     image_to_length: str = "repeat"
+    joint_encoder: bool = False
     alignment_dim: int = 128
     question_context_weight: float = 1.0
     question_image_weight: float = 1.0
@@ -75,6 +80,9 @@ class MultiSourceConfig:
         if self.image_to_length not in IMAGE_TO_LENGTH:
             raise ValueError(f"image_to_length={self.image_to_length!r}; choose from "
                              f"{IMAGE_TO_LENGTH}")
+        if self.joint_encoder and self.source_weighting != "uniform":
+            raise ValueError("joint_encoder (S-Enc) has no question encoding to guide the sources "
+                             "with: set source_weighting='uniform'")
         if self.alignment_dim < 1:
             raise ValueError(f"alignment_dim={self.alignment_dim}; need at least 1")
         if self.question_context_weight < 0 or self.question_image_weight < 0:
@@ -131,7 +139,8 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
                              "encoders: no encoder_input part, no contrastive head")
         super().setup()  # token_embedder, the text part, `encoder` (the context's), decoder
         cfg = self.config
-        self.question_encoder = Encoder(cfg, self.input_part.bias_layout)
+        if not self.sources.joint_encoder:
+            self.question_encoder = Encoder(cfg, self.input_part.bias_layout)
         self.image_encoder = FusedImageTextInput(self.sources.image, cfg.emb_dim, cfg.dtype)
         self.image_to_length = ImageToLength(self.sources.image_to_length == "resample")
         if self.sources.source_weighting != "uniform":
@@ -147,7 +156,8 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
         return encoder(inputs, enable_dropout=enable_dropout), inputs.mask
 
     def weigh_sources(self, question: jax.Array) -> jax.Array:
-        """Eq. 4: `Q [B, k, E]` -> per-position weights of the sources `[B, k, c]`."""
+        """Eq. 4: `Q [B, k, E]` -> per-position weights of the sources `[B, k, c]` ("uniform":
+        1/c at each position of `question`'s shape)."""
         if self.sources.source_weighting == "uniform":
             return jnp.full(question.shape[:2] + (len(SOURCES),), 1.0 / len(SOURCES), question.dtype)
         weights = self.source_gate(question)
@@ -168,15 +178,23 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
             raise ValueError(f"encoder_question_tokens has length {jnp.shape(question_tokens)[1]}, "
                              f"the context {length}: MoEMoE weighs the sources position by "
                              f"position (Eq. 4), so both are padded to one length")
-        context, context_mask = self._text(self.encoder, encoder_input_tokens, enable_dropout)
-        question, question_mask = self._text(self.question_encoder, question_tokens,
-                                             enable_dropout)
+        if self.sources.joint_encoder:  # S-Enc: one encoding of [question ; context]
+            text, text_mask = self._text(
+                self.encoder, jnp.concatenate([question_tokens, encoder_input_tokens], axis=1),
+                enable_dropout)
+            question, context = text[:, :length], text[:, length:]
+            question_mask, context_mask = text_mask[:, :length], text_mask[:, length:]
+        else:
+            context, context_mask = self._text(self.encoder, encoder_input_tokens, enable_dropout)
+            question, question_mask = self._text(self.question_encoder, question_tokens,
+                                                 enable_dropout)
+            text, text_mask = context, context_mask
         image, image_mask = self.image_encoder.image_vectors(**features,
                                                              enable_dropout=enable_dropout)
-        image_k, image_k_mask = self.image_to_length(image.astype(context.dtype), image_mask,
-                                                     length)
-        weights = self.weigh_sources(question)  # Eq. 4
-        fused = weights[..., 0:1] * image_k + weights[..., 1:2] * context  # Eq. 5
+        image_k, image_k_mask = self.image_to_length(image.astype(text.dtype), image_mask,
+                                                     text.shape[1])
+        weights = self.weigh_sources(text if self.sources.joint_encoder else question)  # Eq. 4
+        fused = weights[..., 0:1] * image_k + weights[..., 1:2] * text  # Eq. 5
         self.sow("intermediates", "source_weights", weights)
         pooled = {"question": mean_pool(question, question_mask),
                   "context": mean_pool(context, context_mask),
@@ -188,4 +206,4 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
             projected["question"], projected["context"], has_question & jnp.any(context_mask, -1)))
         self.sow("intermediates", "question_image_alignment_loss", alignment_loss(
             projected["question"], projected["image"], has_question & jnp.any(image_mask, -1)))
-        return fused, context_mask | image_k_mask
+        return fused, text_mask | image_k_mask
