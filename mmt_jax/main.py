@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="0: fine-tune from scratch")
     demo.add_argument("--finetune-steps", type=int, default=None, help="default: the job's")
     demo.add_argument("--num-products", type=int, default=3000)
-    demo.add_argument("--learning-rate", type=float, default=2e-3,
-                      help="AdamW's peak rate for every run")
+    demo.add_argument("--learning-rate", type=float, default=None,
+                      help="AdamW's peak rate for every run (default: the job's, table2 2e-3, "
+                           "multitask 6.7e-4)")
     demo.set_defaults(run=_demo)
     return parser
 

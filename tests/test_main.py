@@ -107,6 +107,7 @@ def test_demo_runs_the_main_job_and_prints_the_table(demo_workdir, capsys):
     assert all(0 <= a <= 1 for model in accuracy.values() for a in model.values())
     assert "| color |" in out and "| sleeve_type |" in out and "Examples (" in out
     assert "$ mmt-jax train --gin_file=runs/catalog.gin --gin_file=models/mmt4_tiny_lite0.gin" in out
+    assert "--gin.LEARNING_RATE=0.002 " in out
     config, params = store.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
     assert config.fusion.representator == "precomputed" and "image_fusion" in params
     assert config.image.extractor == "efficientnet-lite0+pixels"  # the demo's stored features
@@ -128,7 +129,7 @@ def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsy
     assert all(0 <= v <= 1 for k, v in image_text.items() if "per_second" not in k)
     assert "| contrastive head (cosine) |" in out and "recall@10" in out and "ROUGE-1" in out
     assert ("--gin_file=models/mmt4_tiny_lite0.gin --gin_file=runs/contrastive.gin" in out
-            and "multitask_removed100" in out)
+            and "multitask_removed100" in out and "--gin.LEARNING_RATE=0.00067" in out)
     config, params = store.load_checkpoint(str(tmp_path / "mmt4_multitask" / "checkpoint_2"))
     assert config.contrastive is not None and "contrastive_head" in params
     assert "INITIAL_CHECKPOINT_PATH" not in out and not (tmp_path / "mmt4_multitask_pretrain").exists()
