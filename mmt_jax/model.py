@@ -188,8 +188,7 @@ class EncoderDecoderModel:
         sources = getattr(self.module, "sources", None)
         if sources is None:
             return {}
-        sown = intermediates
-        return {name: (getattr(sources, weight), jnp.asarray(sown[name][0]))
+        return {name: (getattr(sources, weight), jnp.asarray(intermediates[name][0]))
                 for name, weight in ALIGNMENT_LOSSES.items()}
 
     def loss_from_logits_and_sown(self, logits, intermediates, batch: Batch):

@@ -147,12 +147,12 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
             provider = task_inference.get_task(mixture_or_task_name)
             for task in provider.tasks if isinstance(provider, seqio.Mixture) else [provider]:
                 _check_not_empty(task.name, "train", tuple(sorted(task_feature_lengths.items())))
-            state, fresh, upcycled = trainer.initial_state(seed, initial_checkpoint)
+            state, fresh, derived = trainer.initial_state(seed, initial_checkpoint)
             batches_read = 0
             if initial_checkpoint:
                 say(f"initialised from {initial_checkpoint}; fresh: {', '.join(fresh) or 'nothing'}"
                     + (f"; derived (a dense MLP copied to every expert, MoEMoE's question "
-                       f"encoder from the encoder): {', '.join(upcycled)}" if upcycled else ""))
+                       f"encoder from the encoder): {', '.join(derived)}" if derived else ""))
         start_step = int(jax.device_get(state.step))
         batches = train_ds.skip(batches_read).prefetch(2).as_numpy_iterator()
         eval_ds = (get_dataset(model, mixture_or_task_name, eval_split, task_feature_lengths,

@@ -115,13 +115,12 @@ class ImageToLength(nn.Module):
     @nn.compact
     def __call__(self, image: jax.Array, mask: jax.Array, length: int):
         image = image * mask[..., None].astype(image.dtype)
-        matrix = tiling(image.shape[1], length)
-        if self.learned:
-            initial = matrix
-            matrix = partitioning.param_with_axes("resampling", lambda rng: initial,
-                                                  axes=("image_vectors", "length"))
+        tiled = tiling(image.shape[1], length)
+        matrix = (partitioning.param_with_axes("resampling", lambda rng: tiled,
+                                               axes=("image_vectors", "length"))
+                  if self.learned else tiled)
         placed = jnp.einsum("bve,vk->bke", image, matrix.astype(image.dtype))
-        reached = jnp.einsum("bv,vk->bk", mask.astype(jnp.float32), tiling(image.shape[1], length))
+        reached = jnp.einsum("bv,vk->bk", mask.astype(jnp.float32), tiled)  # Eq. 3's positions
         return placed, reached > 0
 
 

@@ -68,16 +68,16 @@ class Trainer:
                       ) -> tuple[TrainState, list, list]:
         """A fresh state; with `initial_checkpoint` (an mmt_jax checkpoint directory) its parameters
         replace the fresh ones wherever the path and shape match, and a dense checkpoint's MLPs
-        start every expert of an MoE model (`checkpoints.initialize_from`). Returns
-        `(state, fresh_paths, upcycled_paths)`."""
+        start every expert of an MoE model, and its encoder MoEMoE's question encoder
+        (`checkpoints.initialize_from`). Returns `(state, fresh_paths, derived_paths)`."""
         params = self._init_params(jax.random.key(seed))
-        fresh_paths, upcycled = [], []
+        fresh_paths, derived = [], []
         if initial_checkpoint:
             _, pretrained = store.load_checkpoint(initial_checkpoint)
-            merged, fresh_paths, upcycled = store.initialize_from(jax.device_get(params),
-                                                                        pretrained)
+            merged, fresh_paths, derived = store.initialize_from(jax.device_get(params),
+                                                                 pretrained)
             params = jax.device_put(merged, self.params_shardings)
-        return self._create(params), fresh_paths, upcycled
+        return self._create(params), fresh_paths, derived
 
     def train_step(self, state: TrainState, batch, dropout_rng) -> tuple[TrainState, dict]:
         return self._train(state, batch, dropout_rng)
