@@ -4,6 +4,7 @@ ablation switch, cached decoding against the full forward pass, the config's JSO
 the loss and gradients on 8 host devices against one device."""
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from mmt_jax.models.moemoe import MultiSourceConfig, tiling
 from mmt_jax.models.t5 import t5_config
 from mmt_jax.partitioning import Partitioner
 
-VOCAB, K, LV, DP = 64, 8, 3, 12  # k = 8 positions, 3 image vectors: 6 tiled, 2 without image
+VOCAB, K, LV, DP = 64, 8, 3, 12  # k = 8 positions, 3 image vectors: tiled 2 2/3 times
 IMAGE = FusionConfig(representator="precomputed", feature_dim=DP)
 
 
@@ -31,11 +32,12 @@ def _config(moe: bool = False, **sources) -> ModelConfig:
     return ModelConfig(t5, sources=MultiSourceConfig(IMAGE, **{"alignment_dim": 8, **sources}))
 
 
-def _batch(b: int = 2, seed: int = 0) -> dict:
+def _batch(b: int = 2, seed: int = 0, k: int = K) -> dict:
     rng = np.random.default_rng(seed)
-    context = rng.integers(2, VOCAB, (b, K)).astype(np.int32)
-    context[0, 5:] = 0  # padding in the context; the image reaches positions 0..5
-    question = np.zeros((b, K), np.int32)
+    context = np.zeros((b, k), np.int32)
+    context[:, :K] = rng.integers(2, VOCAB, (b, K))
+    context[0, 5:] = 0  # padding in the context: the decoder reads positions 0..4 of row 0
+    question = np.zeros((b, k), np.int32)
     question[:, :2] = rng.integers(2, VOCAB, (b, 2))
     targets = rng.integers(2, VOCAB, (b, 4)).astype(np.int32)
     return {"encoder_input_tokens": context, "encoder_question_tokens": question,
@@ -91,21 +93,34 @@ def test_the_tree_shapes_and_eq_3_to_5_against_the_pieces():
     encoded, mask = _encode(model, params, batch)
     assert encoded.shape == (2, K, 16) and mask.shape == (2, K)
     p = _parts(model, params, batch)
-    # Eq. 3: positions 0..5 read image vectors 0, 1, 2, 0, 1, 2; 6 and 7 none
+    # Eq. 3: positions 0..7 read image vectors 0, 1, 2, 0, 1, 2, 0, 1
     image = p["image"] * p["image_mask"][..., None]  # row 1 has none: zeros
-    image_k = np.concatenate([image, image, np.zeros_like(image[:, :2])], 1)
+    image_k = np.concatenate([image, image, image[:, :2]], 1)
     assert np.any(image_k[0]) and not np.any(image_k[1])
     np.testing.assert_allclose(encoded, p["weights"][..., :1] * image_k
                                + p["weights"][..., 1:] * p["context"], atol=1e-5)  # Eq. 5
-    # where the decoder looks: the context's tokens, and the image's positions if there is one
-    np.testing.assert_array_equal(mask[0], [True] * 6 + [False] * 2)
-    np.testing.assert_array_equal(mask[1], batch["encoder_input_tokens"][1] > 0)
+    # where the decoder looks: the context's tokens (Eq. 5's k)
+    np.testing.assert_array_equal(mask, batch["encoder_input_tokens"] > 0)
 
 
 def test_tiling_is_eq_3():
-    np.testing.assert_array_equal(np.argmax(tiling(3, 8), 0)[:6], [0, 1, 2, 0, 1, 2])
-    np.testing.assert_array_equal(tiling(3, 8).sum(0), [1] * 6 + [0, 0])
+    np.testing.assert_array_equal(np.argmax(tiling(3, 8), 0), [0, 1, 2, 0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(tiling(3, 8).sum(0), [1] * 8)
     np.testing.assert_array_equal(tiling(4, 4), np.eye(4))
+
+
+def test_the_answer_does_not_depend_on_the_padded_length():
+    """The same examples padded to 8 and to 13 positions: the same loss, and the same encodings
+    where the decoder reads them (what lets the Predictor pad to any input_length)."""
+    model, variables = _model(_config(moe=True))
+    params, short, long = variables["params"], _batch(), _batch(k=K + 5)
+    losses = [float(jax.jit(model.loss_fn)(params, b, None)[0]) for b in (short, long)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    (encoded, mask), (encoded_long, mask_long) = _encode(model, params, short), _encode(
+        model, params, long)
+    np.testing.assert_array_equal(mask_long[:, :K], mask)
+    assert not np.any(mask_long[:, K:])
+    np.testing.assert_allclose(encoded_long[:, :K][mask], encoded[mask], atol=1e-5)
 
 
 def test_the_loss_is_eq_8_with_alignment_by_hand():
@@ -181,18 +196,20 @@ def test_each_ablation_switch_changes_what_it_says(switch):
         encoded, mask = _encode(model, params, batch)
         assert encoded.shape == (2, 2 * K, 16)
         joint = np.concatenate([batch["encoder_question_tokens"], batch["encoder_input_tokens"]], 1)
-        np.testing.assert_array_equal(mask[1], joint[1] > 0)  # row 1: no image
+        np.testing.assert_array_equal(mask, joint > 0)
         text, _ = model.module.apply({"params": params}, joint, method=lambda m, t: m._text(
             m.encoder, t, False))
-        image_rows = mask[0] & ~(joint[0] > 0)  # where row 0 has its image and no token
-        np.testing.assert_allclose(encoded[1], 0.5 * np.asarray(text)[1], atol=1e-6)
-        assert image_rows.sum() == 0 or not np.allclose(encoded[0][image_rows], 0)
+        text = np.asarray(text)
+        np.testing.assert_allclose(encoded[1], 0.5 * text[1], atol=1e-6)  # row 1: no image
+        assert not np.allclose(encoded[0][mask[0]], 0.5 * text[0][mask[0]])  # row 0's image
     else:  # a learned [Lv, k] map, initialised as Eq. 3's tiling: the same encodings at first
         assert paths == base_paths | {"image_to_length/resampling"}
         np.testing.assert_array_equal(params["image_to_length"]["resampling"], tiling(LV, K))
         params_without = {k: v for k, v in params.items() if k != "image_to_length"}
         np.testing.assert_allclose(_encode(model, params, batch)[0],
                                    _encode(base_model, params_without, batch)[0], atol=1e-6)
+        with pytest.raises(ValueError, match="pad the context .input_length. to 8"):
+            model.encode(params, _batch(k=K + 1))
 
 
 def test_cached_greedy_decoding_equals_the_full_forward_pass():
@@ -278,7 +295,8 @@ def test_loss_and_gradients_on_8_devices_equal_one_device():
 def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, tmp_path, capsys):
     """gin/models/moemoe_tiny_lite0.gin through `mmt-jax train` on the qa tasks (pixels instead
     of stored features, one layer per stack), then `mmt-jax eval`: every answer carries its source
-    weights, the report their mean per attribute (one here), and the plot exists."""
+    weights, the report their mean per attribute (one here), and the plot exists; the Predictor
+    and the infer binary give each answer with the same weights."""
     import json
     from mmt_jax import main
     from mmt_jax.checkpoints import store
@@ -307,6 +325,41 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
         rows = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").open()]
         mean = np.mean([row["source_weights"]["image"] for row in rows])
         np.testing.assert_allclose(task["mean_source_weights"]["image"], mean, rtol=1e-5)
+
+    # The Predictor asks the prompt's attribute of the context, as the qa task did, and returns the
+    # eval pipeline's answer, score and source weights; the infer binary writes the weights.
+    from mmt_jax import infer
+    from mmt_jax.predictor import Predictor, Query
+    pattern = os.path.join(data_dir, "product_catalog", "embedded-n96-s0-px32", "*",
+                           "product_catalog-validation.tfrecord*")
+    products = {p.id: p for p in infer.read_products(pattern)}
+    # longer than training's 32: whole titles (the eval rows' lose their colour words) fit
+    predictor = Predictor.from_checkpoint(model_dir, input_length=48, target_length=8,
+                                          batch_size=8)
+    assert predictor.asks_questions
+    # the eval rows' inputs are the contexts with the colour removed from the titles; those
+    # longer than the 32 tokens evaluated were cut there, so only the others compare
+    fits = [row for row in rows if len(predictor.vocabulary.encode(row["inputs"])) < 32]
+    assert len(fits) >= 3
+    queries = [Query(row["id"], "color:", row["inputs"], image=products[row["id"]].image)
+               for row in fits]
+    for row, (_, prediction) in zip(fits, predictor.predict_queries(queries)):
+        assert prediction.text == row["prediction"]
+        assert prediction.score == pytest.approx(row["score"], abs=1e-4)
+        assert prediction.source_weights == pytest.approx(row["source_weights"], abs=1e-5)
+    predictions = tmp_path / "predictions.jsonl"
+    assert main.run(["infer", "--checkpoint", model_dir, "--input", pattern, "--prompt", "color:",
+                     "--out", str(predictions), "--input-length", "48", "--target-length", "8",
+                     "--batch-size", "8"]) == 0
+    lines = [json.loads(line) for line in predictions.open()]
+    assert len(lines) == len(products) and all(
+        set(line["source_weights"]) == {"image", "context"} for line in lines)
+    first = products[lines[0]["id"]]
+    direct = predictor.predict(prompt="color:", title=first.title, description=first.description,
+                               bullet_points=first.bullet_points,
+                               product_type=first.product_type, image=first.image)
+    assert (lines[0]["prediction"], lines[0]["source_weights"]) == (
+        direct.text, pytest.approx(direct.source_weights, abs=1e-5))
 
 
 def test_both_text_encoders_and_the_decoder_start_from_one_t5():

@@ -16,7 +16,11 @@ image and the context (c = 2, the paper's).
 
 Batches: `encoder_input_tokens [B, k]` the context, `encoder_question_tokens [B, k]` the question,
 padded to the same length k (the weights are per position, Eq. 4), and the image input of the
-representator (`encoder_images` or `encoder_image_features`, `encoder_image_mask`).
+representator (`encoder_images` or `encoder_image_features`, `encoder_image_mask`). The decoder reads
+`e` at the context's tokens (Eq. 5's k is the context's length; padding is masked as in any T5
+encoder output), so an answer does not depend on how far a batch is padded (except under
+`joint_encoder`, whose concatenation puts the context after the padded question, and `resample`,
+whose learned map is for one k).
 
 Sown into `intermediates` (the Model adds the losses, `model.py`): `source_weights [B, k, c]`,
 `question_context_alignment_loss`, `question_image_alignment_loss` (batch means).
@@ -49,10 +53,13 @@ class MultiSourceConfig:
       "softmax" normalised over the sources (weights in (0, 1) that sum to 1);
       "uniform" no question guidance (Fig. 5's WoQG ablation): every source weighs 1/c, no FC.
     image_to_length: Eq. 3, image vectors `[B, Lv, E]` -> `[B, k, E]`:
-      "repeat"   the paper's `repeat(i, int(k / Lv))`: the Lv vectors tiled floor(k / Lv) times; when
-                 k is not a multiple of Lv the last `k mod Lv` positions get no image (zero, masked);
+      "repeat"   the paper's `repeat(i, int(k / Lv))`: position p reads vector `p mod Lv`; when k is
+                 not a multiple of Lv the last `k mod Lv` positions read the first `k mod Lv`
+                 vectors once more (the paper's floor(k / Lv) repeats leave them undefined; a cut
+                 there would make the answer depend on the padded length);
       "resample" beyond the paper: a learned map from the Lv vectors to the k positions (kernel
-                 `[Lv, k]`, initialised as the tiling, so training starts from the paper's).
+                 `[Lv, k]`, initialised as the tiling, so training starts from the paper's); k is
+                 then the padded length trained with, and inference must pad to it.
     joint_encoder: Fig. 5's S-Enc ablation: no question encoder; the context's encoder reads
       `[question ; context]` (length 2k), which is the text source; question guidance is then not
       possible (the paper), so `source_weighting` must be "uniform", and the alignment pools the
@@ -90,12 +97,9 @@ class MultiSourceConfig:
 
 
 def tiling(num_vectors: int, length: int) -> jax.Array:
-    """Eq. 3 as a `[num_vectors, length]` 0/1 matrix: position p reads vector `p mod num_vectors`
-    for the first `num_vectors * floor(length / num_vectors)` positions, nothing after."""
+    """Eq. 3 as a `[num_vectors, length]` 0/1 matrix: position p reads vector `p mod num_vectors`."""
     positions = jnp.arange(length)
-    covered = positions < num_vectors * (length // num_vectors)
-    return ((positions[None] % num_vectors == jnp.arange(num_vectors)[:, None])
-            & covered[None]).astype(jnp.float32)
+    return (positions[None] % num_vectors == jnp.arange(num_vectors)[:, None]).astype(jnp.float32)
 
 
 def alignment_loss(a: jax.Array, b: jax.Array, valid: jax.Array) -> jax.Array:
@@ -106,9 +110,9 @@ def alignment_loss(a: jax.Array, b: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 class ImageToLength(nn.Module):
-    """Eq. 3: image vectors `[B, Lv, E]` and their mask `[B, Lv]` -> `[B, k, E]`, `[B, k]` by
-    `tiling` (an absent image, masked, is zeros); `learned`: through a `[Lv, k]` parameter
-    (`resampling`) initialised as the tiling."""
+    """Eq. 3: image vectors `[B, Lv, E]` and their mask `[B, Lv]` -> `[B, k, E]` by `tiling` (an
+    absent image, masked, is zeros); `learned`: through a `[Lv, k]` parameter (`resampling`)
+    initialised as the tiling."""
 
     learned: bool = False
 
@@ -116,12 +120,17 @@ class ImageToLength(nn.Module):
     def __call__(self, image: jax.Array, mask: jax.Array, length: int):
         image = image * mask[..., None].astype(image.dtype)
         tiled = tiling(image.shape[1], length)
+        if self.learned and self.has_variable("params", "resampling"):
+            trained = self.get_variable("params", "resampling").shape
+            if tuple(trained) != tuple(tiled.shape):
+                raise ValueError(f"image_to_length='resample' learned a map from {trained[0]} image "
+                                 f"vectors to {trained[1]} positions; this batch has "
+                                 f"{tiled.shape[0]} vectors and a context of {length}: pad the "
+                                 f"context (input_length) to {trained[1]}")
         matrix = (partitioning.param_with_axes("resampling", lambda rng: tiled,
                                                axes=("image_vectors", "length"))
                   if self.learned else tiled)
-        placed = jnp.einsum("bve,vk->bke", image, matrix.astype(image.dtype))
-        reached = jnp.einsum("bv,vk->bk", mask.astype(jnp.float32), tiled)  # Eq. 3's positions
-        return placed, reached > 0
+        return jnp.einsum("bve,vk->bke", image, matrix.astype(image.dtype))
 
 
 class MultiSourceEncoderDecoder(EncoderDecoder):
@@ -190,8 +199,7 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
             text, text_mask = context, context_mask
         image, image_mask = self.image_encoder.image_vectors(**features,
                                                              enable_dropout=enable_dropout)
-        image_k, image_k_mask = self.image_to_length(image.astype(text.dtype), image_mask,
-                                                     text.shape[1])
+        image_k = self.image_to_length(image.astype(text.dtype), image_mask, text.shape[1])
         weights = self.weigh_sources(text if self.sources.joint_encoder else question)  # Eq. 4
         fused = weights[..., 0:1] * image_k + weights[..., 1:2] * text  # Eq. 5
         self.sow("intermediates", "source_weights", weights)
@@ -205,4 +213,4 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
             projected["question"], projected["context"], has_question & jnp.any(context_mask, -1)))
         self.sow("intermediates", "question_image_alignment_loss", alignment_loss(
             projected["question"], projected["image"], has_question & jnp.any(image_mask, -1)))
-        return fused, text_mask | image_k_mask
+        return fused, text_mask

@@ -261,7 +261,11 @@ class Encoder(nn.Module):
     def __call__(self, inputs: EncoderInputs, packing_segment_ids=None, *, enable_dropout=False):
         cfg = self.config
         embedded, mask = inputs.embedded, inputs.mask
-        attention_mask = make_attention_mask(mask, mask)
+        # Only keys are masked (as Hugging Face's T5 does): a padded position's output then depends
+        # on the real tokens alone, never on how far the batch is padded. Nothing reads those
+        # outputs but MoEMoE's source gate, which weighs every context position by the question's
+        # output there (Eq. 4), the question being padded to the context's length.
+        attention_mask = make_attention_mask(jnp.ones_like(mask), mask)
         if packing_segment_ids is not None:
             attention_mask = combine_masks(
                 attention_mask, make_segment_mask(packing_segment_ids, packing_segment_ids))
