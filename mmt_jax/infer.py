@@ -6,7 +6,9 @@
 Input is a catalog JSONL (the record format of `data/records.py`; attributes and split are ignored)
 or the TFRecord files a `mmt-jax data convert` wrote (a glob such as
 `DIR/product_catalog/NAME/1.0.0/product_catalog-test.tfrecord*`). Each output line is
-`{"id", "prompt", "prediction", "score"}`, `score` the log-probability of the prediction. The output
+`{"id", "prompt", "prediction", "score"}`, `score` the log-probability of the prediction (a MoEMoE
+checkpoint adds `source_weights`, `{"image": ..., "context": ...}`: how much the answer drew on
+each source; it reads the whole text, so `--with-description` is implied). The output
 is written to a temporary file and renamed when complete, so an interrupted run never leaves a
 truncated file that looks finished, and an existing file is replaced only by a whole new one.
 
@@ -76,14 +78,18 @@ def read_products(path: str, images_dir: str | None = None, on_error: str = "fai
             continue
         first_of_id.setdefault(text("id"), number)
         yield records.Product(id=text("id"), title=text("title"), image=example["image"],
-                              description=text("description"))
+                              description=text("description"),
+                              bullet_points=tuple(b.decode("utf-8")
+                                                  for b in example["bullet_points"]),
+                              product_type=text("product_type"))
 
 
 def queries(products, prompts: Sequence[str], with_description: bool) -> Iterator[Query]:
     for product in products:
         for prompt in prompts:
             yield Query(product.id, prompt, product.title,
-                        product.description if with_description else "", product.image)
+                        product.description if with_description else "", product.image,
+                        product.bullet_points, product.product_type)
 
 
 def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequence[str], *,
@@ -109,14 +115,16 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
         try:
             stream = queries(read_products(input_path, images_dir, on_error,
                                            allow_absolute_image_paths), prompts,
-                             with_description)
+                             with_description or predictor.asks_questions)
             predictions = predictor.predict_queries(stream,
                                                     on_error=skip if on_error == "skip" else None)
             for query, prediction in tqdm(predictions, unit="prediction",
                                           disable=not sys.stderr.isatty()):
-                out.write(json.dumps({"id": query.record, "prompt": query.prompt,
-                                      "prediction": prediction.text, "score": prediction.score},
-                                     ensure_ascii=False) + "\n")
+                row = {"id": query.record, "prompt": query.prompt,
+                       "prediction": prediction.text, "score": prediction.score}
+                if prediction.source_weights is not None:
+                    row["source_weights"] = prediction.source_weights
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
         except BaseException:
             out.close()

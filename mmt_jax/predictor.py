@@ -16,6 +16,12 @@ feature converter. So a new product is seen exactly as the validation split was 
 length penalty, so `exp(score)` is the model's probability of its answer (what the recall-at-precision
 and matching metrics rank by).
 
+A MoEMoE checkpoint (`models/moemoe.py`) reads a query as its `P_qa` tasks built the training
+examples (`data/prompts.py`): the prompt without its colon is the question (the attribute name,
+"color"), title + description + bullet points + product type the context; each prediction carries
+the mean weight the model gave each source (`{"image": ..., "context": ...}`), so a user sees whether
+an answer came from the image or the text.
+
 A checkpoint with the contrastive head (`runs/contrastive.gin`) also scores image-title pairs without
 decoding: `predictor.match(image=..., title=...)` is their cosine in the head's space, the score the
 main job's "contrastive head" matching row ranks by.
@@ -36,7 +42,7 @@ from mmt_jax.data import images as images_lib
 from mmt_jax.data import records
 from mmt_jax.errors import InputError
 from mmt_jax.models.config import ModelConfig
-from mmt_jax.task_inference import build_model, until_eos
+from mmt_jax.task_inference import build_model, source_weights, until_eos
 from mmt_jax.vision import extractors
 
 
@@ -48,16 +54,33 @@ class Query:
     title: str = ""
     description: str = ""
     image: bytes = b""
+    bullet_points: tuple[str, ...] = ()
+    product_type: str = ""
 
     @property
     def text(self) -> str:
+        """MMT4's encoder text, as the attribute tasks build it: title, description, prompt."""
         return " ".join(part for part in (self.title, self.description, self.prompt) if part)
+
+    @property
+    def question(self) -> str:
+        """MoEMoE's question: the prompt's attribute name ("color:" -> "color")."""
+        return self.prompt.strip().removesuffix(":").strip()
+
+    @property
+    def context(self) -> str:
+        """MoEMoE's context, as its `P_qa` tasks build it: title, description, bullet points,
+        product type."""
+        return " ".join(" ".join((self.title, self.description, *self.bullet_points,
+                                  self.product_type)).split())
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
+    """`source_weights`: MoEMoE's mean weight of each source, None for other models."""
     text: str
     score: float
+    source_weights: dict[str, float] | None = None
 
 
 class Predictor:
@@ -82,6 +105,7 @@ class Predictor:
         self.input_length, self.target_length = input_length, target_length
         self.batch_size, self.num_beams = batch_size, num_beams
         self.vocabulary = model.output_vocabulary
+        self.asks_questions = getattr(model.FEATURE_CONVERTER_CLS, "QUESTION", False)
         self._image = (None if config.image_branch is None
                        else dataclasses.replace(config.image, augment=False))
         decode_fn = (decoding.greedy if num_beams == 1
@@ -100,11 +124,12 @@ class Predictor:
     def uses_images(self) -> bool:
         return self._image is not None
 
-    def predict(self, *, prompt: str, title: str = "", description: str = "",
-                image=None) -> Prediction:
+    def predict(self, *, prompt: str, title: str = "", description: str = "", image=None,
+                bullet_points: tuple[str, ...] = (), product_type: str = "") -> Prediction:
         """One product: `image` is a file path, encoded bytes, a PIL image, a uint8 `[H, W, 3]`
-        array, or None."""
-        query = Query("query", prompt, title, description, image_bytes(image, "query"))
+        array, or None (bullet points and product type: read by MoEMoE only)."""
+        query = Query("query", prompt, title, description, image_bytes(image, "query"),
+                      tuple(bullet_points), product_type)
         return next(self.predict_queries([query]))[1]
 
     def predict_queries(self, queries: Iterable[Query],
@@ -177,13 +202,16 @@ class Predictor:
         padded = queries + [queries[-1]] * (self.batch_size - n)
         tokens, aux = self._predict(self.params, self._batch(padded))
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
+        weights = source_weights(aux, n)
         eos = self.vocabulary.eos_id
-        return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score))
-                for row, score in zip(tokens, scores)]
+        return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score), w)
+                for row, score, w in zip(tokens, scores, weights)]
 
     def _batch(self, queries: list[Query]) -> dict:
         examples = {"inputs": [self._tokens(q) for q in queries],
                     "targets": [np.zeros(0, np.int32)] * len(queries)}
+        if self.asks_questions:
+            examples["question"] = [self._encode(q.question, q, "question") for q in queries]
         if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
             examples["pair_text"] = [self._title_tokens(q) for q in queries]
             examples["pair_label"] = [[int(bool(q.title))] for q in queries]
@@ -195,7 +223,8 @@ class Predictor:
             examples["image"], examples["image_mask"] = pixels, mask[:, None]
         ds = tf.data.Dataset.from_tensor_slices({
             **examples, **{k: tf.ragged.constant(examples[k], dtype=tf.int32, ragged_rank=1)
-                           for k in ("inputs", "targets", "pair_text") if k in examples}})
+                           for k in ("inputs", "targets", "pair_text", "question")
+                           if k in examples}})
         ds = ds.map(lambda ex: {k: v.to_tensor() if isinstance(v, tf.RaggedTensor) else v
                                 for k, v in ex.items()})
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
@@ -207,11 +236,18 @@ class Predictor:
                           + [self.vocabulary.eos_id], np.int32)[:self.input_length]
 
     def _tokens(self, query: Query) -> np.ndarray:
-        ids = list(self.vocabulary.encode(query.text)) + [self.vocabulary.eos_id]
+        """The encoder text's tokens: MMT4's prompted text, or MoEMoE's context."""
+        if self.asks_questions:
+            return self._encode(query.context, query,
+                                "title + description + bullet points + product type")
+        return self._encode(query.text, query, "title + description + prompt")
+
+    def _encode(self, text: str, query: Query, what: str) -> np.ndarray:
+        ids = list(self.vocabulary.encode(text)) + [self.vocabulary.eos_id]
         if len(ids) > self.input_length:
-            raise InputError(f"record {query.record!r}: title + description + prompt are {len(ids)} "
-                             f"tokens, more than input_length={self.input_length}; shorten the "
-                             "text or raise input_length")
+            raise InputError(f"record {query.record!r}: {what} are {len(ids)} tokens, more than "
+                             f"input_length={self.input_length}; shorten the text or raise "
+                             "input_length")
         return np.asarray(ids, np.int32)
 
 

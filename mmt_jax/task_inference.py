@@ -75,6 +75,14 @@ def task_batches(model, task_name: str, split: str, task_feature_lengths: Mappin
         yield [next(rows) for _ in range(n)], padded, n
 
 
+def source_weights(aux: Mapping, n: int) -> list[dict[str, float] | None]:
+    """The first `n` examples' source weights of a `predict_batch_with_aux` aux (`{"image": ...,
+    "context": ...}` each; MoEMoE's only, None for other models)."""
+    if "source_weights" not in aux:
+        return [None] * n
+    return [dict(zip(SOURCES, map(float, w))) for w in np.asarray(aux["source_weights"])[:n]]
+
+
 def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                  batch_size: int, max_examples: int | None = None) -> list[Prediction]:
     """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call."""
@@ -85,14 +93,13 @@ def predict_task(model, params, task_name: str, split: str, task_feature_lengths
                                         max_examples):
         tokens, aux = predict(params, batch)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-        weights = ([None] * n if "source_weights" not in aux else
-                   [dict(zip(SOURCES, map(float, w))) for w in np.asarray(aux["source_weights"])])
-        for row, decoded, score, source_weights in zip(rows, tokens, scores, weights):
+        weights = source_weights(aux, n)
+        for row, decoded, score, weight in zip(rows, tokens, scores, weights):
             results.append(Prediction(
                 id=row_text(row, "id"), inputs=row_text(row, "inputs"),
                 target=row_text(row, "targets"),
                 prediction=vocabulary.decode(until_eos(decoded, vocabulary.eos_id)),
-                score=float(score), source_weights=source_weights))
+                score=float(score), source_weights=weight))
     return results
 
 

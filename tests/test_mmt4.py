@@ -165,8 +165,9 @@ def test_cnn_representator_feeds_its_feature_map_and_can_be_frozen():
                               freeze_representator=frozen)
         model, params = make(fusion, example=example)
         assert params["image_fusion"]["projection"]["kernel"].shape == (1280, 32)
-        encoded, mask = model.encode(params, example)
-        assert encoded.shape == (2, 2 * 2 + 7, 32) and mask.shape == (2, 11)  # 64px -> 2x2 map
+        if not frozen:
+            encoded, mask = jax.jit(model.encode)(params, example)
+            assert encoded.shape == (2, 2 * 2 + 7, 32) and mask.shape == (2, 11)  # 64px: 2x2 map
         grads = jax.jit(jax.grad(lambda p: model.loss_fn(p, example, None)[0]))(params)
         grads_into[frozen] = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(
             grads["image_fusion"]["representator"]))
