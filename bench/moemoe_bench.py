@@ -1,0 +1,100 @@
+"""MoEMoE against MMT4 of the same width: train step and greedy decoding, one process.
+
+The tiny models of the main job and of `gin/models/moemoe_tiny_lite0.gin` (T5.1.1 tiny, 2+2 layers,
+d_model 128, catalog vocabulary 896) reading the main job's stored image features (32 vectors of
+1472, Lite0+pixels), batch 32, context 64 / answer 8 tokens:
+- MMT4: one encoder over the 64 text tokens fused with the 32 image vectors (96 positions);
+- MoEMoE: a question encoder and a context encoder (64 each), the image brought to 64 positions,
+  the source gate, the alignment projections, and MoE (8 experts, top-2) in the odd decoder layers;
+- MoEMoE with a dense decoder, to tell the multi-source encoder's cost from the experts'.
+
+Train step: AdamW, forward + backward + update. Decoding: greedy, 8 tokens, cached. Contenders are
+compiled first, then timed in alternating rounds; figures are medians (`moe_bench.measure`).
+
+    .venv/bin/python bench/moemoe_bench.py --rounds 3 --steps 3
+"""
+import argparse
+import functools
+
+import jax
+import numpy as np
+import optax
+from moe_bench import measure, report
+
+from mmt_jax.layers.moe import MoeConfig
+from mmt_jax.model import model_for
+from mmt_jax.models.config import ModelConfig
+from mmt_jax.models.mmt4 import FusionConfig
+from mmt_jax.models.moemoe import MultiSourceConfig
+from mmt_jax.models.t5 import t5_config
+from mmt_jax.training.train_state import TrainState, train_step
+
+VOCAB, VECTORS, FEATURE_DIM = 896, 32, 1472
+
+
+def _batch(args, question: bool) -> dict:
+    rng = np.random.default_rng(0)
+    b = args.batch
+    targets = rng.integers(2, VOCAB, (b, args.targets)).astype(np.int32)
+    batch = {"encoder_input_tokens": rng.integers(2, VOCAB, (b, args.inputs)).astype(np.int32),
+             "encoder_image_features": rng.normal(size=(b, VECTORS, FEATURE_DIM)).astype(np.float32),
+             "encoder_image_mask": np.ones((b,), np.int32),
+             "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]],
+                                                    1),
+             "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
+    if question:
+        batch["encoder_question_tokens"] = np.zeros((b, args.inputs), np.int32)
+        batch["encoder_question_tokens"][:, :3] = rng.integers(2, VOCAB, (b, 3))
+    return batch
+
+
+def _configs():
+    image = FusionConfig(representator="precomputed", feature_dim=FEATURE_DIM)
+    moe = dict(moe=MoeConfig(num_experts=8, num_selected=2), decoder_moe_layers="odd")
+    return {"MMT4": ModelConfig(t5_config("tiny", vocab_size=VOCAB), fusion=image),
+            "MoEMoE, dense decoder": ModelConfig(t5_config("tiny", vocab_size=VOCAB),
+                                                 sources=MultiSourceConfig(image)),
+            "MoEMoE (MoE decoder)": ModelConfig(t5_config("tiny", vocab_size=VOCAB, **moe),
+                                                sources=MultiSourceConfig(image))}
+
+
+def contenders(args):
+    train, decode = {}, {}
+    for name, config in _configs().items():
+        model = model_for(config.module())
+        batch = _batch(args, question=config.sources is not None)
+        shapes = {k: v.shape for k, v in batch.items()}
+        types = {k: v.dtype for k, v in batch.items()}
+        params = jax.jit(lambda key, m=model: m.get_initial_variables(key, shapes, types))(
+            jax.random.key(0))["params"]
+        step = jax.jit(functools.partial(train_step, model), donate_argnums=0)
+        holder = {"state": TrainState.create(params, optax.adamw(1e-4))}
+
+        def run_step(step=step, holder=holder, batch=batch):
+            holder["state"], metrics = step(holder["state"], batch, None)
+            jax.block_until_ready(metrics["loss"].compute())
+        predict = jax.jit(model.predict_batch_with_aux)
+        train[name] = run_step
+        def run_decode(predict=predict, holder=holder, batch=batch):  # the trained params
+            jax.block_until_ready(predict(holder["state"].params, batch))
+        decode[name] = run_decode
+    return train, decode
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--inputs", type=int, default=64)
+    p.add_argument("--targets", type=int, default=8)
+    args = p.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, context "
+          f"{args.inputs} / answer {args.targets} tokens, {VECTORS} image vectors of {FEATURE_DIM}")
+    train, decode = contenders(args)
+    report("Train step (AdamW)", measure(train, args.rounds, args.steps))
+    report(f"Greedy decoding, {args.targets} tokens", measure(decode, args.rounds, args.steps))
+
+
+if __name__ == "__main__":
+    main()
