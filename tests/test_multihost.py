@@ -33,7 +33,7 @@ def _start(data_dir: str, model_dir: str, steps: int):
     """Starts both processes; returns them with the paths of their (stdout, stderr) files."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")}
     args = [sys.executable, "-m", "mmt_jax.main", "train", "--gin_file=runs/catalog.gin",
             "--gin_file=models/mmt4_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
             f"--gin.TRAIN_STEPS={steps}", "--gin.TASK='attributes_removed100'",
