@@ -315,7 +315,8 @@ class EncoderDecoderModel:
                                                    method=self.module.encode_with_mask,
                                                    mutable=["intermediates"])
         weights = jnp.asarray(state["intermediates"]["source_weights"][0], jnp.float32)
-        read = mask[..., None].astype(jnp.float32)
+        # the fused positions are the last (without question guidance the question's come first)
+        read = mask[:, -weights.shape[1]:, None].astype(jnp.float32)
         mean = jnp.sum(weights * read, axis=1) / jnp.maximum(jnp.sum(read, axis=1), 1.0)
         return encoded, mask, {"source_weights": mean}
 

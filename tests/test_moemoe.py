@@ -181,9 +181,19 @@ def test_each_ablation_switch_changes_what_it_says(switch):
         assert paths == base_paths
         np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
         assert np.all(weights > 0)
-    elif switch == "uniform":  # no question guidance: no FC, every source 1/2
+    elif switch == "uniform":  # no question guidance: no FC, every source 1/2, [Q ; e] read
         assert paths == base_paths - {"source_gate/kernel"}
         np.testing.assert_array_equal(weights, 0.5)
+        encoded, mask = _encode(model, params, batch)
+        p = _parts(model, params, batch)
+        image = p["image"] * p["image_mask"][..., None]
+        image_k = np.concatenate([image, image, image[:, :2]], 1)
+        np.testing.assert_allclose(encoded[:, :K], p["question"], atol=1e-6)
+        np.testing.assert_allclose(encoded[:, K:], 0.5 * image_k + 0.5 * p["context"], atol=1e-5)
+        np.testing.assert_array_equal(mask, np.concatenate(
+            [batch["encoder_question_tokens"], batch["encoder_input_tokens"]], 1) > 0)
+        _, aux = jax.jit(model.predict_batch_with_aux)(params, batch)  # weights of the fused part
+        np.testing.assert_allclose(aux["source_weights"], 0.5)
     elif switch == "no_alignment":  # the same model; the loss is the cross entropy alone
         assert paths == base_paths
         values = {k: float(v.compute()) for k, v in metrics.items()}

@@ -51,7 +51,10 @@ class MultiSourceConfig:
     source_weighting: how `q_a = FC(Q)` weighs the sources at each position:
       "linear"  the paper's Eq. 4-5: the FC's outputs as they are;
       "softmax" normalised over the sources (weights in (0, 1) that sum to 1);
-      "uniform" no question guidance (Fig. 5's WoQG ablation): every source weighs 1/c, no FC.
+      "uniform" no question guidance (Fig. 5's WoQG ablation): every source weighs 1/c, no FC;
+                the decoder still has to know what is asked, so it reads the question's encoding
+                before the fused sources (`[Q ; e]`, length 2k; not under `joint_encoder`, whose
+                text source holds the question).
     image_to_length: Eq. 3, image vectors `[B, Lv, E]` -> `[B, k, E]`:
       "repeat"   the paper's `repeat(i, int(k / Lv))`: position p reads vector `p mod Lv`; when k is
                  not a multiple of Lv the last `k mod Lv` positions read the first `k mod Lv`
@@ -213,4 +216,7 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
             projected["question"], projected["context"], has_question & jnp.any(context_mask, -1)))
         self.sow("intermediates", "question_image_alignment_loss", alignment_loss(
             projected["question"], projected["image"], has_question & jnp.any(image_mask, -1)))
+        if self.sources.source_weighting == "uniform" and not self.sources.joint_encoder:
+            return (jnp.concatenate([question, fused], axis=1),
+                    jnp.concatenate([question_mask, text_mask], axis=1))  # WoQG: [Q ; e]
         return fused, text_mask
