@@ -1,12 +1,8 @@
 """Test-suite set-up: 8 host CPU devices (for the sharding tests) before jax is imported anywhere."""
 import os
 
-# The suite is compile-bound (hundreds of tiny programs, each run a few times): LLVM's optimisation
-# level 0 compiles XLA:CPU programs faster (13 compile-heavy tests: 141 s -> 114 s). A test-suite
-# setting only, like the device count; the package never sets it.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Identical programs compiled by several in-process runs (the train tests resume the same model) are
