@@ -74,6 +74,13 @@ def _parts(model, params, batch):
     return jax.tree_util.tree_map(np.asarray, module.apply({"params": params}, method=pieces))
 
 
+def _tiled_image(parts):
+    """Eq. 3 by hand for K = 8, LV = 3: positions 0..7 read image vectors 0, 1, 2, 0, 1, 2, 0, 1
+    (zeros for a row without an image)."""
+    image = parts["image"] * parts["image_mask"][..., None]
+    return np.concatenate([image, image, image[:, :2]], 1)
+
+
 def _encode(model, params, batch):
     return jax.tree_util.tree_map(np.asarray, jax.jit(model.encode)(params, batch))
 
@@ -93,9 +100,7 @@ def test_the_tree_shapes_and_eq_3_to_5_against_the_pieces():
     encoded, mask = _encode(model, params, batch)
     assert encoded.shape == (2, K, 16) and mask.shape == (2, K)
     p = _parts(model, params, batch)
-    # Eq. 3: positions 0..7 read image vectors 0, 1, 2, 0, 1, 2, 0, 1
-    image = p["image"] * p["image_mask"][..., None]  # row 1 has none: zeros
-    image_k = np.concatenate([image, image, image[:, :2]], 1)
+    image_k = _tiled_image(p)
     assert np.any(image_k[0]) and not np.any(image_k[1])
     np.testing.assert_allclose(encoded, p["weights"][..., :1] * image_k
                                + p["weights"][..., 1:] * p["context"], atol=1e-5)  # Eq. 5
@@ -186,10 +191,9 @@ def test_each_ablation_switch_changes_what_it_says(switch):
         np.testing.assert_array_equal(weights, 0.5)
         encoded, mask = _encode(model, params, batch)
         p = _parts(model, params, batch)
-        image = p["image"] * p["image_mask"][..., None]
-        image_k = np.concatenate([image, image, image[:, :2]], 1)
         np.testing.assert_allclose(encoded[:, :K], p["question"], atol=1e-6)
-        np.testing.assert_allclose(encoded[:, K:], 0.5 * image_k + 0.5 * p["context"], atol=1e-5)
+        np.testing.assert_allclose(encoded[:, K:], 0.5 * _tiled_image(p) + 0.5 * p["context"],
+                                   atol=1e-5)
         np.testing.assert_array_equal(mask, np.concatenate(
             [batch["encoder_question_tokens"], batch["encoder_input_tokens"]], 1) > 0)
         _, aux = jax.jit(model.predict_batch_with_aux)(params, batch)  # weights of the fused part
