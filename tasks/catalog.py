@@ -99,6 +99,16 @@ def drop_image(dataset: tf.data.Dataset) -> tf.data.Dataset:
         "image", "image_features", "pair_text", "pair_label")})
 
 
+def drop_array_copies(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
+    """After seqio's `tokenize`, which copies every output feature as `<name>_pretokenized`: drops
+    the copies of the array features (image, stored features, masks, labels), keeping the texts'.
+    Otherwise every example carries its pixels twice, and t5x's infer binary, which writes each
+    example's `*_pretokenized` features into its JSONL, writes a float array into every row."""
+    arrays = {f"{name}_pretokenized" for name, feature in output_features.items()
+              if isinstance(feature.vocabulary, seqio.PassThroughVocabulary)}
+    return dataset.map(lambda ex: {k: v for k, v in ex.items() if k not in arrays})
+
+
 def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                            vocabulary: seqio.Vocabulary | str | None = None,
                            attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
@@ -139,7 +149,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         "pair_text": seqio.Feature(vocabulary, add_eos=True),
         "pair_label": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
                                     rank=1)}
-    tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+    tokenize = [seqio.preprocessors.tokenize, drop_array_copies,
+                seqio.preprocessors.append_eos_after_trim]
     names = []
 
     def add(name, make_examples, metric_fns=(), then=tokenize, features=text_features,
@@ -157,7 +168,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
 
     for objective in (preprocessors.span_corruption, preprocessors.mlm):
         add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, then=[
-            seqio.preprocessors.tokenize, truncate_text,
+            seqio.preprocessors.tokenize, drop_array_copies, truncate_text,
             functools.partial(objective, vocabulary=vocabulary),
             seqio.preprocessors.append_eos_after_trim])
     for suffix in ("", "_text"):

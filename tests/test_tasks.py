@@ -166,6 +166,19 @@ tasks.catalog_task.catalog = "embedded-n40-s0-px32"
             gin.clear_config()
 
 
+@pytest.mark.parametrize("task", ["test_catalog_color_removed100", "test_catalog_match",
+                                  "test_catalog_span_corruption"])
+def test_examples_keep_their_texts_as_written_but_no_second_copy_of_the_image(registered, task):
+    """What t5x's infer binary writes beside each prediction (every `*_pretokenized` feature): the
+    prompt and answer as text, never the image's pixels or the masks as arrays."""
+    example = next(seqio.get_mixture_or_task(task).get_dataset(
+        LENGTHS, split="validation", shuffle=False).as_numpy_iterator())
+    copies = {k for k in example if k.endswith("_pretokenized")}
+    assert "targets_pretokenized" in copies  # span corruption makes its inputs from the text
+    assert all(isinstance(example[k], bytes) for k in copies), copies
+    assert example["image"].shape == (32, 32, 3)
+
+
 def test_mixtures_keep_the_image(registered):
     batch = _batch("test_catalog_attributes_removed20", feature_converter.MultimodalEncDecFeatureConverter)
     assert batch["encoder_images"].shape == (8, 32, 32, 3) and batch["encoder_images"].any()

@@ -1,0 +1,1 @@
+"""gin files: see mmt_jax/gin/__init__.py."""
