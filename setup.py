@@ -66,14 +66,15 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # The top-level gin/ directory is installed as the data package `mmt_jax.gin` (see
-    # `mmt_jax.gin_search_path()`), so `include 'models/t5_1_1_small.gin'` resolves after any install.
+    # The gin files live in the package (mmt_jax/gin/, one package per folder), so gin reads
+    # `include 'mmt_jax/gin/models/t5_1_1_small.gin'` as a package resource after any install and from
+    # any working directory (a user's own `models/` folder cannot shadow it).
     # The top-level tasks/ directory is installed as `mmt_jax.tasks`, never as a bare `tasks` that
     # could collide with another project's.
-    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*"])
-    + ["mmt_jax.gin", "mmt_jax.tasks"],
-    package_dir={"mmt_jax.gin": "gin", "mmt_jax.tasks": "tasks"},
-    package_data={"mmt_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"],
+    packages=setuptools.find_packages(include=["mmt_jax", "mmt_jax.*"]) + ["mmt_jax.tasks"],
+    package_dir={"mmt_jax.tasks": "tasks"},
+    package_data={"mmt_jax.gin.models": ["*.gin"], "mmt_jax.gin.runs": ["*.gin"],
+                  "mmt_jax.gin.t5x": ["*.gin"],
                   # the shipped catalog SentencePiece vocabulary (data/vocabulary.py)
                   "mmt_jax.data": ["*.model"]},
     install_requires=INSTALL_REQUIRES,

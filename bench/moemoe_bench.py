@@ -1,6 +1,6 @@
 """MoEMoE against MMT4 of the same width: train step and greedy decoding, one process.
 
-The tiny models of the main job and of `gin/models/moemoe_tiny_lite0.gin` (T5.1.1 tiny, 2+2 layers,
+The tiny models of the main job and of `mmt_jax/gin/models/moemoe_tiny_lite0.gin` (T5.1.1 tiny, 2+2 layers,
 d_model 128, catalog vocabulary 896) reading the main job's stored image features (32 vectors of
 1472, Lite0+pixels), batch 32, context 64 / answer 8 tokens:
 - MMT4: one encoder over the 64 text tokens fused with the 32 image vectors (96 positions);

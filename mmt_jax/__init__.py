@@ -3,8 +3,6 @@ import pathlib
 
 
 def gin_search_path() -> str:
-    """The directory of the gin files, for `--gin_search_paths`: `mmt_jax/gin` inside an installed
-    wheel (setup.py maps the repository's gin/ there), the repository's gin/ in a source checkout."""
-    package = pathlib.Path(__file__).parent
-    installed = package / "gin"
-    return str(installed if installed.is_dir() else package.parent / "gin")
+    """The directory of the gin files (`mmt_jax/gin`), for `--gin_search_paths`: `models/t5_tiny.gin`
+    there is the package resource `mmt_jax/gin/models/t5_tiny.gin`."""
+    return str(pathlib.Path(__file__).parent / "gin")

@@ -8,7 +8,7 @@ Both:
    image's EfficientNet-Lite0 features at 128 px (ImageNet weights, frozen: a 4x4 map of 1280-d
    vectors plus each cell's pixels, `vision/extractors.py`), computed once there.
 2. Pretrain a tiny MMT4 (T5.1.1 tiny reading those 32 stored vectors, `models/mmt4_tiny_lite0.gin`)
-   for 300 steps on span corruption + MLM (`gin/runs/catalog.gin`).
+   for 300 steps on span corruption + MLM (`mmt_jax/gin/runs/catalog.gin`).
 3. Fine-tune it from its pretrained checkpoint (`pretrain_steps=0`: from scratch, no step 2) (the attribute prompt is the title followed by the
    description, every attribute value removed from the titles) and decode the validation products.
 

@@ -10,7 +10,7 @@
                                               the embedded synthetic catalog -> TFDS catalog under DIR
   data vocab --out FILE                       retrains the catalog SentencePiece vocabulary
   train --gin_file=F [--gin_file=G ...] [--gin.NAME=VALUE ...]
-                                              trains as the gin files say (gin/runs/*.gin)
+                                              trains as the gin files say (mmt_jax/gin/runs/*.gin)
   eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=... --gin.TASK=... --gin.EVAL_OUTPUT_DIR=...
                                               a checkpoint's task metrics: report.json + plots
   infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F [--on-error fail|skip]
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     evaluate = commands.add_parser(
         "eval", parents=[gin_search], help="a checkpoint on its tasks' metrics: JSON report + plots",
-        description="gin/runs/eval.gin: --gin.CHECKPOINT_PATH, --gin.TASK, --gin.EVAL_OUTPUT_DIR.")
+        description="mmt_jax/gin/runs/eval.gin: --gin.CHECKPOINT_PATH, --gin.TASK, --gin.EVAL_OUTPUT_DIR.")
     evaluate.set_defaults(run=_eval)
     infer = commands.add_parser("infer", help="products (JSONL or TFRecord) -> JSONL of predictions")
     infer.add_argument("--checkpoint", required=True, help="a checkpoint, or a model dir (newest)")

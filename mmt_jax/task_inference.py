@@ -24,13 +24,19 @@ from mmt_jax.models.config import ModelConfig
 from mmt_jax.models.moemoe import SOURCES
 
 
-def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
-    """The Model of a config's family (`model.model_for`: dense or MoE); `kwargs` (label_smoothing,
-    z_loss, decode_fn ...) are gin-bindable."""
+def model_vocabulary(model_config: ModelConfig) -> seqio.Vocabulary:
+    """The config's vocabulary; a TrainingError if it has more ids than the model's embedding."""
     vocabulary = vocab_lib.vocabulary(model_config.vocabulary)
     if vocabulary.vocab_size > model_config.t5.vocab_size:
         raise TrainingError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's "
                             f"embedding only {model_config.t5.vocab_size} (set t5.vocab_size)")
+    return vocabulary
+
+
+def build_model(model_config: ModelConfig, **kwargs) -> EncoderDecoderModel:
+    """The Model of a config's family (`model.model_for`: dense or MoE); `kwargs` (label_smoothing,
+    z_loss, decode_fn ...) are gin-bindable."""
+    vocabulary = model_vocabulary(model_config)
     return model_for(model_config.module(), input_vocabulary=vocabulary,
                      output_vocabulary=vocabulary, **kwargs)
 

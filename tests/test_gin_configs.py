@@ -162,3 +162,34 @@ def test_a_runs_folder_on_sys_path_does_not_break_gin(tmp_path, monkeypatch):
     assert lengths == {"inputs": 64, "targets": 16}
     assert "runs" not in sys.modules or sys.modules["runs"] is not None
     assert importlib.util.find_spec("runs").origin is None  # unmasked again
+
+
+def test_includes_resolve_as_package_resources_whatever_the_working_directory(tmp_path, monkeypatch):
+    """Every include in our gin files names the package (`mmt_jax/gin/<folder>/<file>.gin`), which
+    gin reads as a package resource: from a directory holding the user's own runs/, models/ and t5x/
+    folders (namespace packages on sys.path, which break gin 0.5's bare `runs/x.gin` lookups) and
+    with no search path at all, as t5x's binaries parse them."""
+    from gin import resource_reader
+
+    for name in ("runs", "models", "t5x"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = mmt_jax.gin_search_path()
+    includes = [re.fullmatch(r"include '([^']+)'\s*", line).group(1)
+                for path in glob.glob(os.path.join(root, "*", "*.gin"))
+                for line in open(path) if line.startswith("include")]
+    ours = [path for path in includes if not path.startswith("t5x/configs/")]
+    assert len(ours) >= 15
+    for path in ours:
+        assert path.startswith("mmt_jax/gin/") and resource_reader.system_path_file_exists(path), path
+    gin.clear_config()
+    try:
+        # runs/finetune.gin includes catalog.gin, which includes train.gin and catalog_tasks.gin
+        gin.parse_config_files_and_bindings(
+            ["mmt_jax/gin/runs/finetune.gin", "mmt_jax/gin/models/mmt4_tiny.gin"], [],
+            finalize_config=False)
+        assert gin.query_parameter("%TASK") == "attributes_removed100"
+        assert gin.query_parameter("%LEARNING_RATE") > 0  # from train.gin
+    finally:
+        gin.clear_config()

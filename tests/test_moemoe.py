@@ -307,7 +307,7 @@ def test_loss_and_gradients_on_8_devices_equal_one_device():
 
 
 def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, tmp_path, capsys):
-    """gin/models/moemoe_tiny_lite0.gin through `mmt-jax train` on the qa tasks (pixels instead
+    """mmt_jax/gin/models/moemoe_tiny_lite0.gin through `mmt-jax train` on the qa tasks (pixels instead
     of stored features, one layer per stack), then `mmt-jax eval`: every answer carries its source
     weights, the report their mean per attribute (one here), and the plot exists; the Predictor
     and the infer binary give each answer with the same weights."""

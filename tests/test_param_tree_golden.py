@@ -4,7 +4,7 @@ partitioning axis) cannot slip through a refactor; checkpoints, t5x checkpoints 
 Face checkpoints all rely on these names (shared/DESIGN.md: t5x's T5.1.1 checkpoint tree).
 
 Covered: T5.1.1 small, unrolled and scanned; MMT4 on T5.1.1 small with each representator (patches, ViT-B/32,
-EfficientNet-Lite0, precomputed features); the MoE model of gin/models/moe_tiny_catalog.gin
+EfficientNet-Lite0, precomputed features); the MoE model of mmt_jax/gin/models/moe_tiny_catalog.gin
 (T5.1.1 tiny, 8 experts, top-2, MoE in the odd decoder layers). Trees come from `jax.eval_shape` of
 `EncoderDecoderModel.get_initial_variables` (what the trainer initialises), so nothing is computed.
 
@@ -49,7 +49,7 @@ def _mmt4(**fusion):
 
 
 def _moe():
-    # gin/models/moe_tiny_catalog.gin: t5_tiny_catalog.gin (T5.1.1 tiny, vocabulary 896) + MoE.
+    # mmt_jax/gin/models/moe_tiny_catalog.gin: t5_tiny_catalog.gin (T5.1.1 tiny, vocabulary 896) + MoE.
     return ModelConfig(t5_config("tiny", vocab_size=896,
                                  moe=MoeConfig(num_experts=8, num_selected=2, aux_loss_weight=0.1),
                                  decoder_moe_layers="odd"))
@@ -73,10 +73,10 @@ CONFIGS = {
                    lambda: _mmt4(representator="efficientnet", network=efficientnet_config("lite0")),
                    {"encoder_images": (224, 224, 3)}),
     "mmt4_precomputed": ("MMT4 on T5.1.1 small, precomputed features of width 1472 "
-                         "(gin/models/mmt4_tiny_lite0.gin's Lite0 4x4 map + pixels)",
+                         "(mmt_jax/gin/models/mmt4_tiny_lite0.gin's Lite0 4x4 map + pixels)",
                          lambda: _mmt4(representator="precomputed", feature_dim=1472),
                          {"encoder_image_features": (32, 1472)}),
-    "moe_tiny_catalog": ("MoE: gin/models/moe_tiny_catalog.gin (T5.1.1 tiny, vocabulary 896, 8 experts, "
+    "moe_tiny_catalog": ("MoE: mmt_jax/gin/models/moe_tiny_catalog.gin (T5.1.1 tiny, vocabulary 896, 8 experts, "
                          "top-2, MoE in the odd decoder layers)", _moe, {}),
 }
 

@@ -28,7 +28,7 @@ class ModelConfig:
     """t5: the transformer; fusion: the image branch (None: text only); vocabulary: the SentencePiece
     model the token ids belong to (None: the catalog vocabulary shipped with the package); image: how
     stored images became `encoder_images` in training (MMT4 only; gin binds the task's own, see
-    gin/runs/catalog.gin; None in checkpoints written before it was recorded); contrastive: MMT4's
+    mmt_jax/gin/runs/catalog.gin; None in checkpoints written before it was recorded); contrastive: MMT4's
     optional contrastive image-text head (`models/contrastive.py`; None: none); sources: MoEMoE's
     question, context and image encoders (`models/moemoe.py`; None: not MoEMoE)."""
     t5: T5Config

@@ -1,5 +1,6 @@
-"""t5x's `EncoderDecoderModel` over an mmt_jax module (T5, MMT4, MoE), and Adafactor factor rules
-for mmt_jax's logical axis names. Imports t5x: see the package docstring.
+"""t5x's `EncoderDecoderModel` over an mmt_jax module (T5, MMT4, MoE, MoEMoE), built from the same
+`ModelConfig` our trainer builds from (`model_from_config`), and Adafactor factor rules for
+mmt_jax's logical axis names. Imports t5x: see the package docstring.
 
 The adapter subclasses t5x's EncoderDecoderModel (t5x's binaries check `isinstance(model,
 BaseTransformerModel)` before verifying vocabularies, and its scoring with intermediates lives there)
@@ -14,15 +15,13 @@ but computes nothing of its own that our Model computes: it holds `mmt_jax.model
     cross-attention mask from them, which has the wrong length once image vectors lead the encoder
     sequence (shared/t5x_contract.md (a)).
 """
-from typing import Callable
-
 from flax.core import freeze
 from t5x import adafactor
 from t5x import models as t5x_models
 
-from mmt_jax import decoding
 from mmt_jax import model as mmt_model
-from mmt_jax.losses import DEFAULT_LOSS
+from mmt_jax import task_inference
+from mmt_jax.models.config import ModelConfig
 
 # mmt_jax's parameter axes beyond t5x's standard ones (partitioning.standard_logical_axis_rules).
 _EXTRA_FACTOR_RULES = {
@@ -36,6 +35,10 @@ _EXTRA_FACTOR_RULES = {
     "conv_out": adafactor.FactorDim.COLUMN,
     "expert": adafactor.FactorDim.BATCH,           # MoE experts, as t5x contrib/moe factors them
     "expert_mlp": adafactor.FactorDim.COLUMN,
+    "contrastive": adafactor.FactorDim.COLUMN,     # the contrastive head's [embed, contrastive]
+    "alignment": adafactor.FactorDim.COLUMN,       # MoEMoE's Eq. 6-7 projections [embed, alignment]
+    "sources": adafactor.FactorDim.NONE,           # MoEMoE's FC(Q) [embed, sources] (Eq. 4)
+    "image_vectors": adafactor.FactorDim.NONE,     # MoEMoE's learned resampling [Lv, k]
 }
 
 
@@ -45,29 +48,31 @@ def logical_factor_rules():
     return freeze({**adafactor.standard_logical_factor_rules(), **_EXTRA_FACTOR_RULES})
 
 
-class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
-    """t5x's model protocol over `module` (`models.t5.EncoderDecoder`, with or without fusion or MoE).
+def model_from_config(model_config: ModelConfig, optimizer_def, **kwargs) -> "EncoderDecoderModel":
+    """t5x's MODEL for `model_config`, the config `mmt-jax train` builds from (`models/*.gin`), with
+    its vocabulary; `kwargs` are our Model's (decode_fn, label_smoothing, z_loss ...)."""
+    vocabulary = task_inference.model_vocabulary(model_config)
+    return EncoderDecoderModel(model_config.module(), vocabulary, vocabulary, optimizer_def, **kwargs)
 
-    Args beyond t5x's: `decode_fn` is one of `mmt_jax.decoding`'s (greedy, beam_search,
-    temperature_sample), whose signature differs from t5x's decoding functions. The loss options
-    default to `mmt_jax.losses.DEFAULT_LOSS`, as our own Model's do (not to t5x's defaults).
+
+class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
+    """t5x's model protocol over `module` (`models.t5.EncoderDecoder`, with or without fusion, MoE
+    or MoEMoE's sources).
+
+    `kwargs` are our Model's (`mmt_jax.model.EncoderDecoderModel`) and default as ours do: greedy
+    decoding (`decode_fn`: one of `mmt_jax.decoding`'s, whose signature differs from t5x's decoding
+    functions) and `mmt_jax.losses.DEFAULT_LOSS`, not t5x's defaults.
     """
 
-    def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def,
-                 decode_fn: Callable = decoding.beam_search, feature_converter_cls=None,
-                 label_smoothing: float = DEFAULT_LOSS.label_smoothing,
-                 z_loss: float = DEFAULT_LOSS.z_loss,
-                 loss_normalizing_factor=DEFAULT_LOSS.loss_normalizing_factor):
-        self._mmt = mmt_model.model_for(
-            module, input_vocabulary, output_vocabulary, optimizer_def,
-            feature_converter_cls=feature_converter_cls, decode_fn=decode_fn,
-            label_smoothing=label_smoothing, z_loss=z_loss,
-            loss_normalizing_factor=loss_normalizing_factor)
+    def __init__(self, module, input_vocabulary, output_vocabulary, optimizer_def, **kwargs):
+        self._mmt = mmt_model.model_for(module, input_vocabulary, output_vocabulary, optimizer_def,
+                                        **kwargs)
         # t5x keeps the loss options as attributes; they mirror ours and t5x's loss is never used.
+        loss = self._mmt.loss_config
         super().__init__(module, input_vocabulary, output_vocabulary, optimizer_def,
                          feature_converter_cls=self._mmt.FEATURE_CONVERTER_CLS,
-                         label_smoothing=label_smoothing, z_loss=z_loss,
-                         loss_normalizing_factor=loss_normalizing_factor)
+                         label_smoothing=loss.label_smoothing, z_loss=loss.z_loss,
+                         loss_normalizing_factor=loss.loss_normalizing_factor)
 
     @property
     def mmt_model(self) -> mmt_model.EncoderDecoderModel:

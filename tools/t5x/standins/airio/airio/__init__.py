@@ -1,0 +1,1 @@
+"""Stand-in for AirIO: see ../pyproject.toml."""

@@ -1,0 +1,1 @@
+"""Stand-in for jestimator: see ../pyproject.toml."""
