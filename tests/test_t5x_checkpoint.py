@@ -222,16 +222,17 @@ def test_num_heads_errors(model):
         t5x_checkpoint.config_from_t5x_params(params, num_heads=4)
 
 
-def test_convert_command_from_t5x(model, tmp_path, capsys):
+def test_convert_command_from_t5x(model, tmp_path, capsys, monkeypatch):
     from mmt_jax import main
     from mmt_jax.checkpoints import store
     config, params = model
-    save_orbax(str(tmp_path / "model_dir"), 5, params)
+    save_orbax(str(tmp_path / "runs" / "model_dir"), 5, params)
     out = str(tmp_path / "converted")
-    assert main.run(["convert", "--from-t5x", str(tmp_path / "model_dir"), "--to", out]) == 0
+    monkeypatch.chdir(tmp_path)  # relative, as a README command gives it (orbax wants absolute)
+    assert main.run(["convert", "--from-t5x", "runs/model_dir", "--to", out]) == 0
     assert "converted" in capsys.readouterr().out
     loaded_config, loaded = store.load_checkpoint(out)
     assert loaded_config.t5 == config
     assert_trees_equal(loaded, params)
-    assert main.run(["convert", "--from-t5x", str(tmp_path / "nothing"), "--to", out + "2"]) == 2
+    assert main.run(["convert", "--from-t5x", "nothing", "--to", out + "2"]) == 2
     assert "nothing: no such directory" in capsys.readouterr().err

@@ -59,7 +59,8 @@ def checkpoint_dir(path: str) -> str:
 
 def _read_orbax_target(state_dir: str) -> dict:
     """Restores only `target` from an orbax PyTree checkpoint, as host numpy arrays."""
-    directory = epath.Path(state_dir)  # orbax handlers take paths, not str
+    # orbax handlers take absolute paths, not str ("Checkpoint path should be absolute")
+    directory = epath.Path(os.path.abspath(state_dir))
     handler = ocp.PyTreeCheckpointHandler()
     try:
         tree = handler.metadata(directory).tree
