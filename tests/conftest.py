@@ -1,8 +1,14 @@
 """Test-suite set-up: 8 host CPU devices (for the sharding tests) before jax is imported anywhere."""
 import os
 
+# XLA:CPU ends the whole process (abort, no Python error) when a collective's participants do not all
+# arrive within 40 s. Eight simulated devices share 2 cores here, beside tf.data and the test's
+# compiles. Two loaded fresh-clone suite runs aborted with no Python error inside the contrastive
+# matching test (which gathers the batch across devices); this timeout is the suspected cause.
+# A collective that is really stuck still ends the run, after 10 minutes.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Identical programs compiled by several in-process runs (the train tests resume the same model) are

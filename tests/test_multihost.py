@@ -54,13 +54,17 @@ def _start(data_dir: str, model_dir: str, steps: int):
 
 
 def _finish(started, timeout=400) -> list[str]:
+    """Waits for every process (each within `timeout`), then checks they all exited 0. Only a
+    process still running after its wait (or a failed wait) is killed: the chief may well be done
+    while the other is still writing its last checkpoint."""
+    try:
+        for process, _ in started:
+            process.wait(timeout=timeout)
+    finally:
+        for process, _ in started:
+            process.kill() if process.poll() is None else None
     outputs = []
     for process, (out, err) in started:
-        try:
-            process.wait(timeout=timeout)
-        finally:
-            for p, _ in started:
-                p.kill() if p.poll() is None else None
         assert process.returncode == 0, open(err).read()[-3000:]
         outputs.append(open(out).read())
     return outputs
