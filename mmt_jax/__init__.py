@@ -3,6 +3,6 @@ import pathlib
 
 
 def gin_search_path() -> str:
-    """The directory of the gin files (`mmt_jax/gin`), for `--gin_search_paths`: `models/t5_tiny.gin`
+    """The directory of the gin files (`mmt_jax/gin`), which our binaries search: `models/t5_tiny.gin`
     there is the package resource `mmt_jax/gin/models/t5_tiny.gin`."""
     return str(pathlib.Path(__file__).parent / "gin")

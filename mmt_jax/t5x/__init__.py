@@ -1,9 +1,9 @@
-"""mmt_jax models under t5x's own train / eval / infer binaries, for users who have t5x installed.
+"""mmt_jax models under t5x's own train / eval / infer binaries, for users who have t5x installed
+(tools/t5x/install.sh).
 
-t5x is not on the package registry, so nothing in mmt_jax imports this package; import it from gin
-(`mmt_jax/gin/t5x/*.gin`) when running t5x's binaries:
+t5x is not on the package registry, so nothing in mmt_jax imports this package; t5x's binaries import
+it through the run files in `mmt_jax/gin/t5x/`, after one of our model files:
 
-    python -m t5x.train --gin_search_paths="$(python -c 'import mmt_jax; print(mmt_jax.gin_search_path())')" \\
-      --gin_file=t5x/finetune_mmt4_tiny.gin --gin.MODEL_DIR=\\"runs/t5x_mmt4\\" \\
-      --gin.INITIAL_CHECKPOINT_PATH=\\"...\\"
+    python -m t5x.train --gin_file=mmt_jax/gin/models/mmt4_tiny.gin \\
+      --gin_file=mmt_jax/gin/t5x/pretrain.gin --gin.MODEL_DIR=\\"runs/t5x_pretrain\\" --gin.TRAIN_STEPS=300
 """
