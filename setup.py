@@ -51,6 +51,9 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=8",
+    # Runs the suite on both cores of a CI machine (`pytest -n 2`): the suite is compile-bound, and
+    # one process left a core idle (19.3 -> 12.0 minutes on 2 cores, with tests/conftest.py's flags).
+    "pytest-xdist>=3.5",
     # Parity references only; never imported by the package. The CPU build of 2.13.0 lies on this
     # machine's disk; an unpinned torch would pull a multi-GB CUDA build.
     "torch==2.13.0",
