@@ -61,6 +61,29 @@ def truncate_text(dataset: tf.data.Dataset, sequence_length: Sequence[int] | Non
     return fn(dataset)
 
 
+def keep_the_prompt(dataset: tf.data.Dataset, sequence_length: Sequence[int] | None,
+                    vocabulary: seqio.Vocabulary, prompt: str) -> tf.data.Dataset:
+    """After tokenising: when `inputs` ("<title> color:", "<title> match:") is longer than its
+    length allows (one id left for EOS), cuts the text before the prompt instead of the prompt.
+    seqio trims the end of a sequence, which is where the prompt is: an over-long title would leave
+    the model no question, and train it on, or answer, whatever the cut text suggests."""
+    if not sequence_length or not sequence_length.get("inputs"):
+        return dataset
+    limit = sequence_length["inputs"] - 1
+    tail = len(vocabulary.encode(prompt))
+    if tail >= limit:
+        raise ValueError(f"the prompt {prompt!r} ({tail} ids) leaves no room for text in inputs of "
+                         f"length {sequence_length['inputs']}")
+
+    @seqio.map_over_dataset
+    def fn(example):
+        tokens = example["inputs"]
+        return {**example, "inputs": tf.cond(
+            tf.size(tokens) > limit,
+            lambda: tf.concat([tokens[:limit - tail], tokens[-tail:]], 0), lambda: tokens)}
+    return fn(dataset)
+
+
 class CatalogSource(seqio.TfdsDataSource):
     """The catalog `product_catalog/<catalog>` under `data_dir`; an embedded catalog (a name like
     "embedded-n3000-s0-px128") is generated there the first time it is read. (Several processes
@@ -177,19 +200,24 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
 
     attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
     slugs = attribute_task_names(attributes)
+    def prompted(prompt: str) -> list:
+        return [seqio.preprocessors.tokenize, drop_array_copies,
+                functools.partial(keep_the_prompt, vocabulary=vocabulary, prompt=prompt),
+                seqio.preprocessors.append_eos_after_trim]
+
     for share in removal_shares:
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
             add(f"{prefix}_{slugs[attribute]}_{removed}", functools.partial(
                 prompts.attribute_examples, attribute=attribute, removal_share=share,
                 with_description=with_description),
-                attribute_metrics)
+                attribute_metrics, then=prompted(prompts.attribute_prompt(attribute)))
         for suffix in ("", "_text") if attributes else ():  # no attributes: no attribute mixtures
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
                          [f"{prefix}_{slugs[a]}_{removed}{suffix}" for a in attributes], names)
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
-        modalities=("image",))
+        then=prompted(prompts.MATCH_PROMPT), modalities=("image",))
     for share in removal_shares if attributes else ():  # the fine-tuning tasks in one run
         removed = f"removed{round(share * 100)}"
         for suffix in ("", "_text"):

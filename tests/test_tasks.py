@@ -179,6 +179,25 @@ def test_examples_keep_their_texts_as_written_but_no_second_copy_of_the_image(re
     assert example["image"].shape == (32, 32, 3)
 
 
+@pytest.mark.parametrize("task, prompt", [("test_catalog_color_removed0", "color:"),
+                                          ("test_catalog_match", "match:")])
+def test_an_over_long_title_loses_its_end_not_the_prompt(registered, task, prompt):
+    """Inputs longer than their length keep the prompt: the text before it is cut, one id is left
+    for EOS (seqio's own trim would cut the prompt, at the end)."""
+    vocab = vocab_lib.vocabulary()
+    lengths = {"inputs": 8, "targets": 8}
+    full = next(seqio.get_mixture_or_task(task).get_dataset(
+        {"inputs": 512, "targets": 8}, split="train", shuffle=False).as_numpy_iterator())
+    assert len(full["inputs"]) > 8  # the test is about a title that does not fit
+    short = next(seqio.get_mixture_or_task(task).get_dataset(
+        lengths, split="train", shuffle=False).as_numpy_iterator())
+    prompt_ids = vocab.encode(prompt)
+    assert len(short["inputs"]) == 8 and short["inputs"][-1] == 1  # EOS
+    assert short["inputs"][-1 - len(prompt_ids):-1].tolist() == prompt_ids
+    assert short["inputs"][:7 - len(prompt_ids)].tolist() == full["inputs"][:7 - len(prompt_ids)].tolist()
+    assert vocab.decode(short["inputs"].tolist()).endswith(prompt)
+
+
 def test_mixtures_keep_the_image(registered):
     batch = _batch("test_catalog_attributes_removed20", feature_converter.MultimodalEncDecFeatureConverter)
     assert batch["encoder_images"].shape == (8, 32, 32, 3) and batch["encoder_images"].any()

@@ -11,6 +11,12 @@ the image (matching's negatives: 0). The prompts follow the MMT4 paper (section 
 import tensorflow as tf
 
 KEEP = ("id", "image", "image_features")
+MATCH_PROMPT = "match:"
+
+
+def attribute_prompt(attribute: str) -> str:
+    """The prompt after the text that asks for `attribute`: its name as written and a colon."""
+    return f"{attribute}:"
 
 
 def _keep(example: dict, **features) -> dict:
@@ -62,7 +68,7 @@ def attribute_examples(dataset: tf.data.Dataset, attribute: str, removal_share: 
         title = tf.cond(removal_drawn(example["id"], attribute, removal_share),
                         lambda: remove_words(title, value), lambda: title)
         text = tf.strings.join([title, example["description"]], " ") if with_description else title
-        return _keep(example, inputs=tf.strings.join([text, f"{attribute}:"], " "), targets=value)
+        return _keep(example, inputs=tf.strings.join([text, attribute_prompt(attribute)], " "), targets=value)
 
     return dataset.filter(has_value).map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -90,7 +96,7 @@ def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     def four(pair):
         def example(i, j, answer):
             return {**{k: pair[k][i] for k in KEEP if k in pair},
-                    "inputs": tf.strings.join([pair["title"][j], "match:"], " "),
+                    "inputs": tf.strings.join([pair["title"][j], MATCH_PROMPT], " "),
                     "targets": tf.constant(answer), "pair_text": pair["title"][j],
                     "pair_label": tf.constant([int(i == j)], tf.int32)}
         return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
