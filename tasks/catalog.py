@@ -172,52 +172,48 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         "pair_text": seqio.Feature(vocabulary, add_eos=True),
         "pair_label": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
                                     rank=1)}
-    tokenize = [seqio.preprocessors.tokenize, drop_array_copies,
-                seqio.preprocessors.append_eos_after_trim]
     names = []
 
-    def add(name, make_examples, metric_fns=(), then=tokenize, features=text_features,
+    def add(name, make_examples, metric_fns=(), tokenized=(), features=text_features,
             modalities=("image", "text")):
         """Registers `name` (with the image) and `name`_text (without): make the examples, decode
-        the image or drop it, then tokenise (and whatever else `then` does)."""
+        the image or drop it, tokenise, apply the `tokenized` steps, then append EOS."""
         for modality in modalities:
             with_image = modality == "image"
             seqio.TaskRegistry.add(
                 name if with_image else f"{name}_text", source=source, metric_fns=list(metric_fns),
                 output_features={**features, **(image_outputs if with_image else {})},
                 preprocessors=[make_examples, functools.partial(images.preprocess_images, options=image)
-                               if with_image else drop_image] + then)
+                               if with_image else drop_image,
+                               seqio.preprocessors.tokenize, drop_array_copies, *tokenized,
+                               seqio.preprocessors.append_eos_after_trim])
             names.append(name if with_image else f"{name}_text")
 
+    def keeping(prompt: str) -> list:
+        return [functools.partial(keep_the_prompt, vocabulary=vocabulary, prompt=prompt)]
+
     for objective in (preprocessors.span_corruption, preprocessors.mlm):
-        add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, then=[
-            seqio.preprocessors.tokenize, drop_array_copies, truncate_text,
-            functools.partial(objective, vocabulary=vocabulary),
-            seqio.preprocessors.append_eos_after_trim])
+        add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, tokenized=[
+            truncate_text, functools.partial(objective, vocabulary=vocabulary)])
     for suffix in ("", "_text"):
         _add_mixture(f"{prefix}_pretrain{suffix}",
                      [f"{prefix}_span_corruption{suffix}", f"{prefix}_mlm{suffix}"], names)
 
     attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
     slugs = attribute_task_names(attributes)
-    def prompted(prompt: str) -> list:
-        return [seqio.preprocessors.tokenize, drop_array_copies,
-                functools.partial(keep_the_prompt, vocabulary=vocabulary, prompt=prompt),
-                seqio.preprocessors.append_eos_after_trim]
-
     for share in removal_shares:
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
             add(f"{prefix}_{slugs[attribute]}_{removed}", functools.partial(
                 prompts.attribute_examples, attribute=attribute, removal_share=share,
                 with_description=with_description),
-                attribute_metrics, then=prompted(prompts.attribute_prompt(attribute)))
+                attribute_metrics, tokenized=keeping(prompts.attribute_prompt(attribute)))
         for suffix in ("", "_text") if attributes else ():  # no attributes: no attribute mixtures
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
                          [f"{prefix}_{slugs[a]}_{removed}{suffix}" for a in attributes], names)
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
-        then=prompted(prompts.MATCH_PROMPT), modalities=("image",))
+        tokenized=keeping(prompts.MATCH_PROMPT), modalities=("image",))
     for share in removal_shares if attributes else ():  # the fine-tuning tasks in one run
         removed = f"removed{round(share * 100)}"
         for suffix in ("", "_text"):
