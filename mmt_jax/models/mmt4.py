@@ -23,6 +23,7 @@ from mmt_jax.layers.relative_position import CROSS_SEGMENT_OPTIONS, segment_posi
 from mmt_jax.models.encoder_inputs import EncoderInputs, SegmentLayout
 from mmt_jax.vision.efficientnet import EfficientNet, EfficientNetConfig
 from mmt_jax.vision.patches import image_patches
+from mmt_jax.vision.pixel_histogram import PatchColourHistogram
 from mmt_jax.vision.vit import ViTConfig, VisionTransformer
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
@@ -45,6 +46,13 @@ class FusionConfig:
       features that form a square map; not for ViT, whose CLS vector has no place on the grid).
     cross_segment: relative position bias between image and text positions, see
       `RelativePositionBias` ("bucket", "zero" or "global").
+    colour_histogram: beyond the paper: the width of a learned colour histogram of each pixel patch
+      (`vision/pixel_histogram.py`) that replaces the patch's pixels before the projection; 0: the
+      pixels themselves (Eq. 1). For "patches", and for "precomputed" features whose last
+      `pixel_features` dimensions hold pixels (the "+pixels" extractors: 192; the CNN's dimensions
+      stay).
+    pixel_features: "precomputed" only: how many trailing dimensions of each vector are a patch's
+      pixels (zero in vectors that have none).
     """
 
     representator: str = "patches"
@@ -54,6 +62,8 @@ class FusionConfig:
     freeze_representator: bool = False
     image_positions: str = "sequence"
     cross_segment: str = "bucket"
+    colour_histogram: int = 0
+    pixel_features: int | None = None
     layer_norm_epsilon: float = 1e-6
 
     def __post_init__(self):
@@ -68,6 +78,15 @@ class FusionConfig:
         if self.image_positions == "grid" and self.representator == "vit":
             raise ValueError("image_positions='grid' needs image vectors on a grid; ViT's CLS vector "
                              "has no grid position")
+        if self.colour_histogram and not (
+                self.representator == "patches"
+                or (self.representator == "precomputed" and self.pixel_features)):
+            raise ValueError("colour_histogram needs pixel patches: representator='patches', or "
+                             "'precomputed' with pixel_features (its vectors' trailing pixel dims)")
+        if self.pixel_features and not (self.representator == "precomputed"
+                                        and self.pixel_features <= self.feature_dim):
+            raise ValueError(f"pixel_features={self.pixel_features} needs representator="
+                             f"'precomputed' and at most feature_dim={self.feature_dim}")
         expected = {"vit": ViTConfig, "efficientnet": EfficientNetConfig}.get(self.representator)
         if expected is not None and not isinstance(self.network, expected):
             raise ValueError(f"representator={self.representator!r} needs network= a "
@@ -94,7 +113,8 @@ class FusedImageTextInput(nn.Module):
     the image vectors' (row, column) `[1, L, 2]`. Without image input: the text segment alone.
 
     Parameters (under `image_fusion`): `projection` (W_proj), `projection_norm`, `segment_embedder`
-    (SE, `[2, embed]`), and `representator` for the ViT/CNN representators.
+    (SE, `[2, embed]`), `representator` for the ViT/CNN representators and `colour_histogram`
+    with `FusionConfig.colour_histogram`.
     """
 
     fusion: FusionConfig
@@ -111,6 +131,8 @@ class FusedImageTextInput(nn.Module):
         network = {"vit": VisionTransformer, "efficientnet": EfficientNet}.get(self.fusion.representator)
         if network is not None:
             self.representator = network(self.fusion.network)
+        if self.fusion.colour_histogram:
+            self.colour_histogram = PatchColourHistogram(self.fusion.colour_histogram, self.dtype)
 
     @property
     def bias_layout(self) -> SegmentLayout:
@@ -173,6 +195,10 @@ class FusedImageTextInput(nn.Module):
         """Image inputs -> `(vectors [B, Lv, E] with SE(0) added (Eq. 1, 2), key mask [B, Lv])`."""
         features = self.representation(encoder_images, encoder_image_features,
                                         enable_dropout=enable_dropout)
+        if self.fusion.colour_histogram:  # the pixels give way to their histogram
+            kept = features.shape[-1] - (self.fusion.pixel_features or features.shape[-1])
+            features = jnp.concatenate(
+                [features[..., :kept], self.colour_histogram(features[..., kept:])], axis=-1)
         x = self.projection_norm(self.projection(features))  # Eq. 1
         x = x + self.segment_embedder(jnp.full(x.shape[:2], IMAGE_TYPE))  # Eq. 2
         x = partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))
