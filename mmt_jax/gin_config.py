@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -83,3 +84,27 @@ def run_configured(configurable: Callable, gin_files: Sequence[str], bindings: S
         return run()
     finally:
         gin.clear_config()
+
+
+_SETTING = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(.+?)\s*(?:#\s*(.*))?$")
+_INCLUDE = re.compile(r"^include\s+'mmt_jax/gin/(.+)'\s*$")
+
+
+def settings(gin_file: str) -> list[tuple[str, str, str]]:
+    """The settings (gin macros) a package run file and the files it includes define, as
+    (name, default, comment) in the order a run reads them, a later definition replacing an
+    earlier one; for `--help`. Defaults are gin's text (`%gin.REQUIRED`: none, must be bound)."""
+    found: dict[str, tuple[str, str]] = {}
+
+    def read(relative: str) -> None:
+        with open(os.path.join(gin_search_path(), relative), encoding="utf-8") as f:
+            for line in f:
+                if include := _INCLUDE.match(line):
+                    read(include.group(1))
+                elif setting := _SETTING.match(line):
+                    name, value, comment = setting.groups()
+                    found.pop(name, None)
+                    found[name] = (value, comment or "")
+
+    read(gin_file)
+    return [(name, value, comment) for name, (value, comment) in found.items()]

@@ -3,7 +3,7 @@
   convert --from-hf DIR --to CHECKPOINT       Hugging Face T5 (config.json + model.safetensors) -> ours
   convert --from-t5x DIR --to CHECKPOINT      t5x checkpoint (orbax or legacy tensorstore) -> ours
   convert --from-checkpoint CHECKPOINT --to-hf DIR    ours -> Hugging Face T5
-  data convert --jsonl F [--images DIR] --out DIR [--name NAME] [--on-error fail|skip]
+  data convert --jsonl [SPLIT=]F ... [--images DIR] --out DIR [--name NAME] [--on-error fail|skip]
                [--image-features SPEC] [--max-image-side PX] [--allow-absolute-image-paths]
                                               a JSONL catalog (+ images) -> TFDS catalog under DIR
   data generate --out DIR [--num-products N] [--image-features SPEC]
@@ -23,10 +23,15 @@ import argparse
 import os
 import sys
 
-# TensorFlow's C++ notices (oneDNN, CUDA stubs, tf.data's note on a cache read in part) are not the
-# user's business on the command line; set before TensorFlow loads, and an explicit value wins.
+# TensorFlow's C++ notices (tf.data's note on a cache read in part, ...) are not the user's business
+# on the command line; set before TensorFlow loads, and an explicit value wins. TensorFlow runs only
+# the input pipeline (decode, resize, casts), where its oneDNN kernels gain nothing and log an error
+# line for every float16 cast on CPUs without AVX-512: its Eigen kernels are used. (`quiet_startup`
+# does the rest.)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from mmt_jax import quiet_startup  # noqa: E402
 from mmt_jax.data.records import MAX_IMAGE_SIDE, ConversionError, RecordError  # noqa: E402
 from mmt_jax.errors import (CheckpointError, CheckpointFormatError, GinError, InputError,  # noqa: E402
                             ModelDirInUseError, TrainingError, UnknownTaskError)
@@ -77,8 +82,6 @@ def _data_convert(args) -> None:
         test_fraction=args.test_fraction, on_error=args.on_error, image_features=args.image_features,
         allow_absolute_image_paths=args.allow_absolute_image_paths,
         max_image_side=args.max_image_side)
-    if not os.path.isfile(args.jsonl):
-        raise FileNotFoundError(f"no catalog file {args.jsonl}")
     print(tfds_catalog.summary(_prepare_catalog(config, args)))
 
 
@@ -159,6 +162,17 @@ def _demo(args) -> None:
              learning_rate=args.learning_rate)
 
 
+def _settings_help(run_file: str, note: str = "") -> str:
+    """The settings of `run_file` (and the files it includes) with their defaults, for --help."""
+    from mmt_jax import gin_config
+    lines = [f"settings (--gin.NAME=VALUE) with their defaults in mmt_jax/gin/{run_file} and the "
+             f"files it includes{note}:"]
+    for name, value, comment in gin_config.settings(run_file):
+        value = "required" if value == "%gin.REQUIRED" else value
+        lines.append(f"  {name:<24} {value}" + (f"   # {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmt-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="convert or generate catalogs, build the vocabulary")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     convert_data = data_commands.add_parser("convert", help="JSONL catalog -> TFDS catalog")
-    convert_data.add_argument("--jsonl", required=True, help="one product per line (README: Data)")
+    convert_data.add_argument(
+        "--jsonl", required=True, nargs="+", action="extend", metavar="[SPLIT=]FILE",
+        help="one product per line (README: Data); several files or globs, each optionally "
+             "SPLIT= (train, validation, test) for its records that name no split")
     convert_data.add_argument("--images", default=None,
                               help="directory of the image paths (default: the current directory); "
                                    "a path leading outside it is a bad record")
@@ -223,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     gin_search.add_argument("--gin_search_path", action="append", default=[])
     train = commands.add_parser("train", parents=[gin_search], help="train a model as gin files say",
                                 description="Bindings are --gin.NAME=VALUE (strings in quotes: "
-                                            "--gin.MODEL_DIR=\\\"runs/x\\\").")
+                                            "--gin.MODEL_DIR=\\\"runs/x\\\").",
+                                epilog=_settings_help("runs/catalog.gin", "; runs/pretrain.gin and "
+                                                      "runs/finetune.gin set TASK and more"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--multihost", action="store_true",
                        help="call jax.distributed.initialize() (settings from the environment)")
     train.add_argument("--coordinator_address", default=None, help="host:port of process 0")
@@ -232,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     evaluate = commands.add_parser(
         "eval", parents=[gin_search], help="a checkpoint on its tasks' metrics: JSON report + plots",
-        description="mmt_jax/gin/runs/eval.gin: --gin.CHECKPOINT_PATH, --gin.TASK, --gin.EVAL_OUTPUT_DIR.")
+        description="Bindings are --gin.NAME=VALUE, as for train.", epilog=_settings_help("runs/eval.gin"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.set_defaults(run=_eval)
     infer = commands.add_parser("infer", help="products (JSONL or TFRecord) -> JSONL of predictions")
     infer.add_argument("--checkpoint", required=True, help="a checkpoint, or a model dir (newest)")
@@ -277,6 +298,8 @@ def run(argv=None) -> int:
     others = [a for a in unknown if not a.startswith("--gin.")]
     if others or (args.gin_bindings and args.command not in ("train", "eval")):
         parser.error(f"unrecognized arguments: {' '.join(others or unknown)}")
+    if args.command != "convert":  # every other command reads data through TensorFlow
+        quiet_startup.import_tensorflow()
     try:
         args.run(args)
     except (FileNotFoundError, FileExistsError, CheckpointError, ConversionError, GinError,

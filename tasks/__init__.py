@@ -9,7 +9,7 @@ and is generated there on first use (seconds). Images are prepared at 224 px wit
 
 For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR --name shop`:
 
-    tasks.register_catalog_tasks("shop", "DIR", "shop", attributes=("color", "size"))
+    tasks.register_catalog_tasks("shop", "DIR", "shop")   # every attribute the catalog names
 
 (tasks/catalog.py lists the tasks it makes), or in gin, by naming the task through `catalog_task`:
 
@@ -23,9 +23,10 @@ import os
 
 from mmt_jax.data import tfds_catalog
 from mmt_jax.tasks.catalog import (DEFAULT_ATTRIBUTES, REMOVAL_SHARES, attribute_task_names,
-                                   catalog_task, register_catalog_tasks)
+                                   catalog_attribute_names, catalog_task, register_catalog_tasks)
 
-__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "catalog_task",
+__all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "catalog_attribute_names",
+           "catalog_task",
            "default_data_dir", "register_catalog_tasks"]
 
 

@@ -134,7 +134,7 @@ def drop_array_copies(dataset: tf.data.Dataset, output_features) -> tf.data.Data
 
 def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                            vocabulary: seqio.Vocabulary | str | None = None,
-                           attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
+                           attributes: Sequence[str] | None = None,
                            image: image_spec.ImagePreprocessing = image_spec.ImagePreprocessing(),
                            removal_shares: Sequence[float] = REMOVAL_SHARES,
                            with_description: bool = False) -> list[str]:
@@ -145,8 +145,9 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
       data_dir, catalog: where the catalog is (the converter's --out and --name).
       vocabulary: a seqio vocabulary or the path of a T5 SentencePiece model (default: the catalog
         vocabulary shipped with the package).
-      attributes: the attributes to make generation tasks for (none: a catalog for matching, titles
-        and pretraining only; no attribute or QA tasks are registered).
+      attributes: the attributes to make generation tasks for; None: every attribute the catalog
+        names (`catalog_attribute_names`); () for a catalog used for matching, titles and
+        pretraining only (no attribute or QA tasks are registered).
       image: how images are decoded and resized for the representator, or which stored features
         the model reads (`image_spec.preprocessing(spec)`; the catalog must hold them).
       removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
@@ -159,6 +160,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     if not isinstance(vocabulary, seqio.Vocabulary):
         vocabulary = vocab_lib.vocabulary(vocabulary)
     source = CatalogSource(data_dir, catalog)
+    if attributes is None:
+        attributes = catalog_attribute_names(data_dir, catalog)
     text_features = {"inputs": seqio.Feature(vocabulary, add_eos=True),
                      "targets": seqio.Feature(vocabulary, add_eos=True)}
     # Declared as output features so that mixtures, which keep only those, keep the image too.
@@ -244,6 +247,28 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
 _REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered with
 
 
+def catalog_attribute_names(data_dir: str, catalog: str) -> tuple[str, ...]:
+    """The attributes a catalog names: the embedded generator's (`DEFAULT_ATTRIBUTES`) for an
+    embedded catalog, else those its metadata records (`tfds_catalog.catalog_attributes`), sorted;
+    a catalog written before they were recorded has its training split read for them."""
+    if tfds_catalog.embedded_config_from_name(catalog) is not None:
+        return DEFAULT_ATTRIBUTES
+    recorded = tfds_catalog.catalog_attributes(data_dir, catalog)
+    if recorded is None:
+        names = set()
+        for record in CatalogSource(data_dir, catalog).get_dataset(
+                split="train", shuffle=False).as_numpy_iterator():
+            names.update(name.decode("utf-8") for name in record["attribute_names"])
+        return tuple(sorted(names))
+    return tuple(sorted(recorded))
+
+
+def task_name_part(name: str) -> str:
+    """`name` as seqio task names allow it: lower-cased, each run of characters other than letters,
+    digits and `_` made one `_` ("Sleeve Length" -> "sleeve_length")."""
+    return re.sub(r"\W+", "_", name.lower()).strip("_")
+
+
 def attribute_task_names(attributes: Sequence[str]) -> dict[str, str]:
     """`{attribute: the part of its task names}`: catalogs name attributes as people write them
     ("product type", "Sleeve Length", "colour/finish"), task names allow only letters, digits and
@@ -252,7 +277,7 @@ def attribute_task_names(attributes: Sequence[str]) -> dict[str, str]:
     same task name are an error naming both."""
     names, seen = {}, {}
     for attribute in attributes:
-        name = re.sub(r"\W+", "_", attribute.lower()).strip("_")
+        name = task_name_part(attribute)
         if not name:
             raise ValueError(f"attribute {attribute!r} has no letter or digit to name its tasks by")
         if name in seen and seen[name] != attribute:
@@ -265,21 +290,25 @@ def attribute_task_names(attributes: Sequence[str]) -> dict[str, str]:
 def _full_arguments(*args, **kwargs) -> dict:
     bound = inspect.signature(register_catalog_tasks).bind(*args, **kwargs)
     bound.apply_defaults()
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in bound.arguments.items()}
+    arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in bound.arguments.items()}
+    if arguments["attributes"] is None:  # the same registration as naming them
+        arguments["attributes"] = catalog_attribute_names(arguments["data_dir"], arguments["catalog"])
+    return arguments
 
 
-def catalog_task(task: str, prefix: str, data_dir: str, catalog: str, **kwargs) -> str:
+def catalog_task(task: str, prefix: str | None, data_dir: str, catalog: str, **kwargs) -> str:
     """The name of `<prefix>_<task>`, registering the catalog's tasks on first use; for gin, where a
     run names its task as `MIXTURE_OR_TASK_NAME = @tasks.catalog_task()` with the catalog bound:
 
         tasks.catalog_task.task = "attributes_removed100"
-        tasks.catalog_task.prefix = "shop"
+        tasks.catalog_task.prefix = None      # the catalog's name as task names allow: "shop"
         tasks.catalog_task.data_dir = "/data/tfds"
         tasks.catalog_task.catalog = "shop"
 
     `kwargs` go to `register_catalog_tasks`. Raises ValueError if the prefix was registered with other
     arguments, UnknownTaskError if it has no such task.
     """
+    prefix = prefix or task_name_part(catalog)
     if prefix not in _REGISTERED:
         register_catalog_tasks(prefix, data_dir, catalog, **kwargs)
     elif _REGISTERED[prefix] != (arguments := _full_arguments(prefix, data_dir, catalog, **kwargs)):

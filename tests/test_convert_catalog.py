@@ -142,3 +142,44 @@ def test_hash_split_is_stable_and_near_the_fractions():
     assert splits == [records.split_of(i, 0.1, 0.05) for i in ids]
     assert abs(splits.count("validation") / len(ids) - 0.1) < 0.01
     assert abs(splits.count("test") / len(ids) - 0.05) < 0.01
+
+
+def test_convert_takes_several_files_each_with_its_split(tmp_path, capsys):
+    """A catalog delivered as train and test files: `--jsonl train=F validation=G*` (a glob); a
+    record's own split wins over its file's; the metadata records every source."""
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        (tmp_path / "images" / f"p{i}.jpg").write_bytes(_image(i))
+
+    def write(name, rows):
+        with open(tmp_path / name, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    product = lambda i, **more: {"id": f"p{i}", "image": f"p{i}.jpg", "title": f"Acme shirt {i}",
+                                 "attributes": {"color": "red" if i % 2 else "blue"}, **more}
+    write("shop_train.jsonl", [product(0), product(1), product(2, split="test")])
+    write("shop_valid_a.jsonl", [product(3)])
+    write("shop_valid_b.jsonl", [product(4)])
+    out = str(tmp_path / "tfds")
+    argv = ["data", "convert", "--jsonl", f"train={tmp_path}/shop_train.jsonl",
+            f"validation={tmp_path}/shop_valid_*.jsonl", "--images", str(tmp_path / "images"),
+            "--out", out, "--name", "shop"]
+    assert main.run(argv) == 0
+    assert "train 2, validation 2, test 1 products" in capsys.readouterr().out
+    builder = tfds.builder_from_directory(f"{out}/product_catalog/shop/1.0.0")
+    ids = {split: sorted(x["id"].decode() for x in tfds.as_numpy(builder.as_dataset(split=split)))
+           for split in ("train", "validation", "test")}
+    assert ids == {"train": ["p0", "p1"], "validation": ["p3", "p4"], "test": ["p2"]}
+    assert [p.rsplit("/", 1)[-1] for p in builder.info.metadata["source"]] == [
+        "shop_train.jsonl", "shop_valid_a.jsonl", "shop_valid_b.jsonl"]
+
+    # The same id in two files: an error naming both places; nothing written.
+    write("shop_valid_b.jsonl", [product(0)])
+    assert main.run(argv[:-1] + ["again"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/shop_valid_b.jsonl: line 1, record 'p0': field 'id': duplicate of " \
+           f"{tmp_path}/shop_train.jsonl line 1" in err
+    assert not (tmp_path / "tfds/product_catalog/again").exists()
+    assert main.run(["data", "convert", "--jsonl", f"test={tmp_path}/nothing_*.jsonl",
+                     "--out", out]) == 2
+    assert f"error: no catalog file {tmp_path}/nothing_*.jsonl" in capsys.readouterr().err

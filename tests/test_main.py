@@ -1,5 +1,6 @@
 """The command-line entry points, run in-process on tiny inputs (flax examples' train_test pattern)."""
 import json
+import re
 import os
 
 import jax
@@ -133,3 +134,17 @@ def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsy
     config, params = store.load_checkpoint(str(tmp_path / "mmt4_multitask" / "checkpoint_2"))
     assert config.contrastive is not None and "contrastive_head" in params
     assert "INITIAL_CHECKPOINT_PATH" not in out and not (tmp_path / "mmt4_multitask_pretrain").exists()
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("train", [r"MODEL_DIR\s+required", r"DATA_DIR\s+@tasks.default_data_dir\(\)\s+# \$MMT_JAX_DATA_DIR",
+               r'CATALOG\s+"embedded-n3000-s0-px128"', r"LEARNING_RATE\s+2e-4", r"BATCH_SIZE\s+32"]),
+    ("eval", [r"CHECKPOINT_PATH\s+required", r'EVAL_SPLIT\s+"validation"', r"TASK\s+required",
+              r'TASK_FEATURE_LENGTHS\s+\{"inputs": 64, "targets": 16\}']),
+])
+def test_help_lists_the_gin_settings_with_their_defaults(command, expected, capsys):
+    with pytest.raises(SystemExit):
+        main.run([command, "--help"])
+    shown = capsys.readouterr().out
+    for pattern in expected:
+        assert re.search(pattern, shown), pattern

@@ -159,7 +159,7 @@ tasks.catalog_task.catalog = "embedded-n40-s0-px32"
             # Registered once: asking again is fine, asking with other arguments is an error.
             assert tasks.catalog_task("title", "gin_shop", out, "embedded-n40-s0-px32") == "gin_shop_title"
             with pytest.raises(ValueError, match="registered with"):
-                tasks.catalog_task("title", "gin_shop", out, "another")
+                tasks.catalog_task("title", "gin_shop", out, "embedded-n40-s0-px32", with_description=True)
             with pytest.raises(UnknownTaskError, match="no catalog task 'colour_removed20'"):
                 tasks.catalog_task("colour_removed20", "gin_shop", out, "embedded-n40-s0-px32")
         finally:
@@ -221,7 +221,9 @@ def test_attribute_names_as_catalogs_spell_them(tmp_path):
     assert tasks.attribute_task_names(list(spelled)) == {
         "product type": "product_type", "Sleeve Length": "sleeve_length",
         "colour/finish": "colour_finish"}
-    names = tasks.register_catalog_tasks("spelled", out, "spelled", attributes=list(spelled))
+    # No attributes named: the catalog's own, as its metadata records them.
+    assert tasks.catalog_attribute_names(out, "spelled") == tuple(sorted(spelled))
+    names = tasks.register_catalog_tasks("spelled", out, "spelled")
     for attribute, value in spelled.items():
         task = f"spelled_{tasks.attribute_task_names([attribute])[attribute]}_removed0_text"
         assert task in names

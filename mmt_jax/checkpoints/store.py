@@ -15,6 +15,7 @@ import shutil
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from mmt_jax.checkpoints import digests
@@ -82,7 +83,8 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     with digests.reading(directory, digests.verify(directory)):
         # Read every array onto this host's first device whatever mesh wrote it (without a target,
         # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, "params")).item_metadata
+        # The item's handler, not a Checkpointer: one warns that a sub-item has no step metadata.
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / "params")
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree_util.tree_map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),

@@ -20,16 +20,20 @@ every split is written (`prepare`), so a failed or interrupted conversion never 
 reads as a finished catalog, nor empty folders, and `overwrite` never loses the catalog it replaces.
 Records that fail validation stop the conversion (`on_error="fail"`, the default) or are skipped
 (`"skip"`); either way each one is reported with its line, id, field and reason, and the skipped ones
-are listed in the catalog's `metadata.json`.
+are listed in the catalog's `metadata.json`, as are the attributes the products name, with their values
+and counts per split (`catalog_attributes`), so that tasks can default to them.
 """
 import collections
+import contextlib
 import dataclasses
+import glob
+import io
 import itertools
 import os
 import re
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -41,6 +45,8 @@ from mmt_jax.vision import extractors
 NAME = "product_catalog"
 VERSION = "1.0.0"
 ON_ERROR = ("fail", "skip")
+# The metadata entry that describes the catalog's attributes (`catalog_attributes`).
+ATTRIBUTES = "attributes"
 
 
 @dataclasses.dataclass
@@ -48,7 +54,8 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
     """Where a catalog comes from: a JSONL file (+ images) or the embedded generator.
 
     Attributes:
-      jsonl: the user's catalog file (records.py documents a line); None for the embedded catalog.
+      jsonl: the user's catalog files (records.py documents a line), each with the split of its
+        records that name none (None: from the id's hash); None for the embedded catalog.
       images_dir: directory that relative `image` paths start from; no path may leave it.
       allow_absolute_image_paths: also read `image` paths that are absolute.
       max_image_side: the longest side images are stored at (records.py says how).
@@ -59,7 +66,7 @@ class ProductCatalogConfig(tfds.core.BuilderConfig):
       image_features: an extractor spec ("efficientnet-lite0-px128"): also store each product's
         features `image_features` float16 `[Lv, D]` (zeros for a product without an image).
     """
-    jsonl: str | None = None
+    jsonl: tuple[tuple[str, str | None], ...] | None = None
     images_dir: str | None = None
     allow_absolute_image_paths: bool = False
     max_image_side: int = records.MAX_IMAGE_SIDE
@@ -96,14 +103,34 @@ def embedded_config_from_name(name: str) -> ProductCatalogConfig | None:
     return embedded_config(*map(int, match.groups()[:3]), image_features=match.group(4))
 
 
-def jsonl_config(name: str, jsonl: str, images_dir: str | None = None, *,
+def jsonl_sources(specs: str | Sequence[str]) -> tuple[tuple[str, str | None], ...]:
+    """Catalog files as `data convert --jsonl` names them -> ((path, split or None), ...): each spec
+    a path or a glob, optionally `SPLIT=` first ("test=shop_test.jsonl") for the records of those
+    files that name no split themselves. FileNotFoundError for a spec that names no file."""
+    sources = []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        split, _, pattern = spec.partition("=") if spec.split("=", 1)[0] in records.SPLITS else (
+            None, "", spec)
+        paths = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else (
+            [pattern] if os.path.isfile(pattern) else [])
+        if not paths:
+            raise FileNotFoundError(f"no catalog file {pattern}")
+        sources += [(path, split) for path in paths]
+    if len({path for path, _ in sources}) < len(sources):
+        raise ValueError(f"a catalog file is named twice: {[path for path, _ in sources]}")
+    return tuple(sources)
+
+
+def jsonl_config(name: str, jsonl: str | Sequence[str], images_dir: str | None = None, *,
                  validation_fraction: float = 0.05, test_fraction: float = 0.05,
                  on_error: str = "fail", image_features: str | None = None,
                  allow_absolute_image_paths: bool = False,
                  max_image_side: int = records.MAX_IMAGE_SIDE) -> ProductCatalogConfig:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    return ProductCatalogConfig(name=name, description=f"converted from {jsonl}", jsonl=jsonl,
+    sources = jsonl_sources(jsonl)
+    return ProductCatalogConfig(name=name, description="converted from " + ", ".join(
+                                    path for path, _ in sources), jsonl=sources,
                                 images_dir=images_dir, validation_fraction=validation_fraction,
                                 test_fraction=test_fraction, on_error=on_error,
                                 image_features=image_features,
@@ -146,18 +173,21 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded: catalogs come from local files or the generator
         config = self.builder_config
+        self.info.metadata[ATTRIBUTES] = {}
         if config.jsonl is None:
             return {split: self._generate_examples(
-                        catalog.make_product(i, config.seed, config.image_size) for i in indices)
+                        (catalog.make_product(i, config.seed, config.image_size) for i in indices),
+                        split)
                     for split, indices in _embedded_indices_by_split(config).items()}
         lines_by_split, skipped = _validate_jsonl(config)
         self.info.metadata["skipped_records"] = skipped
-        self.info.metadata["source"] = os.path.abspath(config.jsonl)
+        self.info.metadata["source"] = [os.path.abspath(path) for path, _ in config.jsonl]
         # A split with no products is left out: TFDS cannot write an empty split.
-        return {split: self._generate_examples(self._jsonl_products(lines))
+        return {split: self._generate_examples(self._jsonl_products(lines), split)
                 for split, lines in lines_by_split.items()}
 
-    def _generate_examples(self, products: Iterator[records.Product]):
+    def _generate_examples(self, products: Iterator[records.Product], split: str):
+        products = _counting_attributes(products, self.info.metadata[ATTRIBUTES], split)
         spec = self.builder_config.image_features
         if spec is None:
             for product in products:
@@ -170,14 +200,38 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
             for product, vectors in zip(chunk, features.astype("float16")):
                 yield product.id, {**product.to_features(), "image_features": vectors}
 
-    def _jsonl_products(self, line_numbers: list[int]) -> Iterator[records.Product]:
-        wanted = set(line_numbers)
+    def _jsonl_products(self, lines: list[tuple[int, int]]) -> Iterator[records.Product]:
+        """The products at `lines`, (index of the file in `jsonl`, line number) pairs."""
+        wanted = set(lines)
         config = self.builder_config
-        with open(config.jsonl, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if line_no in wanted:
-                    yield records.parse_record(raw, line_no, config.images_dir,
-                                               **_image_reading(config))[0]
+        for index, (path, _) in enumerate(config.jsonl):
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, start=1):
+                    if (index, line_no) in wanted:
+                        yield records.parse_record(raw, line_no, config.images_dir,
+                                                   **_image_reading(config))[0]
+
+
+def _counting_attributes(products: Iterator[records.Product], counts: dict, split: str
+                         ) -> Iterator[records.Product]:
+    """`products`, counting into `counts` (the metadata's ATTRIBUTES) as they pass."""
+    for product in products:
+        for name, value in product.attributes.items():
+            entry = counts.setdefault(name, {"products": {}, "values": {}})
+            entry["products"][split] = entry["products"].get(split, 0) + 1
+            entry["values"][value] = entry["values"].get(value, 0) + 1
+        yield product
+
+
+def catalog_attributes(data_dir: str, name: str) -> dict[str, dict] | None:
+    """The attributes a written catalog names, as its metadata records them: `{attribute:
+    {"products": {split: count}, "values": {value: count}}}`, in the catalog's spelling; None for a
+    catalog written before they were recorded."""
+    directory = os.path.join(os.path.expanduser(data_dir), NAME, name, VERSION)
+    if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
+        raise FileNotFoundError(f"no catalog {name!r} under {data_dir} (looked for {directory}; "
+                                "write it with `mmt-jax data convert --out DIR --name NAME`)")
+    return (tfds.builder_from_directory(directory).info.metadata or {}).get(ATTRIBUTES)
 
 
 def _image_reading(config: ProductCatalogConfig) -> dict:
@@ -186,41 +240,50 @@ def _image_reading(config: ProductCatalogConfig) -> dict:
             "max_image_side": config.max_image_side}
 
 
-def _validate_jsonl(config: ProductCatalogConfig) -> tuple[dict[str, list[int]], list[dict]]:
-    """Checks every line once; returns the good line numbers per split and the skipped records.
+def _validate_jsonl(config: ProductCatalogConfig
+                    ) -> tuple[dict[str, list[tuple[int, int]]], list[dict]]:
+    """Checks every line of every file once; returns the good lines per split, as (index of the
+    file, line number), and the skipped records. A record's own `split` wins over its file's.
 
-    Raises ConversionError listing the bad records when `on_error` is "fail".
+    Raises ConversionError listing the bad records (with their file, when there are several) when
+    `on_error` is "fail".
     """
     from tqdm.auto import tqdm
+    several = len(config.jsonl) > 1
     lines_by_split = collections.defaultdict(list)
-    bad, first_line_of_id = [], {}
-    with open(config.jsonl, "rb") as f:
-        for line_no, raw in enumerate(tqdm(f, desc=f"checking {config.jsonl}", unit=" records"),
-                                      start=1):
-            if not raw.strip():
-                continue
-            try:
-                product, split = records.parse_record(raw, line_no, config.images_dir,
-                                                      **_image_reading(config))
-                if product.id in first_line_of_id:
-                    raise records.RecordError(line_no, product.id, "id",
-                                              f"duplicate of line {first_line_of_id[product.id]}")
-            except records.RecordError as e:
-                bad.append(e)
-                continue
-            first_line_of_id[product.id] = line_no
-            split = split or records.split_of(product.id, config.validation_fraction,
-                                              config.test_fraction)
-            lines_by_split[split].append(line_no)
+    bad, first_seen = [], {}  # bad: (file, RecordError); first_seen: id -> where it was first
+
+    for index, (path, file_split) in enumerate(config.jsonl):
+        where = f"{path} line " if several else "line "
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(tqdm(f, desc=f"checking {path}", unit=" records",
+                                               disable=None), start=1):  # None: off a terminal
+                if not raw.strip():
+                    continue
+                try:
+                    product, split = records.parse_record(raw, line_no, config.images_dir,
+                                                          **_image_reading(config))
+                    if product.id in first_seen:
+                        raise records.RecordError(line_no, product.id, "id",
+                                                  f"duplicate of {first_seen[product.id]}")
+                except records.RecordError as e:
+                    bad.append((path, e))
+                    continue
+                first_seen[product.id] = f"{where}{line_no}"
+                split = split or file_split or records.split_of(
+                    product.id, config.validation_fraction, config.test_fraction)
+                lines_by_split[split].append((index, line_no))
+    files = ", ".join(path for path, _ in config.jsonl)
     if bad and config.on_error == "fail":
-        shown = "\n  ".join(str(e) for e in bad[:20])
+        shown = "\n  ".join(f"{path}: {e}" if several else str(e) for path, e in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise records.ConversionError(f"{config.jsonl}: {len(bad)} bad record(s); nothing was written "
-                              f"(pass on_error='skip' / --on-error skip to leave them out):\n  "
-                              f"{shown}{more}")
-    if not first_line_of_id:
-        raise records.ConversionError(f"{config.jsonl}: no valid records")
-    skipped = [{"line": e.line, "id": e.record_id, "field": e.field, "reason": e.reason} for e in bad]
+        raise records.ConversionError(f"{files}: {len(bad)} bad record(s); nothing was written "
+                                      f"(pass on_error='skip' / --on-error skip to leave them "
+                                      f"out):\n  {shown}{more}")
+    if not first_seen:
+        raise records.ConversionError(f"{files}: no valid records")
+    skipped = [{"file": path, "line": e.line, "id": e.record_id, "field": e.field,
+                "reason": e.reason} for path, e in bad]
     return lines_by_split, skipped
 
 
@@ -243,18 +306,20 @@ def prepare(config: ProductCatalogConfig, data_dir: str, *, num_shards: int | No
     final = os.fspath(builder.data_path)  # <data_dir>/product_catalog/<name>/<version>
     _restore_replaced(data_dir, config.name, final)
     if os.path.isdir(final) and not overwrite:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-            try_download_gcs=False))
+        with _without_tfds_notices():
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                try_download_gcs=False))
         return builder
     created_data_dir = not os.path.isdir(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=_staging_prefix(config.name), dir=data_dir)
     try:
         staged = ProductCatalog(config=config, data_dir=staging)
-        staged.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-            try_download_gcs=False, num_shards=num_shards))
+        with _without_tfds_notices():
+            staged.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                try_download_gcs=False, num_shards=num_shards))
         _swap_in(os.fspath(staged.data_path), final, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -263,6 +328,13 @@ def prepare(config: ProductCatalogConfig, data_dir: str, *, num_shards: int | No
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return ProductCatalog(config=config, data_dir=data_dir)  # reads the catalog in its place
+
+
+def _without_tfds_notices():
+    """tensorflow-datasets prints "Downloading and preparing dataset Unknown size ..." to stdout
+    around a build, naming the staging folder: nothing is downloaded, and `summary` says where the
+    catalog is."""
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _staging_prefix(name: str) -> str:
@@ -319,8 +391,9 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
     lines = [f"catalog {builder.data_dir}: {splits} products"]
     if skipped:
         lines.append(f"skipped {len(skipped)} bad record(s) (listed in metadata.json):")
-        lines += [f"  line {r['line']}, record {r['id']!r}: {r['field'] or 'line'}: {r['reason']}"
-                  for r in skipped[:20]]
+        several = len(builder.info.metadata.get("source", [])) > 1
+        lines += [f"  {r['file'] + ' ' if several else ''}line {r['line']}, record {r['id']!r}: "
+                  f"{r['field'] or 'line'}: {r['reason']}" for r in skipped[:20]]
     return "\n".join(lines)
 
 

@@ -1,0 +1,85 @@
+"""A user's own catalog through the README's commands, run as the README writes them ("Your own
+catalog, start to finish"): convert, train, eval and infer on a catalog whose only attribute is
+named "product type", with no attribute named in any command."""
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mmt_jax import main
+
+README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+SECTION = "### Your own catalog, start to finish"
+# Appended to the README's train command (gin's last binding wins): a 1+1-layer model, 2 steps.
+TINY_TRAINING = ["--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
+                 "--gin.t5.t5_config.num_encoder_layers=1", "--gin.t5.t5_config.num_decoder_layers=1",
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
+TYPES = {"t-shirt": ((200, 30, 40), "rectangle"), "mug": ((30, 60, 200), "ellipse")}
+
+
+def readme_commands() -> list[list[str]]:
+    """The `mmt-jax` commands of the README's section, as argument lists."""
+    text = open(README, encoding="utf-8").read()
+    block = re.search(re.escape(SECTION) + r".*?```bash\n(.*?)```", text, re.S).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for line in lines if line.startswith(".venv/bin/mmt-jax ")]
+
+
+def _write_catalog(directory) -> int:
+    os.makedirs(directory / "images")
+    with open(directory / "products.jsonl", "w", encoding="utf-8") as f:
+        for i in range(24):
+            kind = list(TYPES)[i % 2]
+            colour, shape = TYPES[kind]
+            image = Image.new("RGB", (64, 64), (240, 240, 235))
+            getattr(ImageDraw.Draw(image), shape)(
+                (12 + i % 5, 10, 50, 54), fill=colour)
+            image.save(directory / "images" / f"p{i}.jpg", quality=90)
+            f.write(json.dumps({"id": f"p{i}", "image": f"p{i}.jpg", "title": f"Acme {kind} no. {i}",
+                                "attributes": {"product type": kind},
+                                "split": "validation" if i >= 18 else "train"}) + "\n")
+    return 24
+
+
+def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch):
+    count = _write_catalog(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    assert [c[:2] if c[0] == "data" else c[:1] for c in commands] == [
+        ["data", "convert"], ["train"], ["eval"], ["infer"]]
+    assert not any("catalog_task.attributes" in argument for command in commands for argument in command)
+    for command in commands:
+        extra = TINY_TRAINING if command[0] == "train" else []
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main.run(command + extra) == 0, command
+
+    metadata = json.load(open(tmp_path / "runs/tfds/product_catalog/shop/1.0.0/metadata.json"))
+    assert metadata["attributes"] == {"product type": {"products": {"train": 18, "validation": 6},
+                                                       "values": {"t-shirt": 12, "mug": 12}}}
+    report = json.load(open(tmp_path / "runs/shop/eval/report.json"))
+    assert list(report["tasks"]) == ["shop_product_type_removed100"]
+    assert report["tasks"]["shop_product_type_removed100"]["num_examples"] == 6
+    rows = [json.loads(line) for line in open(tmp_path / "runs/shop/predictions.jsonl")]
+    assert len(rows) == count and {row["prompt"] for row in rows} == {"product type:"}
+    assert all(np.isfinite(row["score"]) for row in rows)
+
+
+def test_a_command_prints_what_it_did_and_nothing_else(tmp_path):
+    """No start-up notice from TensorFlow or tensorflow-datasets (oneDNN, CUDA drivers, cuInit,
+    "Using custom data configuration", progress bars off a terminal): stderr stays empty."""
+    _write_catalog(tmp_path)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    done = subprocess.run([sys.executable, "-m", "mmt_jax.main", "data", "convert", "--jsonl",
+                           "products.jsonl", "--images", "images/", "--out", "runs/tfds", "--name",
+                           "shop"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout == "catalog runs/tfds/product_catalog/shop/1.0.0: train 18, validation 6 products\n"
