@@ -102,6 +102,10 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
     """
     if not prompts:
         raise ValueError("give at least one prompt (e.g. --prompt color:)")
+    for prompt in predictor.untrained_prompts(prompts):
+        print(f"warning: the model was never trained on the prompt {prompt!r} (its training task "
+              f"asked {', '.join(map(repr, predictor.config.prompts)) or 'nothing: pretraining'}); "
+              "its answers to it are not predictions", file=sys.stderr)
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)
     count, skipped = 0, []

@@ -120,6 +120,12 @@ class Predictor:
         config, params = store.load_checkpoint(path)
         return cls(build_model(config), params, config, **kwargs)
 
+    def untrained_prompts(self, prompts: Iterable[str]) -> list[str]:
+        """Those of `prompts` the checkpoint's training task never asked (none when it did not
+        record its prompts): the model answers them anyway, with whatever it learned to say."""
+        known = self.config.prompts
+        return [] if known is None else [p for p in dict.fromkeys(prompts) if p not in known]
+
     @property
     def uses_images(self) -> bool:
         return self._image is not None

@@ -27,7 +27,7 @@ import seqio
 from clu import metric_writers
 from tqdm.auto import tqdm
 
-from mmt_jax import task_health, task_inference
+from mmt_jax import task_health, task_inference, tasks
 from mmt_jax.checkpoints.checkpointer import Checkpointer
 from mmt_jax.errors import TrainingError
 from mmt_jax.model import EncoderDecoderModel
@@ -118,6 +118,9 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
       model_kwargs: passed to the Model (label_smoothing, z_loss, ...).
     """
     model = task_inference.build_model(model_config, **dict(model_kwargs or {}))
+    # The checkpoints record what the task asked, so that infer can flag a prompt never trained.
+    model_config = dataclasses.replace(model_config,
+                                       prompts=tasks.task_prompts(mixture_or_task_name))
     try:
         partitioner = Partitioner(mesh_shape, logical_axis_rules)
     except ValueError as e:

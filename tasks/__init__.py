@@ -23,11 +23,12 @@ import os
 
 from mmt_jax.data import tfds_catalog
 from mmt_jax.tasks.catalog import (DEFAULT_ATTRIBUTES, REMOVAL_SHARES, attribute_task_names,
-                                   catalog_attribute_names, catalog_task, register_catalog_tasks)
+                                   catalog_attribute_names, catalog_task, register_catalog_tasks,
+                                   task_prompts)
 
 __all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "catalog_attribute_names",
            "catalog_task",
-           "default_data_dir", "register_catalog_tasks"]
+           "default_data_dir", "register_catalog_tasks", "task_prompts"]
 
 
 def default_data_dir() -> str:

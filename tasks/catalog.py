@@ -178,11 +178,13 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     names = []
 
     def add(name, make_examples, metric_fns=(), tokenized=(), features=text_features,
-            modalities=("image", "text")):
+            modalities=("image", "text"), prompt=None):
         """Registers `name` (with the image) and `name`_text (without): make the examples, decode
-        the image or drop it, tokenise, apply the `tokenized` steps, then append EOS."""
+        the image or drop it, tokenise, apply the `tokenized` steps, then append EOS. `prompt`:
+        what the task asks (`task_prompts`)."""
         for modality in modalities:
             with_image = modality == "image"
+            _PROMPTS[name if with_image else f"{name}_text"] = () if prompt is None else (prompt,)
             seqio.TaskRegistry.add(
                 name if with_image else f"{name}_text", source=source, metric_fns=list(metric_fns),
                 output_features={**features, **(image_outputs if with_image else {})},
@@ -210,13 +212,15 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
             add(f"{prefix}_{slugs[attribute]}_{removed}", functools.partial(
                 prompts.attribute_examples, attribute=attribute, removal_share=share,
                 with_description=with_description),
-                attribute_metrics, tokenized=keeping(prompts.attribute_prompt(attribute)))
+                attribute_metrics, tokenized=keeping(prompts.attribute_prompt(attribute)),
+                prompt=prompts.attribute_prompt(attribute))
         for suffix in ("", "_text") if attributes else ():  # no attributes: no attribute mixtures
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
                          [f"{prefix}_{slugs[a]}_{removed}{suffix}" for a in attributes], names)
-    add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1])
+    add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1],
+        prompt=prompts.TITLE_PROMPT)
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
-        tokenized=keeping(prompts.MATCH_PROMPT), modalities=("image",))
+        tokenized=keeping(prompts.MATCH_PROMPT), modalities=("image",), prompt=prompts.MATCH_PROMPT)
     for share in removal_shares if attributes else ():  # the fine-tuning tasks in one run
         removed = f"removed{round(share * 100)}"
         for suffix in ("", "_text"):
@@ -234,7 +238,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         for attribute in attributes:
             add(f"{prefix}_qa_{slugs[attribute]}_{removed}", functools.partial(
                 prompts.question_answering_examples, attribute=attribute, removal_share=share),
-                attribute_metrics, features=qa_features, modalities=("image",))
+                attribute_metrics, features=qa_features, modalities=("image",),
+                prompt=prompts.attribute_prompt(attribute))  # the Predictor's prompt for it
         _add_mixture(f"{prefix}_qa_{removed}",
                      [f"{prefix}_qa_{slugs[a]}_{removed}" for a in attributes], names)
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
@@ -245,6 +250,17 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
 
 
 _REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered with
+_PROMPTS: dict[str, tuple[str, ...]] = {}  # task -> the prompt it asks (none: pretraining)
+
+
+def task_prompts(mixture_or_task_name: str) -> tuple[str, ...] | None:
+    """The prompts a catalog task or mixture asks ("color:", "match:", "title:"), sorted; () for
+    pretraining; None for a task registered elsewhere (not known)."""
+    tasks = seqio.get_mixture_or_task(mixture_or_task_name)
+    names = [task.name for task in getattr(tasks, "tasks", [tasks])]
+    if any(name not in _PROMPTS for name in names):
+        return None
+    return tuple(sorted({prompt for name in names for prompt in _PROMPTS[name]}))
 
 
 def catalog_attribute_names(data_dir: str, catalog: str) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmt_jax import main
+from mmt_jax.checkpoints import store
 
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
 SECTION = "### Your own catalog, start to finish"
@@ -48,7 +49,7 @@ def _write_catalog(directory) -> int:
     return 24
 
 
-def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch):
+def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch, capsys):
     count = _write_catalog(tmp_path)
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()
@@ -69,6 +70,16 @@ def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch)
     rows = [json.loads(line) for line in open(tmp_path / "runs/shop/predictions.jsonl")]
     assert len(rows) == count and {row["prompt"] for row in rows} == {"product type:"}
     assert all(np.isfinite(row["score"]) for row in rows)
+
+    # The checkpoint records what its task asked; a prompt it never learned is flagged.
+    assert store.load_checkpoint("runs/shop")[0].prompts == ("product type:",)
+    capsys.readouterr()
+    assert main.run(["infer", "--checkpoint", "runs/shop", "--input", "products.jsonl", "--images",
+                     "images/", "--prompt", "product type:", "--prompt", "color:", "--out",
+                     "runs/shop/both.jsonl"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the model was never trained on the prompt 'color:' (its training task asked " \
+           "'product type:')" in err and "'product type:' " not in err.split("asked")[0]
 
 
 def test_a_command_prints_what_it_did_and_nothing_else(tmp_path):

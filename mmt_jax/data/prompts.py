@@ -12,6 +12,7 @@ import tensorflow as tf
 
 KEEP = ("id", "image", "image_features")
 MATCH_PROMPT = "match:"
+TITLE_PROMPT = "title:"
 
 
 def attribute_prompt(attribute: str) -> str:
@@ -75,7 +76,7 @@ def attribute_examples(dataset: tf.data.Dataset, attribute: str, removal_share: 
 
 def title_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """Title generation from the image alone: `inputs` "title:", `targets` the title."""
-    return dataset.map(lambda ex: _keep(ex, inputs=tf.constant("title:"), targets=ex["title"]),
+    return dataset.map(lambda ex: _keep(ex, inputs=tf.constant(TITLE_PROMPT), targets=ex["title"]),
                        num_parallel_calls=tf.data.AUTOTUNE)
 
 

@@ -30,13 +30,16 @@ class ModelConfig:
     stored images became `encoder_images` in training (MMT4 only; gin binds the task's own, see
     mmt_jax/gin/runs/catalog.gin; None in checkpoints written before it was recorded); contrastive: MMT4's
     optional contrastive image-text head (`models/contrastive.py`; None: none); sources: MoEMoE's
-    question, context and image encoders (`models/moemoe.py`; None: not MoEMoE)."""
+    question, context and image encoders (`models/moemoe.py`; None: not MoEMoE); prompts: the
+    prompts its training task asked ("color:", "match:"; `train` records them from the catalog
+    task; None: not recorded), so a prompt it never learned can be flagged."""
     t5: T5Config
     fusion: FusionConfig | None = None
     vocabulary: str | None = None
     image: ImagePreprocessing | None = None
     contrastive: ContrastiveConfig | None = None
     sources: MultiSourceConfig | None = None
+    prompts: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.contrastive is not None and self.fusion is None:
@@ -67,7 +70,7 @@ class ModelConfig:
             **dataclasses.asdict(self.sources), "image": _fusion_to_json(self.sources.image)}
         return {"t5": self.t5.to_json_dict(), "fusion": _fusion_to_json(self.fusion),
                 "vocabulary": self.vocabulary, "image": image, "contrastive": contrastive,
-                "sources": sources}
+                "sources": sources, "prompts": None if self.prompts is None else list(self.prompts)}
 
     @classmethod
     def from_json_dict(cls, fields: dict) -> "ModelConfig":
@@ -81,9 +84,11 @@ class ModelConfig:
         sources = fields.get("sources")
         if sources is not None:
             sources = MultiSourceConfig(**{**sources, "image": _fusion_from_json(sources["image"])})
+        prompts = fields.get("prompts")
         return cls(T5Config.from_json_dict(fields["t5"]), _fusion_from_json(fields.get("fusion")),
                    fields.get("vocabulary"), image,
-                   None if contrastive is None else ContrastiveConfig(**contrastive), sources)
+                   None if contrastive is None else ContrastiveConfig(**contrastive), sources,
+                   None if prompts is None else tuple(prompts))
 
 
 def _plain(value: Any) -> Any:
