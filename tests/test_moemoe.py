@@ -322,6 +322,7 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
                      f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2",
                      "--gin.TASK='qa_removed100'", "--gin.mmt4.FusionConfig.representator='patches'",
                      "--gin.mmt4.FusionConfig.patch_size=8", "--gin.mmt4.FusionConfig.feature_dim=None",
+                     "--gin.mmt4.FusionConfig.pixel_features=None",
                      "--gin.t5.t5_config.num_encoder_layers=1",
                      "--gin.t5.t5_config.num_decoder_layers=2", *common]) == 0
     printed = capsys.readouterr().out
