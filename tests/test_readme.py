@@ -1,0 +1,37 @@
+"""The README's facts that code defines, read from the README and compared with the code, so the two
+cannot drift apart (issue 18 found three that had). The README's own-catalog commands are run as
+written in test_own_catalog.py."""
+import dataclasses
+import os
+import re
+
+from mmt_jax import demo, image_spec
+from mmt_jax.task_inference import Prediction
+
+README = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"),
+              encoding="utf-8").read()
+GIN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "mmt_jax", "gin")
+
+
+def test_the_eval_prediction_fields_are_the_written_ones():
+    listed = re.search(r"`predictions/<task>\.jsonl` \(([^)]*)\)", README).group(1)
+    assert re.findall(r"`(\w+)`", listed) == [f.name for f in dataclasses.fields(Prediction)]
+
+
+def test_the_stored_features_widths_are_the_extractors_and_the_model_files():
+    spec = "efficientnet-lite0+pixels-px128"
+    vectors, width = image_spec.feature_shape(image_spec.preprocessing(spec))
+    assert f"`{spec}` (the main job's) gives {vectors} vectors of 1280 + 192 = {width}" in README
+    model_file = open(os.path.join(GIN, "models", "mmt4_tiny_lite0.gin")).read()
+    for setting in re.search(r'A model reads them as `FusionConfig\(representator="precomputed", (.*?)\)',
+                             README, re.S).group(1).split(","):
+        name, value = (part.strip() for part in setting.split("="))
+        assert re.search(rf"^\s+{name} = {value}$", model_file, re.M), setting
+
+
+def test_the_main_job_is_described_with_its_own_recipe():
+    job = demo.JOBS["table2"]
+    pretrain = demo.run.__defaults__[2]  # run(workdir, job, pretrain_steps, ...)
+    assert (f"{pretrain} pretraining and {job.finetune_steps} fine-tuning steps at batch 32, AdamW at "
+            f"{job.learning_rate:.0e}".replace("e-0", "e-")) in README.replace("\n", " ")
+    assert job.warmup_steps == 0 and "no warm-up in both" in README.replace("\n", " ")
