@@ -37,11 +37,15 @@ def _not_builder_notice(record: logging.LogRecord) -> bool:
 
 def import_tensorflow() -> None:
     """Imports TensorFlow, tensorflow-text and tensorflow-datasets quietly, hides the GPUs from
-    TensorFlow, and quiets tensorflow-datasets' notices."""
+    TensorFlow, and quiets tensorflow-datasets' notices. Where TensorFlow has already run (a second
+    command in one process), its devices are left as they are."""
     with _native_stderr_closed():
         import tensorflow as tf
         import tensorflow_text  # noqa: F401  (seqio's; it loads native ops of its own)
-        tf.config.set_visible_devices([], "GPU")
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow has run already: its devices are fixed
+            pass
     import tensorflow_datasets as tfds
     logging.getLogger("absl").addFilter(_not_builder_notice)
     if not sys.stderr.isatty():

@@ -183,3 +183,6 @@ def test_convert_takes_several_files_each_with_its_split(tmp_path, capsys):
     assert main.run(["data", "convert", "--jsonl", f"test={tmp_path}/nothing_*.jsonl",
                      "--out", out]) == 2
     assert f"error: no catalog file {tmp_path}/nothing_*.jsonl" in capsys.readouterr().err
+    assert main.run(["data", "convert", "--jsonl", f"{tmp_path}/shop_train.jsonl",
+                     f"test={tmp_path}/shop_train.jsonl", "--out", out]) == 2
+    assert "error: a catalog file is named twice" in capsys.readouterr().err

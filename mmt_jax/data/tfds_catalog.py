@@ -117,7 +117,8 @@ def jsonl_sources(specs: str | Sequence[str]) -> tuple[tuple[str, str | None], .
             raise FileNotFoundError(f"no catalog file {pattern}")
         sources += [(path, split) for path in paths]
     if len({path for path, _ in sources}) < len(sources):
-        raise ValueError(f"a catalog file is named twice: {[path for path, _ in sources]}")
+        raise records.ConversionError(f"a catalog file is named twice: "
+                                      f"{', '.join(path for path, _ in sources)}")
     return tuple(sources)
 
 
