@@ -27,8 +27,7 @@ from mmt_jax.tasks.catalog import (DEFAULT_ATTRIBUTES, REMOVAL_SHARES, attribute
                                    task_prompts)
 
 __all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "catalog_attribute_names",
-           "catalog_task",
-           "default_data_dir", "register_catalog_tasks", "task_prompts"]
+           "catalog_task", "default_data_dir", "register_catalog_tasks", "task_prompts"]
 
 
 def default_data_dir() -> str:

@@ -96,13 +96,18 @@ class CatalogSource(seqio.TfdsDataSource):
         self._catalog_dir = data_dir
         self._catalog = catalog
 
-    def describe(self, split: str) -> str:
-        """What the catalog holds in `split`: its products and the attributes they name, with
-        counts (for an error about a task that finds nothing in it)."""
+    def attribute_counts(self, split: str) -> tuple[int, collections.Counter]:
+        """(products in `split`, {attribute: products naming it}), read record by record."""
         counts, products = collections.Counter(), 0
         for record in self.get_dataset(split=split, shuffle=False).as_numpy_iterator():
             products += 1
             counts.update(name.decode("utf-8") for name in record["attribute_names"])
+        return products, counts
+
+    def describe(self, split: str) -> str:
+        """What the catalog holds in `split`: its products and the attributes they name, with
+        counts (for an error about a task that finds nothing in it)."""
+        products, counts = self.attribute_counts(split)
         named = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items())) or "none"
         return (f"catalog {self._catalog} under {self._catalog_dir} has {products} products in "
                 f"'{split}', naming the attributes: {named}; name yours with "
@@ -271,11 +276,7 @@ def catalog_attribute_names(data_dir: str, catalog: str) -> tuple[str, ...]:
         return DEFAULT_ATTRIBUTES
     recorded = tfds_catalog.catalog_attributes(data_dir, catalog)
     if recorded is None:
-        names = set()
-        for record in CatalogSource(data_dir, catalog).get_dataset(
-                split="train", shuffle=False).as_numpy_iterator():
-            names.update(name.decode("utf-8") for name in record["attribute_names"])
-        return tuple(sorted(names))
+        recorded = CatalogSource(data_dir, catalog).attribute_counts("train")[1]
     return tuple(sorted(recorded))
 
 

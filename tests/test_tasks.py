@@ -1,4 +1,5 @@
 """The registered SeqIO tasks over a small embedded catalog, run through the feature converters."""
+import os
 import numpy as np
 import pytest
 import seqio
@@ -223,6 +224,12 @@ def test_attribute_names_as_catalogs_spell_them(tmp_path):
         "colour/finish": "colour_finish"}
     # No attributes named: the catalog's own, as its metadata records them.
     assert tasks.catalog_attribute_names(out, "spelled") == tuple(sorted(spelled))
+    # A catalog written before the metadata recorded them: its training split is read for them.
+    metadata_path = os.path.join(out, "product_catalog", "spelled", "1.0.0", "metadata.json")
+    recorded = json.load(open(metadata_path))
+    json.dump({k: v for k, v in recorded.items() if k != "attributes"}, open(metadata_path, "w"))
+    assert tasks.catalog_attribute_names(out, "spelled") == tuple(sorted(spelled))
+    json.dump(recorded, open(metadata_path, "w"))
     names = tasks.register_catalog_tasks("spelled", out, "spelled")
     for attribute, value in spelled.items():
         task = f"spelled_{tasks.attribute_task_names([attribute])[attribute]}_removed0_text"

@@ -109,10 +109,11 @@ def jsonl_sources(specs: str | Sequence[str]) -> tuple[tuple[str, str | None], .
     files that name no split themselves. FileNotFoundError for a spec that names no file."""
     sources = []
     for spec in [specs] if isinstance(specs, str) else specs:
-        split, _, pattern = spec.partition("=") if spec.split("=", 1)[0] in records.SPLITS else (
-            None, "", spec)
-        paths = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else (
-            [pattern] if os.path.isfile(pattern) else [])
+        split, _, pattern = spec.partition("=")
+        if split not in records.SPLITS:  # no split given: the whole spec is the file or glob
+            split, pattern = None, spec
+        pattern = os.path.expanduser(pattern)
+        paths = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))
         if not paths:
             raise FileNotFoundError(f"no catalog file {pattern}")
         sources += [(path, split) for path in paths]
