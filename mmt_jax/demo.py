@@ -89,7 +89,9 @@ def _train(gin_files: list[str], bindings: list[str]) -> None:
                                         [f"--gin_file={f}" for f in gin_files]
                                         + [f"--gin.{b}" for b in bindings]), flush=True)
     result = gin_config.run_configured(train.train, gin_files, bindings)
-    print(f"finished at step {result.step}: loss {result.train_metrics.get('loss', float('nan')):.4f}",
+    print(f"finished at step {result.step}: loss {result.train_metrics['loss']:.4f}"
+          if "loss" in result.train_metrics else
+          f"already trained to step {result.step} (its model directory had that checkpoint)",
           flush=True)
 
 
