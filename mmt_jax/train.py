@@ -118,9 +118,11 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
       model_kwargs: passed to the Model (label_smoothing, z_loss, ...).
     """
     model = task_inference.build_model(model_config, **dict(model_kwargs or {}))
-    # The checkpoints record what the task asked, so that infer can flag a prompt never trained.
-    model_config = dataclasses.replace(model_config,
-                                       prompts=tasks.task_prompts(mixture_or_task_name))
+    # The checkpoints record what the task asked, so that infer can flag a prompt never trained,
+    # and the catalog task itself, so that eval needs only the checkpoint.
+    model_config = dataclasses.replace(
+        model_config, prompts=tasks.task_prompts(mixture_or_task_name),
+        trained_task=tasks.catalog_task_record(mixture_or_task_name))
     try:
         partitioner = Partitioner(mesh_shape, logical_axis_rules)
     except ValueError as e:

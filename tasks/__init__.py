@@ -19,21 +19,14 @@ For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR
     tasks.catalog_task.data_dir = "DIR"
     tasks.catalog_task.catalog = "shop"
 """
-import os
-
 from mmt_jax.data import tfds_catalog
 from mmt_jax.tasks.catalog import (DEFAULT_ATTRIBUTES, REMOVAL_SHARES, attribute_task_names,
-                                   catalog_attribute_names, catalog_task, register_catalog_tasks,
-                                   task_prompts)
+                                   catalog_attribute_names, catalog_task, catalog_task_record,
+                                   default_data_dir, register_catalog_tasks, task_prompts)
 
 __all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "catalog_attribute_names",
-           "catalog_task", "default_data_dir", "register_catalog_tasks", "task_prompts"]
-
-
-def default_data_dir() -> str:
-    """$MMT_JAX_DATA_DIR, else ~/.cache/mmt_jax/tensorflow_datasets."""
-    return os.environ.get("MMT_JAX_DATA_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mmt_jax", "tensorflow_datasets")
+           "catalog_task", "catalog_task_record", "default_data_dir", "register_catalog_tasks",
+           "task_prompts"]
 
 
 register_catalog_tasks("catalog", default_data_dir(), tfds_catalog.embedded_config().name)

@@ -10,7 +10,7 @@ call registers, with `P` the prefix:
   fine-tuning (MMT4 paper, section 4)
     P_<attribute>_removed<R>     "<title> <attribute>:" -> value, R% of titles without the value
                                  (<attribute> as in task names: `attribute_task_names`)
-    P_attributes_removed<R>      mixture over the attributes
+    P_attributes_removed<R>      mixture over the attributes (at `attribute_rates`, else equal)
     P_title              "title:" + image -> title
     P_match              "<title> match:" + image -> yes/no, balanced negatives
     P_multitask_removed<R>       mixture of the attribute tasks, title and match at twice their
@@ -31,14 +31,16 @@ names an extractor, the catalog's stored `image_features` and `image_mask` for
 import collections
 import functools
 import inspect
+import os
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
 from mmt_jax import image_spec, metrics
-from mmt_jax.errors import UnknownTaskError
+from mmt_jax.checkpoints import store
+from mmt_jax.errors import InputError, UnknownTaskError
 from mmt_jax.data import images, preprocessors, prompts, tfds_catalog
 from mmt_jax.data import vocabulary as vocab_lib
 
@@ -142,7 +144,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                            attributes: Sequence[str] | None = None,
                            image: image_spec.ImagePreprocessing = image_spec.ImagePreprocessing(),
                            removal_shares: Sequence[float] = REMOVAL_SHARES,
-                           with_description: bool = False) -> list[str]:
+                           with_description: bool = False,
+                           attribute_rates: Mapping[str, float] | None = None) -> list[str]:
     """Registers the tasks above for the catalog `product_catalog/<catalog>` under `data_dir`.
 
     Args:
@@ -158,6 +161,9 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
       removal_shares: shares of titles that lose the attribute value (Table 2: 1.0, 0.2, 0.0).
       with_description: attribute prompts read the description after the title (the paper: title
         only).
+      attribute_rates: `{attribute: rate}` of an attribute's task in the mixtures over attributes
+        (attributes, multitask, QA); every other task's rate is 1. For an attribute that needs more
+        steps than the others (the main job's colour: 22 values told apart by the image alone).
     Returns:
       the names of the tasks and mixtures registered.
     """
@@ -206,11 +212,12 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, tokenized=[
             truncate_text, functools.partial(objective, vocabulary=vocabulary)])
     for suffix in ("", "_text"):
-        _add_mixture(f"{prefix}_pretrain{suffix}",
-                     [f"{prefix}_span_corruption{suffix}", f"{prefix}_mlm{suffix}"], names)
+        _add_mixture(f"{prefix}_pretrain{suffix}", [(f"{prefix}_span_corruption{suffix}", 1.0),
+                                                     (f"{prefix}_mlm{suffix}", 1.0)], names)
 
     attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
     slugs = attribute_task_names(attributes)
+    rate = _attribute_rates(attributes, attribute_rates or {})
     for share in removal_shares:
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
@@ -221,7 +228,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                 prompt=prompts.attribute_prompt(attribute))
         for suffix in ("", "_text") if attributes else ():  # no attributes: no attribute mixtures
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
-                         [f"{prefix}_{slugs[a]}_{removed}{suffix}" for a in attributes], names)
+                         [(f"{prefix}_{slugs[a]}_{removed}{suffix}", rate[a]) for a in attributes],
+                         names)
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1],
         prompt=prompts.TITLE_PROMPT)
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
@@ -229,7 +237,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     for share in removal_shares if attributes else ():  # the fine-tuning tasks in one run
         removed = f"removed{round(share * 100)}"
         for suffix in ("", "_text"):
-            rates = [(f"{prefix}_{slugs[a]}_{removed}{suffix}", 1.0) for a in attributes]
+            rates = [(f"{prefix}_{slugs[a]}_{removed}{suffix}", rate[a]) for a in attributes]
             rates.append((f"{prefix}_title{suffix}", 1.0))
             if not suffix:  # matching needs the image, and learns slowest: twice the examples
                 rates.append((f"{prefix}_match", MATCH_RATE))
@@ -246,15 +254,18 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                 attribute_metrics, features=qa_features, modalities=("image",),
                 prompt=prompts.attribute_prompt(attribute))  # the Predictor's prompt for it
         _add_mixture(f"{prefix}_qa_{removed}",
-                     [f"{prefix}_qa_{slugs[a]}_{removed}" for a in attributes], names)
+                     [(f"{prefix}_qa_{slugs[a]}_{removed}", rate[a]) for a in attributes], names)
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
                                           attributes=attributes, image=image,
                                           removal_shares=removal_shares,
-                                          with_description=with_description)
+                                          with_description=with_description,
+                                          attribute_rates=attribute_rates)
+    _PREFIX_OF.update((name, prefix) for name in names)
     return names
 
 
 _REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered with
+_PREFIX_OF: dict[str, str] = {}  # task or mixture -> the prefix it was registered under
 _PROMPTS: dict[str, tuple[str, ...]] = {}  # task -> the prompt it asks (none: pretraining)
 
 
@@ -310,10 +321,13 @@ def _full_arguments(*args, **kwargs) -> dict:
     arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in bound.arguments.items()}
     if arguments["attributes"] is None:  # the same registration as naming them
         arguments["attributes"] = catalog_attribute_names(arguments["data_dir"], arguments["catalog"])
+    arguments["attribute_rates"] = dict(arguments["attribute_rates"] or {})
+    arguments["data_dir"] = os.path.abspath(arguments["data_dir"])  # "runs/tfds" is the same catalog
     return arguments
 
 
-def catalog_task(task: str, prefix: str | None, data_dir: str, catalog: str, **kwargs) -> str:
+def catalog_task(task: str | None, prefix: str | None, data_dir: str | None, catalog: str | None,
+                 recorded_by: str | None = None, **kwargs) -> str:
     """The name of `<prefix>_<task>`, registering the catalog's tasks on first use; for gin, where a
     run names its task as `MIXTURE_OR_TASK_NAME = @tasks.catalog_task()` with the catalog bound:
 
@@ -322,9 +336,21 @@ def catalog_task(task: str, prefix: str | None, data_dir: str, catalog: str, **k
         tasks.catalog_task.data_dir = "/data/tfds"
         tasks.catalog_task.catalog = "shop"
 
-    `kwargs` go to `register_catalog_tasks`. Raises ValueError if the prefix was registered with other
-    arguments, UnknownTaskError if it has no such task.
+    `kwargs` go to `register_catalog_tasks`. `recorded_by`: a checkpoint (or model directory) whose
+    training task (`catalog_task_record`) fills in every argument left None (eval: only the
+    checkpoint is needed; a catalog named explicitly keeps its own prefix). Raises ValueError if the
+    prefix was registered with other arguments, UnknownTaskError if it has no such task, InputError
+    if the task or catalog is neither given nor recorded.
     """
+    if recorded_by is not None:
+        task, prefix, data_dir, catalog, kwargs = _with_recorded(recorded_by, task, prefix, data_dir,
+                                                                 catalog, kwargs)
+    missing = [name for name, value in (("task", task), ("data_dir", data_dir), ("catalog", catalog))
+               if value is None]
+    if missing:
+        raise InputError(f"no catalog {' or '.join(missing)} given"
+                         + (f", and {recorded_by} does not record its training task (gin: TASK=...)"
+                            if recorded_by is not None else ""))
     prefix = prefix or task_name_part(catalog)
     if prefix not in _REGISTERED:
         register_catalog_tasks(prefix, data_dir, catalog, **kwargs)
@@ -340,6 +366,71 @@ def catalog_task(task: str, prefix: str | None, data_dir: str, catalog: str, **k
     return name
 
 
-def _add_mixture(name: str, tasks: list[str], names: list[str]) -> None:
-    seqio.MixtureRegistry.add(name, [(task, 1.0) for task in tasks])
+def catalog_task_record(mixture_or_task_name: str) -> dict | None:
+    """What `catalog_task` needs to register `mixture_or_task_name` again, as a JSON object (train
+    stores it in the checkpoints' ModelConfig.trained_task): the task within its catalog, the
+    prefix, the (absolute) data_dir, the catalog and the registration's settings (its image
+    preprocessing is the ModelConfig's own `image`). None for a task that is not a catalog's, or
+    registered with a vocabulary object that has no file to name."""
+    prefix = _PREFIX_OF.get(mixture_or_task_name)
+    if prefix is None:
+        return None
+    arguments = dict(_REGISTERED[prefix])
+    vocabulary = arguments["vocabulary"]
+    if isinstance(vocabulary, seqio.Vocabulary):
+        vocabulary = getattr(vocabulary, "sentencepiece_model_file", None)
+        if vocabulary is None:
+            return None
+    return {"task": mixture_or_task_name.removeprefix(f"{prefix}_"), "prefix": prefix,
+            "data_dir": arguments["data_dir"], "catalog": arguments["catalog"],
+            "vocabulary": vocabulary, "attributes": list(arguments["attributes"]),
+            "removal_shares": list(arguments["removal_shares"]),
+            "with_description": arguments["with_description"],
+            "attribute_rates": arguments["attribute_rates"]}
+
+
+def default_data_dir() -> str:
+    """$MMT_JAX_DATA_DIR, else ~/.cache/mmt_jax/tensorflow_datasets."""
+    return os.environ.get("MMT_JAX_DATA_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mmt_jax", "tensorflow_datasets")
+
+
+def _with_recorded(checkpoint: str, task, prefix, data_dir, catalog, kwargs):
+    """`catalog_task`'s arguments with those left None taken from `checkpoint`'s training task, and
+    its image preprocessing; for a checkpoint that records no task, the embedded catalog under
+    `default_data_dir()`."""
+    try:
+        config = store.load_config(checkpoint)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    record = dict(config.trained_task or {"data_dir": default_data_dir(),
+                                          "catalog": tfds_catalog.embedded_config().name})
+    same_catalog = catalog is None or catalog == record["catalog"]
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
+                if k not in ("task", "prefix", "data_dir", "catalog")}
+    if config.image is not None:
+        settings["image"] = config.image
+    kwargs = {**settings, **{k: v for k, v in kwargs.items() if v is not None}}
+    return (task if task is not None else record.get("task"),
+            prefix if prefix is not None else (record.get("prefix") if same_catalog else None),
+            data_dir if data_dir is not None else record["data_dir"],
+            catalog if catalog is not None else record["catalog"], kwargs)
+
+
+def _attribute_rates(attributes: Sequence[str], rates: Mapping[str, float]) -> dict[str, float]:
+    """Every attribute's mixing rate: `rates`' or 1; a rate for an attribute the catalog does not
+    name, or one not above 0, is a ValueError naming it."""
+    unknown = sorted(set(rates) - set(attributes))
+    if unknown:
+        raise ValueError(f"attribute_rates names {', '.join(map(repr, unknown))}, which the tasks do "
+                         f"not have; their attributes: {', '.join(map(repr, attributes))}")
+    for attribute, rate in rates.items():
+        if not rate > 0:
+            raise ValueError(f"attribute_rates[{attribute!r}] is {rate!r}; a rate must be above 0")
+    return {attribute: float(rates.get(attribute, 1.0)) for attribute in attributes}
+
+
+def _add_mixture(name: str, rates: list[tuple[str, float]], names: list[str]) -> None:
+    """Registers mixture `name` over `(task, rate)` pairs and appends it to `names`."""
+    seqio.MixtureRegistry.add(name, rates)
     names.append(name)

@@ -139,7 +139,7 @@ def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsy
 @pytest.mark.parametrize("command, expected", [
     ("train", [r"MODEL_DIR\s+required", r"DATA_DIR\s+@tasks.default_data_dir\(\)\s+# \$MMT_JAX_DATA_DIR",
                r'CATALOG\s+"embedded-n3000-s0-px128"', r"LEARNING_RATE\s+2e-4", r"BATCH_SIZE\s+32"]),
-    ("eval", [r"CHECKPOINT_PATH\s+required", r'EVAL_SPLIT\s+"validation"', r"TASK\s+required",
+    ("eval", [r"CHECKPOINT_PATH\s+required", r'EVAL_SPLIT\s+"validation"', r"TASK\s+None\s+# the checkpoint's training task",
               r'TASK_FEATURE_LENGTHS\s+\{"inputs": 64, "targets": 16\}']),
 ])
 def test_help_lists_the_gin_settings_with_their_defaults(command, expected, capsys):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmt_jax import main
+from mmt_jax import main, tasks
 from mmt_jax.checkpoints import store
 
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
@@ -71,8 +71,15 @@ def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch,
     assert len(rows) == count and {row["prompt"] for row in rows} == {"product type:"}
     assert all(np.isfinite(row["score"]) for row in rows)
 
-    # The checkpoint records what its task asked; a prompt it never learned is flagged.
-    assert store.load_checkpoint("runs/shop")[0].prompts == ("product type:",)
+    # The checkpoint records what its task asked (a prompt it never learned is flagged) and the
+    # catalog task itself, which eval above read with nothing but the checkpoint.
+    config = store.load_checkpoint("runs/shop")[0]
+    assert config.prompts == ("product type:",)
+    assert config.trained_task == {
+        "task": "attributes_removed100", "prefix": "shop", "catalog": "shop",
+        "data_dir": os.path.join(os.getcwd(), "runs/tfds"), "vocabulary": None, "attributes": ["product type"],
+        "removal_shares": list(tasks.REMOVAL_SHARES), "with_description": False,
+        "attribute_rates": {}}
     capsys.readouterr()
     assert main.run(["infer", "--checkpoint", "runs/shop", "--input", "products.jsonl", "--images",
                      "images/", "--prompt", "product type:", "--prompt", "color:", "--out",

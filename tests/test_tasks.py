@@ -247,3 +247,29 @@ def test_attribute_names_as_catalogs_spell_them(tmp_path):
     assert not any("removed" in name or name.endswith("_qa") for name in names)
     with pytest.raises(UnknownTaskError, match="no catalog task 'attributes_removed100'; "):
         tasks.catalog_task("attributes_removed100", "spelled_none", out, "spelled", attributes=())
+
+
+def test_attribute_rates_set_each_attributes_share_of_the_mixtures(tmp_path):
+    """`attribute_rates` weights an attribute's task in every mixture over attributes; the sampled
+    batches follow it (colour at 3 among five attributes: 3/7 of the examples)."""
+    out = str(tmp_path / "tfds")
+    config = tfds_catalog.embedded_config(num_products=60, seed=1, image_size=32)
+    tfds_catalog.prepare(config, out, num_shards=1)
+    tasks.register_catalog_tasks("rated", out, config.name, attribute_rates={"color": 3},
+                                 image=image_spec.ImagePreprocessing(size=32))
+    for mixture in ("rated_attributes_removed100", "rated_attributes_removed100_text",
+                    "rated_multitask_removed100", "rated_qa_removed20"):
+        rates = {t.name: seqio.get_mixture_or_task(mixture).get_rate(t)
+                 for t in seqio.get_mixture_or_task(mixture).tasks if "_removed" in t.name}
+        assert sorted(rates.values()) == [1.0, 1.0, 1.0, 1.0, 3.0]
+        assert all(r == 3.0 for n, r in rates.items() if "_color_" in n)
+    examples = seqio.get_mixture_or_task("rated_attributes_removed100_text").get_dataset(
+        LENGTHS, split="train", shuffle=True, seed=0).take(1400)
+    vocabulary = vocab_lib.vocabulary(None)  # mixtures keep the tokens, not the texts
+    colour = sum(vocabulary.decode(ex["inputs"].tolist()).endswith("color:")
+                 for ex in examples.as_numpy_iterator())
+    assert abs(colour / 1400 - 3 / 7) < 0.05  # binomial sd 0.013
+    with pytest.raises(ValueError, match="names 'colour', which the tasks do not have"):
+        tasks.register_catalog_tasks("rated_typo", out, config.name, attribute_rates={"colour": 3})
+    with pytest.raises(ValueError, match=r"attribute_rates\['color'\] is 0"):
+        tasks.register_catalog_tasks("rated_zero", out, config.name, attribute_rates={"color": 0})

@@ -4,6 +4,7 @@ report and plots; infer and the Predictor give the eval pipeline's predictions; 
 non-finite loss, a gin typo, an unknown task, a missing checkpoint, a batch the mesh cannot split,
 a too-long text, a corrupt image and a bad input record."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmt_jax import main
+from mmt_jax import main, tasks
 from mmt_jax.partitioning import Partitioner
 from mmt_jax.checkpoints import digests, store
 from mmt_jax.checkpoints.checkpointer import Checkpointer
@@ -247,6 +248,30 @@ def test_non_finite_loss_stops_and_names_the_step(data_dir, tmp_path, capsys):
         "the last good checkpoint is" in err)
 
 
+def test_eval_needs_only_the_checkpoint(uninterrupted, tmp_path, capsys):
+    """The checkpoint records its catalog task (`ModelConfig.trained_task`): eval given nothing else
+    evaluates the tasks it was trained on, on its catalog, with its images; one that records none
+    needs TASK."""
+    model_dir, data_dir, _ = uninterrupted
+    config, params = store.load_checkpoint(model_dir)
+    assert config.trained_task["task"] == "attributes_removed100"
+    assert config.trained_task["data_dir"] == os.path.abspath(data_dir)
+    only = ["eval", "--gin_file=runs/eval.gin", "--gin.BATCH_SIZE=8",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}"]
+    assert main.run(only + [f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                            f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert sorted(report["tasks"]) == sorted(f"train_test_{a}_removed100"
+                                             for a in tasks.DEFAULT_ATTRIBUTES)
+    unrecorded = str(tmp_path / "unrecorded")
+    store.save_checkpoint(unrecorded, params, dataclasses.replace(config, trained_task=None))
+    capsys.readouterr()
+    assert main.run(only + [f"--gin.CHECKPOINT_PATH='{unrecorded}'",
+                            f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval2'}'"]) == 2
+    assert f"no catalog task given, and {unrecorded} does not record its training task" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--gin.train.train.total_stepz=3"], "gin:"),
     (["--gin.TASK='colour_removed100'"], "no catalog task 'colour_removed100'"),
@@ -308,7 +333,7 @@ def _eval_args(data_dir, checkpoint, output_dir, task, *extra):
     return ["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
             f"--gin.EVAL_OUTPUT_DIR='{output_dir}'", f"--gin.TASK='{task}'",
             "--gin.CATALOG_PREFIX='train_test'", f"--gin.DATA_DIR='{data_dir}'",
-            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16", "--gin.BATCH_SIZE=8",
+            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.BATCH_SIZE=8",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", *extra]
 
 
@@ -341,7 +366,8 @@ def test_eval_binary_writes_the_report_predictions_and_plots(uninterrupted, tmp_
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--gin.IMAGE_SIZE=32", "--gin.CATALOG_PREFIX='train_test_px32'"], "preprocesses images as"),
+    (["--gin.IMAGE=@image_spec.ImagePreprocessing()", "--gin.IMAGE_SIZE=32",
+      "--gin.CATALOG_PREFIX='train_test_px32'"], "preprocesses images as"),
     (["--gin.CHECKPOINT_PATH='/nowhere'"], "no such checkpoint directory"),
     (["--gin.TASK='pretrain'"], "has no task with inference metrics"),
 ])

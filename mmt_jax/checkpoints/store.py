@@ -76,10 +76,7 @@ def resolve(directory: str) -> str:
 def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
     """Reads `(config, params)` back (params as numpy arrays on the host) from a checkpoint, or from
     the newest one of a model directory (`resolve`)."""
-    directory = resolve(directory)
-    for item in ("params", "model_config"):
-        if not os.path.exists(os.path.join(directory, item)):
-            raise FileNotFoundError(f"{directory}: not an mmt_jax checkpoint (no '{item}' item)")
+    directory = _checked(directory)
     with digests.reading(directory, digests.verify(directory)):
         # Read every array onto this host's first device whatever mesh wrote it (without a target,
         # orbax insists on the saving topology, e.g. the 2 processes x 2 devices of a multi-host run).
@@ -93,6 +90,24 @@ def load_checkpoint(directory: str) -> tuple[ModelConfig, dict]:
             params=ocp.args.StandardRestore(target), model_config=ocp.args.JsonRestore()))
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     return ModelConfig.from_json_dict(restored["model_config"]), params
+
+
+def load_config(directory: str) -> ModelConfig:
+    """The ModelConfig of a checkpoint (or of a model directory's newest), without its params."""
+    directory = _checked(directory)
+    with digests.reading(directory, digests.verify(directory)):
+        restored = _checkpointer().restore(directory, ocp.args.Composite(
+            model_config=ocp.args.JsonRestore()))
+    return ModelConfig.from_json_dict(restored["model_config"])
+
+
+def _checked(directory: str) -> str:
+    """`resolve(directory)`, which must hold both items of a checkpoint."""
+    directory = resolve(directory)
+    for item in ("params", "model_config"):
+        if not os.path.exists(os.path.join(directory, item)):
+            raise FileNotFoundError(f"{directory}: not an mmt_jax checkpoint (no '{item}' item)")
+    return directory
 
 
 def initialize_from(fresh_params, pretrained_params):

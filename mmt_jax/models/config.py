@@ -32,7 +32,10 @@ class ModelConfig:
     optional contrastive image-text head (`models/contrastive.py`; None: none); sources: MoEMoE's
     question, context and image encoders (`models/moemoe.py`; None: not MoEMoE); prompts: the
     prompts its training task asked ("color:", "match:"; `train` records them from the catalog
-    task; None: not recorded), so a prompt it never learned can be flagged."""
+    task; None: not recorded), so a prompt it never learned can be flagged; trained_task: the
+    catalog task it was trained on, as `tasks.catalog_task` registers it again (a JSON object:
+    task, prefix, data_dir, catalog and the registration's settings; `tasks.catalog_task_record`;
+    None: not a catalog task, or not recorded), so eval needs only the checkpoint."""
     t5: T5Config
     fusion: FusionConfig | None = None
     vocabulary: str | None = None
@@ -40,6 +43,7 @@ class ModelConfig:
     contrastive: ContrastiveConfig | None = None
     sources: MultiSourceConfig | None = None
     prompts: tuple[str, ...] | None = None
+    trained_task: dict | None = dataclasses.field(default=None, hash=False)  # a dict: unhashable
 
     def __post_init__(self):
         if self.contrastive is not None and self.fusion is None:
@@ -70,7 +74,8 @@ class ModelConfig:
             **dataclasses.asdict(self.sources), "image": _fusion_to_json(self.sources.image)}
         return {"t5": self.t5.to_json_dict(), "fusion": _fusion_to_json(self.fusion),
                 "vocabulary": self.vocabulary, "image": image, "contrastive": contrastive,
-                "sources": sources, "prompts": None if self.prompts is None else list(self.prompts)}
+                "sources": sources, "prompts": None if self.prompts is None else list(self.prompts),
+                "trained_task": self.trained_task}
 
     @classmethod
     def from_json_dict(cls, fields: dict) -> "ModelConfig":
@@ -88,7 +93,7 @@ class ModelConfig:
         return cls(T5Config.from_json_dict(fields["t5"]), _fusion_from_json(fields.get("fusion")),
                    fields.get("vocabulary"), image,
                    None if contrastive is None else ContrastiveConfig(**contrastive), sources,
-                   None if prompts is None else tuple(prompts))
+                   None if prompts is None else tuple(prompts), fields.get("trained_task"))
 
 
 def _plain(value: Any) -> Any:
