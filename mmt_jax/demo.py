@@ -8,18 +8,22 @@ Both:
    image's EfficientNet-Lite0 features at 128 px (ImageNet weights, frozen: a 4x4 map of 1280-d
    vectors plus each cell's pixels, `vision/extractors.py`), computed once there.
 2. Pretrain a tiny MMT4 (T5.1.1 tiny reading those 32 stored vectors, `models/mmt4_tiny_lite0.gin`)
-   for 300 steps on span corruption + MLM (`mmt_jax/gin/runs/catalog.gin`).
-3. Fine-tune it from its pretrained checkpoint (`pretrain_steps=0`: from scratch, no step 2) (the attribute prompt is the title followed by the
-   description, every attribute value removed from the titles) and decode the validation products.
+   for 300 steps on span corruption + MLM (`mmt_jax/gin/runs/catalog.gin`; table2 also on the title
+   from the image, `pretrain_titles`).
+3. Fine-tune it from its pretrained checkpoint (`pretrain_steps=0`: from scratch, no step 2; the
+   attribute prompt is the title followed by the description, every attribute value removed from
+   the titles) and decode the validation products.
 
 `table2` also pretrains and fine-tunes the same T5 without the image branch on the same text, fine-
-tunes both on the attribute tasks alone (`attributes_removed100`) and prints, per attribute, T5's
-and MMT4's accuracy: colour, pattern and sleeve type are only in the image, brand and material in
-the description, so MMT4 should win on the first three and tie on the other two.
+tunes both on the attribute tasks alone (`attributes_removed100`, colour at 3 times the others'
+rate: 22 values told apart by the image alone), AdamW at 1e-3 with a 100-step warm-up in every run,
+and prints, per attribute, T5's and MMT4's accuracy: colour, pattern and sleeve type are only in the
+image, brand and material in the description, so MMT4 should win on the first three and tie on the
+other two.
 
 `multitask` is the recipe of README "Training that does not collapse": MMT4 with the contrastive
-head (`runs/contrastive.gin`) in both runs, AdamW at 6.7e-4 with a 100-step warm-up (table2: 2e-3,
-none), fine-tuned on the attributes, title generation and image-text matching at once
+head (`runs/contrastive.gin`) in both runs, AdamW at 6.7e-4 with a 100-step warm-up, fine-tuned
+on the attributes (every one at the same rate), title generation and image-text matching at once
 (`multitask_removed100`); it prints
 the attribute accuracies, matching by generation and by the head (ROC-AUC, PR-AUC, pairs/s),
 image -> title retrieval (recall@1, @10) and title ROUGE-1 on validation beside training products.
@@ -53,9 +57,13 @@ class Job:
     learning_rate: AdamW's peak rate in both runs (`run`'s default).
     warmup_steps: AdamW's linear warm-up, then linear decay.
     finetune_steps: fine-tuning steps.
+    attribute_rates: `{attribute: rate}` in the fine-tuning mixture, others 1
+      (`tasks.catalog_task.attribute_rates`).
+    pretrain_task: the pretraining task (T5: its `_text` twin).
     image_text: also report MMT4's matching, retrieval and titles.
     runs: the model directories' suffix under the workdir (`mmt4<runs>`, `mmt4<runs>_pretrain`), so
-      the jobs share one workdir and its catalog.
+      the jobs share one workdir and its catalog, and of the task prefix (`demo<runs>`), so both
+      jobs can run in one process with their own mixing rates.
     """
     models: tuple[str, ...]
     finetune_task: str
@@ -65,14 +73,17 @@ class Job:
     warmup_steps: int
     finetune_steps: int
     image_text: bool
+    attribute_rates: dict = dataclasses.field(default_factory=dict)
+    pretrain_task: str = "pretrain"
     runs: str = ""
 
 
 # Titles are at most 18 catalog tokens: the multitask job's targets and paired texts take 20.
 JOBS = {
     "table2": Job(("T5", "MMT4"), "attributes_removed100", {"inputs": 64, "targets": 8},
-                  contrastive=False, learning_rate=2e-3, warmup_steps=0, finetune_steps=1000,
-                  image_text=False),
+                  contrastive=False, learning_rate=1e-3, warmup_steps=100, finetune_steps=1000,
+                  image_text=False, attribute_rates={"color": 3.0},
+                  pretrain_task="pretrain_titles"),
     "multitask": Job(("MMT4",), "multitask_removed100",
                      {"inputs": 64, "targets": 20, "pair_text": 20},
                      contrastive=True, learning_rate=6.7e-4, warmup_steps=100,
@@ -109,12 +120,15 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "tfds")
     catalog = f"embedded-n{num_products}-s0-px128-{image_features}"
+    prefix = "demo" + spec.runs
     # One catalog and one task registration for both models: T5's text-only twins of the tasks
     # drop the stored features, MMT4's read them.
     common = [f'IMAGE_FEATURES="{image_features}"', f'DATA_DIR="{data_dir}"',
               f'CATALOG="{catalog}"', f"BATCH_SIZE={batch_size}",
               f"LEARNING_RATE={learning_rate:g}", f"WARMUP_STEPS={spec.warmup_steps}",
-              "tasks.catalog_task.with_description=True", 'CATALOG_PREFIX="demo"',
+              "tasks.catalog_task.with_description=True", f'CATALOG_PREFIX="{prefix}"',
+              *([f"tasks.catalog_task.attribute_rates={json.dumps(spec.attribute_rates)}"]
+                if spec.attribute_rates else []),
               "train.train.log_period=100", "train.train.checkpoint_period=100000"]
     for name in spec.models:
         model_gin, suffix = MODELS[name]
@@ -127,7 +141,7 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
         start_from = []
         if pretrain_steps:
             _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
-                               f'TASK="pretrain{suffix}"', "TASK_FEATURE_LENGTHS="
+                               f'TASK="{spec.pretrain_task}{suffix}"', "TASK_FEATURE_LENGTHS="
                                + json.dumps({"inputs": 48, "targets": 48, **pair}), *common])
             start_from = [f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"']
         # The multitask job evaluates once at the end, so the collapse check (from its first
@@ -148,7 +162,7 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
                                            f"checkpoint_{finetune_steps}"))
         accuracy[name] = {}
         for attribute in attributes:
-            task = f"demo_{attribute}_removed100{suffix}"
+            task = f"{prefix}_{attribute}_removed100{suffix}"
             predictions = task_inference.predict_task(model, params, task, "validation", lengths,
                                                       64)
             accuracy[name][attribute] = task_inference.evaluate_task(
@@ -159,7 +173,7 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
     if spec.image_text:
         accuracy["MMT4 image-text"] = _image_text_report(
             *_load(os.path.join(workdir, "mmt4" + spec.runs, f"checkpoint_{finetune_steps}")),
-            spec.lengths)
+            spec.lengths, prefix)
     print(f"\nmain job finished in {(time.time() - start) / 60:.1f} min; checkpoints under {workdir}")
     return accuracy
 
@@ -177,15 +191,18 @@ def _timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def _image_text_report(model, params, pair_lengths, batch_size: int = 64) -> dict[str, float]:
+def _image_text_report(model, params, pair_lengths, prefix: str,
+                       batch_size: int = 64) -> dict[str, float]:
     """MMT4's matching (generative and by the contrastive head), retrieval and title figures on the
-    validation split, printed as tables; returns them."""
+    validation split of the tasks `<prefix>_match` and `<prefix>_title`, printed as tables; returns
+    them."""
+    match, title = f"{prefix}_match", f"{prefix}_title"
     report = {}
     lengths = {k: v for k, v in pair_lengths.items() if k != "pair_text"}
-    answers, seconds = _timed(task_inference.predict_task, model, params, "demo_match",
+    answers, seconds = _timed(task_inference.predict_task, model, params, match,
                               "validation", lengths, batch_size)
-    generative = task_inference.evaluate_task("demo_match", answers)
-    pairs, head_seconds = _timed(retrieval.embed_task, model, params, "demo_match", "validation",
+    generative = task_inference.evaluate_task(match, answers)
+    pairs, head_seconds = _timed(retrieval.embed_task, model, params, match, "validation",
                                  pair_lengths, batch_size)
     head = metrics.ranking_metrics(pairs.labels > 0, pairs.cosines())
     print(f"\nImage-text matching, {len(answers)} validation pairs (half of them true; the text-only "
@@ -199,7 +216,7 @@ def _image_text_report(model, params, pair_lengths, batch_size: int = 64) -> dic
         report |= {f"match_{key}_roc_auc": result["match_roc_auc"],
                    f"match_{key}_pr_auc": result["match_pr_auc"],
                    f"match_{key}_pairs_per_second": len(answers) / time_taken}
-    products = retrieval.embed_task(model, params, "demo_title", "validation", pair_lengths,
+    products = retrieval.embed_task(model, params, title, "validation", pair_lengths,
                                     batch_size)
     recall = retrieval.recall_at_k(products)
     print(f"\nImage -> title retrieval by the contrastive head among the "
@@ -208,10 +225,10 @@ def _image_text_report(model, params, pair_lengths, batch_size: int = 64) -> dic
     report |= {k: v for k, v in recall.items() if k.startswith("recall")}
     rouge, titles = {}, {}
     for split in ("validation", "train"):
-        titles[split] = task_inference.predict_task(model, params, "demo_title", split, lengths,
+        titles[split] = task_inference.predict_task(model, params, title, split, lengths,
                                                     batch_size, max_examples=len(products.text))
         rouge[split] = task_inference.evaluate_task(
-            "demo_title", titles[split])["title_rouge1_recall"]
+            title, titles[split])["title_rouge1_recall"]
     example = titles["validation"][0]
     print(f"Title generation from the image, ROUGE-1 recall: validation {rouge['validation']:.3f}, "
           f"training products {rouge['train']:.3f} (first {len(products.text)}); e.g. "

@@ -7,6 +7,9 @@ call registers, with `P` the prefix:
     P_span_corruption    title + description, noise density 0.2, mean span 2, <extra_id_0..98>
     P_mlm                same text, 30% of tokens -> <extra_id_99>, target the full text
     P_pretrain           mixture of the two
+    P_pretrain_titles    the two and P_title (the title from the image) at equal rates: beyond the
+                         paper, the image branch learns in pretraining too (README "Why colour was
+                         hard": text-only pretraining taught MMT4 to read colours from words)
   fine-tuning (MMT4 paper, section 4)
     P_<attribute>_removed<R>     "<title> <attribute>:" -> value, R% of titles without the value
                                  (<attribute> as in task names: `attribute_task_names`)
@@ -211,9 +214,6 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     for objective in (preprocessors.span_corruption, preprocessors.mlm):
         add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, tokenized=[
             truncate_text, functools.partial(objective, vocabulary=vocabulary)])
-    for suffix in ("", "_text"):
-        _add_mixture(f"{prefix}_pretrain{suffix}", [(f"{prefix}_span_corruption{suffix}", 1.0),
-                                                     (f"{prefix}_mlm{suffix}", 1.0)], names)
 
     attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
     slugs = attribute_task_names(attributes)
@@ -234,6 +234,11 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
         prompt=prompts.TITLE_PROMPT)
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
         tokenized=keeping(prompts.MATCH_PROMPT), modalities=("image",), prompt=prompts.MATCH_PROMPT)
+    for suffix in ("", "_text"):
+        text_objectives = [f"{prefix}_span_corruption{suffix}", f"{prefix}_mlm{suffix}"]
+        _add_mixture(f"{prefix}_pretrain{suffix}", [(t, 1.0) for t in text_objectives], names)
+        _add_mixture(f"{prefix}_pretrain_titles{suffix}",
+                     [(t, 1.0) for t in text_objectives + [f"{prefix}_title{suffix}"]], names)
     for share in removal_shares if attributes else ():  # the fine-tuning tasks in one run
         removed = f"removed{round(share * 100)}"
         for suffix in ("", "_text"):

@@ -108,8 +108,10 @@ def test_demo_runs_the_main_job_and_prints_the_table(demo_workdir, capsys):
     assert all(0 <= a <= 1 for model in accuracy.values() for a in model.values())
     assert "| color |" in out and "| sleeve_type |" in out and "Examples (" in out
     assert "$ mmt-jax train --gin_file=runs/catalog.gin --gin_file=models/mmt4_tiny_lite0.gin" in out
-    assert "--gin.LEARNING_RATE=0.002 " in out
+    assert "--gin.LEARNING_RATE=0.001 --gin.WARMUP_STEPS=100 " in out
+    assert """'--gin.tasks.catalog_task.attribute_rates={"color": 3.0}'""" in out
     config, params = store.load_checkpoint(str(tmp_path / "mmt4" / "checkpoint_2"))
+    assert config.trained_task["attribute_rates"] == {"color": 3.0}
     assert config.fusion.representator == "precomputed" and "image_fusion" in params
     assert config.image.extractor == "efficientnet-lite0+pixels"  # the demo's stored features
     assert config.contrastive is None

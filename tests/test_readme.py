@@ -32,6 +32,7 @@ def test_the_stored_features_widths_are_the_extractors_and_the_model_files():
 def test_the_main_job_is_described_with_its_own_recipe():
     job = demo.JOBS["table2"]
     pretrain = demo.run.__defaults__[2]  # run(workdir, job, pretrain_steps, ...)
+    rate = f"{job.learning_rate:.0e}".replace("e-0", "e-")
     assert (f"{pretrain} pretraining and {job.finetune_steps} fine-tuning steps at batch 32, AdamW at "
-            f"{job.learning_rate:.0e}".replace("e-0", "e-")) in README.replace("\n", " ")
-    assert job.warmup_steps == 0 and "no warm-up in both" in README.replace("\n", " ")
+            f"{rate} with a {job.warmup_steps}-step warm-up") in README.replace("\n", " ")
+    assert job.attribute_rates == {"color": 3.0} and "colour at 3 times" in README.replace("\n", " ")

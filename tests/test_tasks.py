@@ -44,6 +44,11 @@ def test_every_task_and_mixture_is_registered(registered):
     text_twin = {t.name for t in seqio.get_mixture_or_task(
         "test_catalog_multitask_removed100_text").tasks}
     assert text_twin == {f"{name}_text" for name in multitask - {"test_catalog_match"}}
+    for suffix in ("", "_text"):
+        with_titles = {t.name for t in seqio.get_mixture_or_task(
+            f"test_catalog_pretrain_titles{suffix}").tasks}
+        assert with_titles == {f"test_catalog_{objective}{suffix}"
+                               for objective in ("span_corruption", "mlm", "title")}
 
 
 def test_multimodal_tasks_give_the_model_batch(registered):
