@@ -4,8 +4,9 @@ written in test_own_catalog.py."""
 import dataclasses
 import os
 import re
+import shlex
 
-from mmt_jax import demo, image_spec
+from mmt_jax import demo, gin_config, image_spec
 from mmt_jax.task_inference import Prediction
 
 README = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"),
@@ -36,3 +37,29 @@ def test_the_main_job_is_described_with_its_own_recipe():
     assert (f"{pretrain} pretraining and {job.finetune_steps} fine-tuning steps at batch 32, AdamW at "
             f"{rate} with a {job.warmup_steps}-step warm-up") in README.replace("\n", " ")
     assert job.attribute_rates == {"color": 3.0} and "colour at 3 times" in README.replace("\n", " ")
+
+
+def _readme_gin_commands():
+    """(command line, gin files, settings bound) of every `mmt-jax train|eval` line in the README."""
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", README, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            if not line.split(maxsplit=1) or not line.split()[0].endswith("mmt-jax"):
+                continue
+            words = shlex.split(line.strip(), comments=True)
+            if len(words) > 1 and words[1] in ("train", "eval"):
+                files = [w.split("=", 1)[1] for w in words if w.startswith("--gin_file=")]
+                bound = [w[len("--gin."):].split("=", 1)[0] for w in words if w.startswith("--gin.")]
+                yield line.strip(), files, bound
+
+
+def test_every_setting_a_readme_command_binds_exists_in_its_gin_files():
+    """A setting renamed in the gin files (or misspelt in the README) would be a new, unused gin
+    macro and change nothing: every upper-case `--gin.NAME=` of a README command is defined by the
+    gin files the command reads."""
+    commands = list(_readme_gin_commands())
+    assert len(commands) >= 8
+    for line, files, bound in commands:
+        defined = {name for f in files for name, _, _ in gin_config.settings(f)}
+        for name in bound:
+            if name.isupper():
+                assert name in defined, f"{name} in: {line}"
