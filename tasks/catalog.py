@@ -380,18 +380,15 @@ def catalog_task_record(mixture_or_task_name: str) -> dict | None:
     prefix = _PREFIX_OF.get(mixture_or_task_name)
     if prefix is None:
         return None
-    arguments = dict(_REGISTERED[prefix])
-    vocabulary = arguments["vocabulary"]
-    if isinstance(vocabulary, seqio.Vocabulary):
-        vocabulary = getattr(vocabulary, "sentencepiece_model_file", None)
-        if vocabulary is None:
-            return None
-    return {"task": mixture_or_task_name.removeprefix(f"{prefix}_"), "prefix": prefix,
-            "data_dir": arguments["data_dir"], "catalog": arguments["catalog"],
-            "vocabulary": vocabulary, "attributes": list(arguments["attributes"]),
-            "removal_shares": list(arguments["removal_shares"]),
-            "with_description": arguments["with_description"],
-            "attribute_rates": arguments["attribute_rates"]}
+    record = {"task": mixture_or_task_name.removeprefix(f"{prefix}_")}
+    for name, value in _REGISTERED[prefix].items():  # `_full_arguments`: tuples, absolute data_dir
+        if isinstance(value, seqio.Vocabulary):
+            value = getattr(value, "sentencepiece_model_file", None)
+            if value is None:
+                return None
+        if name != "image":
+            record[name] = list(value) if isinstance(value, tuple) else value
+    return record
 
 
 def default_data_dir() -> str:
@@ -411,7 +408,7 @@ def _with_recorded(checkpoint: str, task, prefix, data_dir, catalog, kwargs):
     record = dict(config.trained_task or {"data_dir": default_data_dir(),
                                           "catalog": tfds_catalog.embedded_config().name})
     same_catalog = catalog is None or catalog == record["catalog"]
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
+    settings = {k: v for k, v in record.items()
                 if k not in ("task", "prefix", "data_dir", "catalog")}
     if config.image is not None:
         settings["image"] = config.image
