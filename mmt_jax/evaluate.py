@@ -20,6 +20,7 @@ import jax
 import seqio
 
 from mmt_jax import eval_plots, task_health
+from mmt_jax import tasks as catalog_tasks
 from mmt_jax.checkpoints import store
 from mmt_jax.errors import InputError
 from mmt_jax.task_inference import (build_model, evaluate_task, get_task, leaf_tasks,
@@ -37,6 +38,7 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
         raise InputError(f"{mixture_or_task_name!r} has no task with inference metrics to evaluate")
     path = store.resolve(checkpoint_path)
     config, params = store.load_checkpoint(path)
+    catalog_tasks.check_text_sources(mixture_or_task_name, config.text_sources)
     for task in tasks:
         _check_image_preprocessing(task, config, path)
     model = build_model(config)

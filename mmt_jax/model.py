@@ -29,9 +29,8 @@ from mmt_jax.losses import (DEFAULT_LOSS, NUM_REAL_TARGET_TOKENS, LossConfig,  #
 Batch = Mapping[str, jax.Array]
 FLOAT_FEATURES = {"encoder_images": jnp.float32, "encoder_image_features": jnp.float32}
 IMAGE_FEATURES = ("encoder_images", "encoder_image_features", "encoder_image_mask")
-# MoEMoE's question beside the context (`models/moemoe.py`).
-ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_question_tokens") + \
-    IMAGE_FEATURES
+# MoEMoE's also reads its question and further text sources (`MultiSourceConfig.token_features`).
+ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids") + IMAGE_FEATURES
 # Read by the contrastive head only (data/feature_converter.py): the text paired with each row's
 # image and whether it describes that image (1) or not / there is none (0).
 PAIR_FEATURES = ("pair_text_tokens", "pair_label")
@@ -39,9 +38,6 @@ NOT_MODULE_INPUTS = ("decoder_loss_weights",) + PAIR_FEATURES
 # What every MoE layer sows into `intermediates` (DESIGN.md; t5x contrib/moe reads the same names).
 MOE_STATISTICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage",
                   "router_confidence")
-# What MoEMoE's encoder front sows (`models/moemoe.py`), with its `MultiSourceConfig` weight.
-ALIGNMENT_LOSSES = {"question_context_alignment_loss": "question_context_weight",
-                    "question_image_alignment_loss": "question_image_weight"}
 
 
 def model_class(module) -> type["EncoderDecoderModel"]:
@@ -92,12 +88,11 @@ class EncoderDecoderModel:
                   else getattr(module, "encoder_input", None))
         if feature_converter_cls is None and fusion is not None:
             stored = fusion.representator == "precomputed"
-            feature_converter_cls = {
-                (False, False): feature_converter.MultimodalEncDecFeatureConverter,
-                (True, False): feature_converter.MultimodalFeaturesEncDecFeatureConverter,
-                (False, True): feature_converter.MultiSourceEncDecFeatureConverter,
-                (True, True): feature_converter.MultiSourceFeaturesEncDecFeatureConverter,
-            }[stored, sources is not None]
+            feature_converter_cls = (
+                feature_converter.multi_source_converter(stored, sources.text_sources[1:])
+                if sources is not None else
+                feature_converter.MultimodalFeaturesEncDecFeatureConverter if stored else
+                feature_converter.MultimodalEncDecFeatureConverter)
         if feature_converter_cls is not None:
             self.FEATURE_CONVERTER_CLS = feature_converter_cls
         self._input_vocabulary = input_vocabulary
@@ -188,8 +183,8 @@ class EncoderDecoderModel:
         sources = getattr(self.module, "sources", None)
         if sources is None:
             return {}
-        return {name: (getattr(sources, weight), jnp.asarray(intermediates[name][0]))
-                for name, weight in ALIGNMENT_LOSSES.items()}
+        return {name: (weight, jnp.asarray(intermediates[name][0]))
+                for name, weight in sources.alignment_weights().items()}
 
     def loss_from_logits_and_sown(self, logits, intermediates, batch: Batch):
         """The cross-entropy loss plus every sown loss times its weight (MoEMoE's Eq. 8:
@@ -306,8 +301,10 @@ class EncoderDecoderModel:
         """`encode`'s pair and what decoding reports beside its answers: for MoEMoE
         `source_weights [B, c]`, each source's weight (`models/moemoe.py`, Eq. 4) averaged over the
         positions the decoder reads; else nothing."""
-        inputs = {k: batch[k] for k in ENCODER_FEATURES if batch.get(k) is not None}
-        if getattr(self.module, "sources", None) is None:
+        sources = getattr(self.module, "sources", None)
+        keys = ENCODER_FEATURES + (() if sources is None else sources.token_features)
+        inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
+        if sources is None:
             encoded, mask = self.module.apply({"params": params}, **inputs,
                                               method=self.module.encode_with_mask)
             return encoded, mask, {}

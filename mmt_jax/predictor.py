@@ -18,9 +18,10 @@ and matching metrics rank by).
 
 A MoEMoE checkpoint (`models/moemoe.py`) reads a query as its `P_qa` tasks built the training
 examples (`data/prompts.py`): the prompt without its colon is the question (the attribute name,
-"color"), title + description + bullet points + product type the context; each prediction carries
-the mean weight the model gave each source (`{"image": ..., "context": ...}`), so a user sees whether
-an answer came from the image or the text.
+"color"), and each of its text sources joins the product's fields as `prompts.TEXT_SOURCES` says
+(the paper's one context: title + description + bullet points + product type); each prediction
+carries the mean weight the model gave each source (`{"image": ..., "context": ...}`), so a user
+sees whether an answer came from the image or the text.
 
 A checkpoint with the contrastive head (`runs/contrastive.gin`) also scores image-title pairs without
 decoding: `predictor.match(image=..., title=...)` is their cosine in the head's space, the score the
@@ -39,7 +40,7 @@ from PIL import Image
 from mmt_jax import decoding
 from mmt_jax.checkpoints import store
 from mmt_jax.data import images as images_lib
-from mmt_jax.data import records
+from mmt_jax.data import prompts, records
 from mmt_jax.errors import InputError
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.task_inference import build_model, source_weights, until_eos
@@ -67,12 +68,14 @@ class Query:
         """MoEMoE's question: the prompt's attribute name ("color:" -> "color")."""
         return self.prompt.strip().removesuffix(":").strip()
 
-    @property
-    def context(self) -> str:
-        """MoEMoE's context, as its `P_qa` tasks build it: title, description, bullet points,
-        product type."""
-        return " ".join(" ".join((self.title, self.description, *self.bullet_points,
-                                  self.product_type)).split())
+    def source_text(self, name: str) -> str:
+        """MoEMoE's text source `name` as its `P_qa` tasks build it: the product fields
+        `prompts.TEXT_SOURCES[name]` joins ("context": title, description, bullet points, product
+        type)."""
+        fields = {"title": (self.title,), "description": (self.description,),
+                  "bullet_points": self.bullet_points, "product_type": (self.product_type,)}
+        return " ".join(" ".join(part for field in prompts.TEXT_SOURCES[name]
+                                 for part in fields[field]).split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Predictor:
         self.batch_size, self.num_beams = batch_size, num_beams
         self.vocabulary = model.output_vocabulary
         self.asks_questions = getattr(model.FEATURE_CONVERTER_CLS, "QUESTION", False)
+        self.text_sources = config.text_sources or ()  # MoEMoE's; the first is `inputs`
         self._image = (None if config.image_branch is None
                        else dataclasses.replace(config.image, augment=False))
         decode_fn = (decoding.greedy if num_beams == 1
@@ -208,7 +212,7 @@ class Predictor:
         padded = queries + [queries[-1]] * (self.batch_size - n)
         tokens, aux = self._predict(self.params, self._batch(padded))
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-        weights = source_weights(aux, n)
+        weights = source_weights(self.model, aux, n)
         eos = self.vocabulary.eos_id
         return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score), w)
                 for row, score, w in zip(tokens, scores, weights)]
@@ -218,6 +222,9 @@ class Predictor:
                     "targets": [np.zeros(0, np.int32)] * len(queries)}
         if self.asks_questions:
             examples["question"] = [self._encode(q.question, q, "question") for q in queries]
+            for name in self.text_sources[1:]:
+                examples[name] = [self._encode(q.source_text(name), q, _fields(name))
+                                  for q in queries]
         if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
             examples["pair_text"] = [self._title_tokens(q) for q in queries]
             examples["pair_label"] = [[int(bool(q.title))] for q in queries]
@@ -229,8 +236,8 @@ class Predictor:
             examples["image"], examples["image_mask"] = pixels, mask[:, None]
         ds = tf.data.Dataset.from_tensor_slices({
             **examples, **{k: tf.ragged.constant(examples[k], dtype=tf.int32, ragged_rank=1)
-                           for k in ("inputs", "targets", "pair_text", "question")
-                           if k in examples}})
+                           for k in ("inputs", "targets", "pair_text", "question",
+                                     *self.text_sources[1:]) if k in examples}})
         ds = ds.map(lambda ex: {k: v.to_tensor() if isinstance(v, tf.RaggedTensor) else v
                                 for k, v in ex.items()})
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
@@ -242,10 +249,10 @@ class Predictor:
                           + [self.vocabulary.eos_id], np.int32)[:self.input_length]
 
     def _tokens(self, query: Query) -> np.ndarray:
-        """The encoder text's tokens: MMT4's prompted text, or MoEMoE's context."""
+        """The encoder text's tokens: MMT4's prompted text, or MoEMoE's first text source."""
         if self.asks_questions:
-            return self._encode(query.context, query,
-                                "title + description + bullet points + product type")
+            first = self.text_sources[0]
+            return self._encode(query.source_text(first), query, _fields(first))
         return self._encode(query.text, query, "title + description + prompt")
 
     def _encode(self, text: str, query: Query, what: str) -> np.ndarray:
@@ -255,6 +262,11 @@ class Predictor:
                              f"input_length={self.input_length}; shorten the text or raise "
                              "input_length")
         return np.asarray(ids, np.int32)
+
+
+def _fields(text_source: str) -> str:
+    """What a text source holds, for messages: "title + description + ..."."""
+    return " + ".join(field.replace("_", " ") for field in prompts.TEXT_SOURCES[text_source])
 
 
 def _as_input_error(query: Query, error: Exception) -> InputError:

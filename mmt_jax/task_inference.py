@@ -21,7 +21,6 @@ from mmt_jax.data import vocabulary as vocab_lib
 from mmt_jax.errors import TrainingError, UnknownTaskError
 from mmt_jax.model import EncoderDecoderModel, model_for
 from mmt_jax.models.config import ModelConfig
-from mmt_jax.models.moemoe import SOURCES
 
 
 def model_vocabulary(model_config: ModelConfig) -> seqio.Vocabulary:
@@ -81,12 +80,14 @@ def task_batches(model, task_name: str, split: str, task_feature_lengths: Mappin
         yield [next(rows) for _ in range(n)], padded, n
 
 
-def source_weights(aux: Mapping, n: int) -> list[dict[str, float] | None]:
-    """The first `n` examples' source weights of a `predict_batch_with_aux` aux (`{"image": ...,
-    "context": ...}` each; MoEMoE's only, None for other models)."""
+def source_weights(model, aux: Mapping, n: int) -> list[dict[str, float] | None]:
+    """The first `n` examples' source weights of `model.predict_batch_with_aux`'s aux, each
+    `{source: weight}` by the module's source names (`{"image": ..., "context": ...}`; MoEMoE's
+    only, None for other models)."""
     if "source_weights" not in aux:
         return [None] * n
-    return [dict(zip(SOURCES, map(float, w))) for w in np.asarray(aux["source_weights"])[:n]]
+    names = model.module.sources.names
+    return [dict(zip(names, map(float, w))) for w in np.asarray(aux["source_weights"])[:n]]
 
 
 def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
@@ -99,7 +100,7 @@ def predict_task(model, params, task_name: str, split: str, task_feature_lengths
                                         max_examples):
         tokens, aux = predict(params, batch)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-        weights = source_weights(aux, n)
+        weights = source_weights(model, aux, n)
         for row, decoded, score, weight in zip(rows, tokens, scores, weights):
             results.append(Prediction(
                 id=row_text(row, "id"), inputs=row_text(row, "inputs"),

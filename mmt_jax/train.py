@@ -118,6 +118,7 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
       model_kwargs: passed to the Model (label_smoothing, z_loss, ...).
     """
     model = task_inference.build_model(model_config, **dict(model_kwargs or {}))
+    tasks.check_text_sources(mixture_or_task_name, model_config.text_sources)
     # The checkpoints record what the task asked, so that infer can flag a prompt never trained,
     # and the catalog task itself, so that eval needs only the checkpoint.
     model_config = dataclasses.replace(

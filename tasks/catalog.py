@@ -21,7 +21,8 @@ call registers, with `P` the prefix:
                                  matching)
     P_qa_<attribute>_removed<R>  MoEMoE's records: question (the attribute name), context as
                                  `inputs` (title, description, bullets, type; R% of titles without
-                                 the value, the same products as above), image -> value
+                                 the value, the same products as above), image -> value; or, with
+                                 `qa_text_sources`, several text sources (`prompts.TEXT_SOURCES`)
     P_qa_removed<R>              mixture over the attributes
   and `_text` variants of the pretraining, attribute and title tasks without the image, for the
   text-only T5 baseline (matching needs the image, and MoEMoE QA its own converter).
@@ -148,7 +149,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                            image: image_spec.ImagePreprocessing = image_spec.ImagePreprocessing(),
                            removal_shares: Sequence[float] = REMOVAL_SHARES,
                            with_description: bool = False,
-                           attribute_rates: Mapping[str, float] | None = None) -> list[str]:
+                           attribute_rates: Mapping[str, float] | None = None,
+                           qa_text_sources: Sequence[str] = ("context",)) -> list[str]:
     """Registers the tasks above for the catalog `product_catalog/<catalog>` under `data_dir`.
 
     Args:
@@ -167,10 +169,18 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
       attribute_rates: `{attribute: rate}` of an attribute's task in the mixtures over attributes
         (attributes, multitask, QA); every other task's rate is 1. For an attribute that needs more
         steps than the others (the main job's colour: 22 values told apart by the image alone).
+      qa_text_sources: the text sources of the QA tasks, names of `prompts.TEXT_SOURCES`: the first
+        is `inputs`, each further one the feature of its name (MoEMoE's
+        `MultiSourceConfig.text_sources`, which must name the same).
     Returns:
       the names of the tasks and mixtures registered.
     """
     vocabulary_arg = vocabulary
+    qa_text_sources = tuple(qa_text_sources)
+    unknown = [name for name in qa_text_sources if name not in prompts.TEXT_SOURCES]
+    if unknown or not qa_text_sources or len(set(qa_text_sources)) != len(qa_text_sources):
+        raise ValueError(f"qa_text_sources={qa_text_sources!r}: one or more distinct names of "
+                         f"{tuple(prompts.TEXT_SOURCES)}")
     if not isinstance(vocabulary, seqio.Vocabulary):
         vocabulary = vocab_lib.vocabulary(vocabulary)
     source = CatalogSource(data_dir, catalog)
@@ -249,22 +259,26 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
             seqio.MixtureRegistry.add(f"{prefix}_multitask_{removed}{suffix}", rates)
             names.append(f"{prefix}_multitask_{removed}{suffix}")
     qa_features = {"question": seqio.Feature(vocabulary, add_eos=True),
-                   "inputs": seqio.Feature(vocabulary, add_eos=True),  # the context
-                   "targets": seqio.Feature(vocabulary, add_eos=True)}
+                   "inputs": seqio.Feature(vocabulary, add_eos=True),  # the first text source
+                   "targets": seqio.Feature(vocabulary, add_eos=True),
+                   **{name: seqio.Feature(vocabulary, add_eos=True) for name in qa_text_sources[1:]}}
     for share in removal_shares if attributes else ():
         removed = f"removed{round(share * 100)}"
         for attribute in attributes:
             add(f"{prefix}_qa_{slugs[attribute]}_{removed}", functools.partial(
-                prompts.question_answering_examples, attribute=attribute, removal_share=share),
+                prompts.question_answering_examples, attribute=attribute, removal_share=share,
+                text_sources=qa_text_sources),
                 attribute_metrics, features=qa_features, modalities=("image",),
                 prompt=prompts.attribute_prompt(attribute))  # the Predictor's prompt for it
+            _TEXT_SOURCES[f"{prefix}_qa_{slugs[attribute]}_{removed}"] = qa_text_sources
         _add_mixture(f"{prefix}_qa_{removed}",
                      [(f"{prefix}_qa_{slugs[a]}_{removed}", rate[a]) for a in attributes], names)
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
                                           attributes=attributes, image=image,
                                           removal_shares=removal_shares,
                                           with_description=with_description,
-                                          attribute_rates=attribute_rates)
+                                          attribute_rates=attribute_rates,
+                                          qa_text_sources=qa_text_sources)
     _PREFIX_OF.update((name, prefix) for name in names)
     return names
 
@@ -272,6 +286,21 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
 _REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered with
 _PREFIX_OF: dict[str, str] = {}  # task or mixture -> the prefix it was registered under
 _PROMPTS: dict[str, tuple[str, ...]] = {}  # task -> the prompt it asks (none: pretraining)
+_TEXT_SOURCES: dict[str, tuple[str, ...]] = {}  # QA task -> its text sources
+
+
+def check_text_sources(mixture_or_task_name: str, text_sources: tuple[str, ...] | None) -> None:
+    """Refuses a model whose text sources (`MultiSourceConfig.text_sources`, None: not MoEMoE)
+    differ from those of a catalog QA task it would read: its `inputs` would be another text than
+    the one it was built for. Tasks registered elsewhere are not checked."""
+    tasks = seqio.get_mixture_or_task(mixture_or_task_name)
+    for task in getattr(tasks, "tasks", [tasks]):
+        task_sources = _TEXT_SOURCES.get(task.name)
+        if task_sources is not None and text_sources is not None and task_sources != text_sources:
+            raise InputError(f"task {task.name} gives the text sources {list(task_sources)}, the "
+                             f"model reads {list(text_sources)}; set the task's "
+                             f"(gin: tasks.catalog_task.qa_text_sources) or the model's "
+                             f"(moemoe.MultiSourceConfig.text_sources) to match")
 
 
 def task_prompts(mixture_or_task_name: str) -> tuple[str, ...] | None:

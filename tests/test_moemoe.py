@@ -32,7 +32,9 @@ def _config(moe: bool = False, **sources) -> ModelConfig:
     return ModelConfig(t5, sources=MultiSourceConfig(IMAGE, **{"alignment_dim": 8, **sources}))
 
 
-def _batch(b: int = 2, seed: int = 0, k: int = K) -> dict:
+def _batch(b: int = 2, seed: int = 0, k: int = K, further: tuple[str, ...] = ()) -> dict:
+    """Row 0's context is padded after 5 tokens; each further text source `name` is
+    `encoder_<name>_tokens`, row 0 with 7 tokens (past the context's), row 1 with 3."""
     rng = np.random.default_rng(seed)
     context = np.zeros((b, k), np.int32)
     context[:, :K] = rng.integers(2, VOCAB, (b, K))
@@ -40,7 +42,13 @@ def _batch(b: int = 2, seed: int = 0, k: int = K) -> dict:
     question = np.zeros((b, k), np.int32)
     question[:, :2] = rng.integers(2, VOCAB, (b, 2))
     targets = rng.integers(2, VOCAB, (b, 4)).astype(np.int32)
-    return {"encoder_input_tokens": context, "encoder_question_tokens": question,
+    texts = {}
+    for name in further:
+        tokens = np.zeros((b, k), np.int32)
+        tokens[:, :3] = rng.integers(2, VOCAB, (b, 3))
+        tokens[0, :7] = rng.integers(2, VOCAB, 7)
+        texts[f"encoder_{name}_tokens"] = tokens
+    return {"encoder_input_tokens": context, "encoder_question_tokens": question, **texts,
             "encoder_image_features": rng.normal(size=(b, LV, DP)).astype(np.float32),
             "encoder_image_mask": np.array([1] + [0] * (b - 1), np.int32),  # row 1: no image
             "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
@@ -50,28 +58,43 @@ def _batch(b: int = 2, seed: int = 0, k: int = K) -> dict:
 @functools.lru_cache(maxsize=None)
 def _model(config: ModelConfig):
     model = model_for(config.module())
-    shapes = {k: v.shape for k, v in _batch().items()}
-    types = {k: v.dtype for k, v in _batch().items()}
+    batch = _batch(further=config.sources.text_sources[1:])
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
     variables = jax.jit(lambda key: model.get_initial_variables(key, shapes, types))(
         jax.random.key(0))
     return model, variables
 
 
 def _parts(model, params, batch):
-    """The module's pieces, each computed on its own: C, Q, the image vectors, the weights."""
+    """The module's pieces, each computed on its own: the text sources `texts` {name: (encoding,
+    mask)} (the first is the context, `context` and `context_mask` too), Q, the image vectors, the
+    weights."""
     module = model.module
+    first, *further = module.sources.text_sources
 
     def pieces(m):
-        context, context_mask = m._text(m.encoder, batch["encoder_input_tokens"], False)
+        texts = {first: m._text(m.encoder, batch["encoder_input_tokens"], False)}
+        texts |= {name: m._text(getattr(m, "text_encoders")[name],
+                                batch[f"encoder_{name}_tokens"], False) for name in further}
         question, question_mask = m._text(m.question_encoder, batch["encoder_question_tokens"],
                                           False)
         image, image_mask = m.image_encoder.image_vectors(
             encoder_image_features=batch["encoder_image_features"],
             encoder_image_mask=batch["encoder_image_mask"])
-        return dict(context=context, context_mask=context_mask, question=question,
-                    question_mask=question_mask, image=image, image_mask=image_mask,
-                    weights=m.weigh_sources(question))
+        return dict(texts=texts, context=texts[first][0], context_mask=texts[first][1],
+                    question=question, question_mask=question_mask, image=image,
+                    image_mask=image_mask, weights=m.weigh_sources(question))
     return jax.tree_util.tree_map(np.asarray, module.apply({"params": params}, method=pieces))
+
+
+def _fused(parts):
+    """Eq. 5 over every source, by hand: `w_0 * I + sum_j w_j * (T_j * mask_j)`."""
+    weights = parts["weights"]
+    fused = weights[..., :1] * _tiled_image(parts)
+    for j, (text, mask) in enumerate(parts["texts"].values(), start=1):
+        fused = fused + weights[..., j:j + 1] * text * mask[..., None]
+    return fused
 
 
 def _tiled_image(parts):
@@ -102,10 +125,53 @@ def test_the_tree_shapes_and_eq_3_to_5_against_the_pieces():
     p = _parts(model, params, batch)
     image_k = _tiled_image(p)
     assert np.any(image_k[0]) and not np.any(image_k[1])
-    np.testing.assert_allclose(encoded, p["weights"][..., :1] * image_k
-                               + p["weights"][..., 1:] * p["context"], atol=1e-5)  # Eq. 5
+    np.testing.assert_allclose(encoded, _fused(p), atol=1e-5)  # Eq. 5
+    np.testing.assert_allclose(encoded[mask], (p["weights"][..., :1] * image_k
+                                               + p["weights"][..., 1:] * p["context"])[mask],
+                               atol=1e-5)  # the paper's two sources where the decoder reads
     # where the decoder looks: the context's tokens (Eq. 5's k)
     np.testing.assert_array_equal(mask, batch["encoder_input_tokens"] > 0)
+
+
+def test_three_sources_eq_4_to_8_by_hand():
+    """c = 3 (the image, the context and a further text source `details`): the gate gives three
+    weights, Eq. 5 sums every source (each text only at its own tokens), the decoder reads where
+    any text has a token, and Eq. 8 adds a question-source alignment loss per source."""
+    model, variables = _model(_config(text_sources=("context", "details"),
+                                      question_context_weight=0.5))
+    params, batch = variables["params"], _batch(further=("details",))
+    assert {"details_encoder", "details_projection"} <= set(params)
+    assert params["source_gate"]["kernel"].shape == (16, 3)
+    encoded, mask = _encode(model, params, batch)
+    p = _parts(model, params, batch)
+    assert p["weights"].shape == (2, K, 3)
+    np.testing.assert_allclose(encoded, _fused(p), atol=1e-5)
+    # row 0: the context's 5 tokens and details' 7; row 1: all 8 of the context's
+    np.testing.assert_array_equal(mask.sum(1), [7, 8])
+    np.testing.assert_array_equal(mask, (batch["encoder_input_tokens"] > 0)
+                                  | (batch["encoder_details_tokens"] > 0))
+    loss, metrics = jax.jit(model.loss_fn)(params, batch, None)
+    values = {k: float(v.compute()) for k, v in metrics.items()}
+
+    def projected(name, x, m):
+        return ((x * m[..., None]).sum(1) / m.sum(1, keepdims=True)) @ np.asarray(
+            params[f"{name}_projection"]["kernel"])
+
+    q = projected("question", p["question"], p["question_mask"])
+    d = projected("details", *p["texts"]["details"])
+    cosine = (q * d).sum(-1) / np.linalg.norm(q, axis=-1) / np.linalg.norm(d, axis=-1)
+    np.testing.assert_allclose(values["question_details_alignment_loss"],
+                               np.abs(1 - cosine).mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), values["cross_ent_loss"] + values["z_loss"] + 0.5 * (
+        values["question_context_alignment_loss"] + values["question_details_alignment_loss"])
+        + values["question_image_alignment_loss"], rtol=1e-5)
+    _, aux = jax.jit(model.predict_batch_with_aux)(params, batch)
+    read = mask[..., None]
+    np.testing.assert_allclose(aux["source_weights"],
+                               (p["weights"] * read).sum(1) / read.sum(1), rtol=1e-5)
+    grads = jax.jit(jax.grad(lambda q: model.loss_fn(q, batch, None)[0]))(params)
+    assert all(np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(
+        grads["details_encoder"])) and np.all(np.asarray(grads["source_gate"]["kernel"])[:, 2])
 
 
 def test_tiling_is_eq_3():
@@ -114,11 +180,14 @@ def test_tiling_is_eq_3():
     np.testing.assert_array_equal(tiling(4, 4), np.eye(4))
 
 
-def test_the_answer_does_not_depend_on_the_padded_length():
+@pytest.mark.parametrize("text_sources", [("context",), ("context", "details")])
+def test_the_answer_does_not_depend_on_the_padded_length(text_sources):
     """The same examples padded to 8 and to 13 positions: the same loss, and the same encodings
     where the decoder reads them (what lets the Predictor pad to any input_length)."""
-    model, variables = _model(_config(moe=True))
-    params, short, long = variables["params"], _batch(), _batch(k=K + 5)
+    model, variables = _model(_config(moe=True, text_sources=text_sources))
+    further = text_sources[1:]
+    params = variables["params"]
+    short, long = _batch(further=further), _batch(k=K + 5, further=further)
     losses = [float(jax.jit(model.loss_fn)(params, b, None)[0]) for b in (short, long)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     (encoded, mask), (encoded_long, mask_long) = _encode(model, params, short), _encode(
@@ -192,7 +261,9 @@ def test_each_ablation_switch_changes_what_it_says(switch):
         encoded, mask = _encode(model, params, batch)
         p = _parts(model, params, batch)
         np.testing.assert_allclose(encoded[:, :K], p["question"], atol=1e-6)
-        np.testing.assert_allclose(encoded[:, K:], 0.5 * _tiled_image(p) + 0.5 * p["context"],
+        np.testing.assert_allclose(encoded[:, K:], _fused(p), atol=1e-5)
+        np.testing.assert_allclose(encoded[:, K:][mask[:, K:]],
+                                   (0.5 * _tiled_image(p) + 0.5 * p["context"])[mask[:, K:]],
                                    atol=1e-5)
         np.testing.assert_array_equal(mask, np.concatenate(
             [batch["encoder_question_tokens"], batch["encoder_input_tokens"]], 1) > 0)
@@ -214,7 +285,8 @@ def test_each_ablation_switch_changes_what_it_says(switch):
         text, _ = model.module.apply({"params": params}, joint, method=lambda m, t: m._text(
             m.encoder, t, False))
         text = np.asarray(text)
-        np.testing.assert_allclose(encoded[1], 0.5 * text[1], atol=1e-6)  # row 1: no image
+        np.testing.assert_allclose(encoded[1], 0.5 * text[1] * mask[1][:, None],
+                                   atol=1e-6)  # row 1: no image
         assert not np.allclose(encoded[0][mask[0]], 0.5 * text[0][mask[0]])  # row 0's image
     else:  # a learned [Lv, k] map, initialised as Eq. 3's tiling: the same encodings at first
         assert paths == base_paths | {"image_to_length/resampling"}
@@ -263,6 +335,12 @@ def test_bad_configs_and_batches_are_named():
         MultiSourceConfig(IMAGE, source_weighting="sigmoid")
     with pytest.raises(ValueError, match="S-Enc"):
         MultiSourceConfig(IMAGE, joint_encoder=True)
+    with pytest.raises(ValueError, match="has several"):
+        MultiSourceConfig(IMAGE, ("context", "details"), joint_encoder=True,
+                          source_weighting="uniform")
+    for names in [(), ("context", "context"), ("image",), ("question",), ("Title",)]:
+        with pytest.raises(ValueError, match="text_sources"):
+            MultiSourceConfig(IMAGE, names)
     with pytest.raises(ValueError, match="no fusion"):
         dataclasses.replace(_config(), fusion=IMAGE)
     model, variables = _model(_config())
@@ -273,18 +351,22 @@ def test_bad_configs_and_batches_are_named():
     short = {**batch, "encoder_question_tokens": batch["encoder_question_tokens"][:, :4]}
     with pytest.raises(ValueError, match="padded to one length"):
         model.encode(variables["params"], short)
+    model, variables = _model(_config(text_sources=("context", "details")))
+    with pytest.raises(ValueError, match=r"encoder_details_tokens .* \(the text source 'details'\)"):
+        model.encode(variables["params"], batch)
 
 
 def test_loss_and_gradients_on_8_devices_equal_one_device():
-    """A (data 2, expert 2, model 2) mesh: the loss, every sown loss and every gradient equal the
-    one-device computation; the experts are sharded over `expert`."""
+    """A (data 2, expert 2, model 2) mesh, three sources: the loss, every sown loss and every
+    gradient equal the one-device computation; the experts are sharded over `expert`."""
     from jax.sharding import PartitionSpec as P
-    model, variables = _model(_config(moe=True))
-    batch = _batch(b=8)
+    model, variables = _model(_config(moe=True, text_sources=("context", "details")))
+    batch = _batch(b=8, further=("details",))
 
     def loss_and_sown(params, batch):
         loss, metrics = model.loss_fn(params, batch, None)
         return loss, {k: metrics[k].compute() for k in ("question_context_alignment_loss",
+                                                        "question_details_alignment_loss",
                                                         "question_image_alignment_loss",
                                                         "moe/auxiliary_loss")}
 
@@ -307,14 +389,18 @@ def test_loss_and_gradients_on_8_devices_equal_one_device():
 
 
 def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, tmp_path, capsys):
-    """mmt_jax/gin/models/moemoe_tiny_lite0.gin through `mmt-jax train` on the qa tasks (pixels instead
-    of stored features, one layer per stack), then `mmt-jax eval`: every answer carries its source
-    weights, the report their mean per attribute (one here), and the plot exists; the Predictor
-    and the infer binary give each answer with the same weights."""
+    """mmt_jax/gin/models/moemoe_tiny_lite0.gin with three sources (`TEXT_SOURCES`: the title apart
+    from the other text fields, and the image) through `mmt-jax train` on the qa tasks (pixels
+    instead of stored features, one layer per stack), then `mmt-jax eval`: every answer carries its
+    source weights, the report their mean per attribute (one here), and the plot exists; the
+    Predictor and the infer binary give each answer with the same weights. A model whose sources
+    differ from its task's is refused."""
     import json
     from mmt_jax import main
     from mmt_jax.checkpoints import store
     model_dir, out = str(tmp_path / "moemoe"), tmp_path / "eval"
+    sources = ("image", "title", "details")
+    SOURCES = "--gin.TEXT_SOURCES=('title', 'details')"
     common = ["--gin.CATALOG_PREFIX='moemoe_test'", f"--gin.DATA_DIR='{data_dir}'",
               "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16", "--gin.BATCH_SIZE=8",
               "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
@@ -324,25 +410,36 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
                      "--gin.mmt4.FusionConfig.patch_size=8", "--gin.mmt4.FusionConfig.feature_dim=None",
                      "--gin.mmt4.FusionConfig.pixel_features=None",
                      "--gin.t5.t5_config.num_encoder_layers=1",
-                     "--gin.t5.t5_config.num_decoder_layers=2", *common]) == 0
+                     "--gin.t5.t5_config.num_decoder_layers=2", SOURCES, *common]) == 0
     printed = capsys.readouterr().out
     assert "question_image_alignment_loss" in printed and "moe/auxiliary_loss" in printed
     config, _ = store.load_checkpoint(model_dir)
     assert config.sources.source_weighting == "linear" and config.t5.decoder_moe_layers == "odd"
+    assert config.sources.names == sources and "details_encoder" in store.load_checkpoint(
+        model_dir)[1]
+    assert "question_details_alignment_loss" in printed
     assert main.run(["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{model_dir}'",
                      f"--gin.EVAL_OUTPUT_DIR='{out}'", "--gin.TASK='qa_color_removed100'",
                      *common]) == 0
+    other = ["--gin.CATALOG_PREFIX='moemoe_context'", *common[1:]]  # its own registration
+    assert main.run(["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                     f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'refused'}'",
+                     "--gin.TASK='qa_color_removed100'",
+                     "--gin.tasks.catalog_task.qa_text_sources=('context',)", *other]) == 2
+    assert ("gives the text sources ['context'], the model reads ['title', 'details']"
+            in capsys.readouterr().err)
     report = json.loads((out / "report.json").read_text())
     assert list(report["tasks"]) == ["moemoe_test_qa_color_removed100"]
     assert "source_weights.png" in report["plots"]
     for name, task in report["tasks"].items():
-        assert set(task["mean_source_weights"]) == {"image", "context"}, name
+        assert tuple(task["mean_source_weights"]) == sources, name
         rows = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").open()]
         mean = np.mean([row["source_weights"]["image"] for row in rows])
         np.testing.assert_allclose(task["mean_source_weights"]["image"], mean, rtol=1e-5)
 
-    # The Predictor asks the prompt's attribute of the context, as the qa task did, and returns the
-    # eval pipeline's answer, score and source weights; the infer binary writes the weights.
+    # The Predictor asks the prompt's attribute of the title and the details, as the qa task did,
+    # and returns the eval pipeline's answer, score and source weights; the infer binary writes
+    # the weights.
     from mmt_jax import infer
     from mmt_jax.predictor import Predictor, Query
     pattern = os.path.join(data_dir, "product_catalog", "embedded-n96-s0-px32", "*",
@@ -352,12 +449,15 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
     predictor = Predictor.from_checkpoint(model_dir, input_length=48, target_length=8,
                                           batch_size=8)
     assert predictor.asks_questions
-    # the eval rows' inputs are the contexts with the colour removed from the titles; those
-    # longer than the 32 tokens evaluated were cut there, so only the others compare
-    fits = [row for row in rows if len(predictor.vocabulary.encode(row["inputs"])) < 32]
+    # the eval rows' inputs are the titles without their colour, the details the product's other
+    # fields; a text longer than the 32 tokens evaluated was cut there, so only the others compare
+    queries = [Query(row["id"], "color:", row["inputs"], products[row["id"]].description,
+                     products[row["id"]].image, products[row["id"]].bullet_points,
+                     products[row["id"]].product_type) for row in rows]
+    fits = [(row, query) for row, query in zip(rows, queries) if all(
+        len(predictor.vocabulary.encode(query.source_text(name))) < 32 for name in sources[1:])]
     assert len(fits) >= 3
-    queries = [Query(row["id"], "color:", row["inputs"], image=products[row["id"]].image)
-               for row in fits]
+    fits, queries = [row for row, _ in fits], [query for _, query in fits]
     for row, (_, prediction) in zip(fits, predictor.predict_queries(queries)):
         assert prediction.text == row["prediction"]
         assert prediction.score == pytest.approx(row["score"], abs=1e-4)
@@ -368,7 +468,7 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
                      "--batch-size", "8"]) == 0
     lines = [json.loads(line) for line in predictions.open()]
     assert len(lines) == len(products) and all(
-        set(line["source_weights"]) == {"image", "context"} for line in lines)
+        tuple(line["source_weights"]) == sources for line in lines)
     first = products[lines[0]["id"]]
     direct = predictor.predict(prompt="color:", title=first.title, description=first.description,
                                bullet_points=first.bullet_points,
@@ -378,11 +478,12 @@ def test_train_and_eval_binaries_run_moemoe_and_report_source_weights(data_dir, 
 
 
 def test_both_text_encoders_and_the_decoder_start_from_one_t5():
-    """A text-only T5 checkpoint of the same size initialises MoEMoE: the context and question
-    encoders both as its encoder, the decoder as its decoder, the experts upcycled from its MLPs;
-    the image encoder, the source gate, the projections and the routers start fresh."""
+    """A text-only T5 checkpoint of the same size initialises MoEMoE (three sources here): the
+    context's, the question's and the further text source's encoders all as its encoder, the
+    decoder as its decoder, the experts upcycled from its MLPs; the image encoder, the source gate,
+    the projections and the routers start fresh."""
     from mmt_jax.checkpoints.store import initialize_from
-    config = _config(moe=True)
+    config = _config(moe=True, text_sources=("context", "details"))
     t5 = model_for(ModelConfig(dataclasses.replace(config.t5, moe=None,
                                                    decoder_moe_layers="none")).module())
     shapes = {k: v.shape for k, v in _batch().items() if k in ("encoder_input_tokens",
@@ -394,11 +495,13 @@ def test_both_text_encoders_and_the_decoder_start_from_one_t5():
     params, fresh, derived = initialize_from(jax.device_get(variables["params"]),
                                              jax.device_get(t5_params))
     assert {p.split("/")[0] for p in fresh} == {"image_encoder", "source_gate", "question_projection",
-                                                "context_projection", "image_projection", "decoder"}
+                                                "context_projection", "details_projection",
+                                                "image_projection", "decoder"}
     assert all("router" in p for p in fresh if p.startswith("decoder/"))
     assert any(p.startswith("question_encoder/") for p in derived)
+    assert any(p.startswith("details_encoder/") for p in derived)
     assert any("/mlp/expert/" in p for p in derived)
-    for name in ("encoder", "question_encoder"):
+    for name in ("encoder", "question_encoder", "details_encoder"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], t5_params["encoder"])
     expert = params["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
     np.testing.assert_array_equal(expert[2], t5_params["decoder"]["layers_1"]["mlp"]["wo"]["kernel"])

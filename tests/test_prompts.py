@@ -157,3 +157,23 @@ def test_feature_converter_builds_the_multimodal_batch_and_refuses_packing():
         converter(ds.map(lambda ex: {k: v for k, v in ex.items() if k != "image"}),
                   {"inputs": 4, "targets": 3})
     assert isinstance(converter, seqio.EncDecFeatureConverter)
+
+
+def test_text_sources_join_the_fields_the_predictor_joins():
+    """Every text source of `prompts.TEXT_SOURCES`, as the QA tasks build it (tf) and as the
+    Predictor builds it for a new product (Python): the same text, so a product is read the same
+    in training and in inference."""
+    from mmt_jax.predictor import Query
+    product = records.Product(id="p1", title="Acme  red shirt", description="Soft  cotton.",
+                              bullet_points=("Machine wash", "Brand: Acme"), product_type="shirt",
+                              attributes={"color": "red"})
+    names = tuple(prompts.TEXT_SOURCES)
+    example = next(prompts.question_answering_examples(
+        _dataset([product.to_features()]), "color", removal_share=0.0,
+        text_sources=names).as_numpy_iterator())
+    query = Query("p1", "color:", product.title, product.description,
+                  bullet_points=product.bullet_points, product_type=product.product_type)
+    built = {names[0]: example["inputs"], **{name: example[name] for name in names[1:]}}
+    assert {name: text.decode() for name, text in built.items()} == {
+        name: query.source_text(name) for name in names}
+    assert query.source_text("context") == "Acme red shirt Soft cotton. Machine wash Brand: Acme shirt"

@@ -112,12 +112,54 @@ def test_question_answering_records_carry_question_context_and_image(registered)
     assert value and value.lower() not in context.lower() and len(context.split()) > 5
     assert context.startswith(prompt["inputs_pretokenized"].decode().removesuffix(" color:"))
     assert qa["image"].shape == (32, 32, 3) and qa["image_mask"].tolist() == [1]
-    batch = _batch(name, feature_converter.MultiSourceEncDecFeatureConverter)
+    batch = _batch(name, feature_converter.multi_source_converter(False))
     assert batch["encoder_question_tokens"].shape == batch["encoder_input_tokens"].shape == (8, 48)
     np.testing.assert_array_equal(batch["encoder_question_tokens"][:, :2],
                                   [vocab.encode("color") + [1]] * 8)
     assert not batch["encoder_question_tokens"][:, 2:].any()
     assert batch["encoder_images"].shape == (8, 32, 32, 3)
+
+
+def test_question_answering_with_several_text_sources(registered):
+    """`qa_text_sources=("title", "details")` (MoEMoE with three sources): `inputs` is the title
+    without the value, `details` the other text fields, both as the one-context task has them; the
+    converter pads (and cuts, keeping EOS) `details` to the length of `inputs`; a model reading
+    other text sources than the task's is refused, as is a source name the tasks do not know."""
+    from mmt_jax.errors import InputError
+    record = tasks.catalog_task_record("test_catalog_title")
+    data_dir, catalog = record["data_dir"], record["catalog"]
+    names = tasks.register_catalog_tasks("test_split", data_dir, catalog,
+                                         image=image_spec.ImagePreprocessing(size=32),
+                                         removal_shares=(1.0,),
+                                         qa_text_sources=("title", "details"))
+    assert "test_split_qa_removed100" in names
+    name = "test_split_qa_color_removed100"
+    split = next(seqio.get_mixture_or_task(name).get_dataset(
+        LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+    context = next(seqio.get_mixture_or_task("test_catalog_qa_color_removed100").get_dataset(
+        LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+    assert split["id"] == context["id"] and split["question_pretokenized"] == b"color"
+    title, details = (split[k].decode() for k in ("inputs_pretokenized", "details_pretokenized"))
+    assert f"{title} {details}" == context["inputs_pretokenized"].decode()
+    assert split["targets_pretokenized"].decode() not in title.lower()
+    converter = feature_converter.multi_source_converter(False, ("details",))
+    batch = _batch(name, converter)
+    assert batch["encoder_details_tokens"].shape == batch["encoder_input_tokens"].shape == (8, 48)
+    short = next(seqio.get_dataset(name, {"inputs": 12, "targets": 8}, dataset_split="train",
+                                   shuffle=False, feature_converter=converter(pack=False))
+                 .as_numpy_iterator())
+    vocab = vocab_lib.vocabulary()
+    full = vocab.encode(details)
+    assert len(full) > 12 and short["encoder_details_tokens"].tolist() == full[:11] + [1]
+    tasks.check_text_sources(name, ("title", "details"))
+    tasks.check_text_sources("test_catalog_qa_removed100", ("context",))
+    tasks.check_text_sources("test_catalog_title", ("title", "details"))  # not a QA task
+    with pytest.raises(InputError, match="gives the text sources .'title', 'details'., the model "
+                                         "reads .'context'."):
+        tasks.check_text_sources("test_split_qa_removed100", ("context",))
+    with pytest.raises(ValueError, match="qa_text_sources=.'title', 'bullets'."):
+        tasks.register_catalog_tasks("test_bad", data_dir, catalog,
+                                     qa_text_sources=("title", "bullets"))
 
 
 def test_pipeline_is_deterministic_given_a_seed(registered):

@@ -116,8 +116,9 @@ def initialize_from(fresh_params, pretrained_params):
 
     Sparse upcycling: an MoE expert kernel `.../mlp/expert/W` [experts, ...] whose dense
     counterpart `.../mlp/W` is pretrained starts as that kernel in every expert; the router starts
-    fresh. MoEMoE from one T5 (`models/moemoe.py`): its `question_encoder/...`, absent from the
-    pretrained tree, starts as the pretrained `encoder/...` (the context's).
+    fresh. MoEMoE from one T5 (`models/moemoe.py`): its `question_encoder/...` and the encoders of
+    its further text sources (`<name>_encoder/...`), absent from the pretrained tree, start as the
+    pretrained `encoder/...` (the context's).
 
     Either tree may be scanned (`T5Config.scan_layers`): both are matched unrolled, with unrolled
     names, and the result comes back in the fresh tree's layout (layers/layer_stack.py).
@@ -131,8 +132,9 @@ def initialize_from(fresh_params, pretrained_params):
 
     def source_of(path: str) -> str | None:
         """The pretrained parameter a fresh one without its own starts from, if any."""
-        if path.startswith("question_encoder/"):
-            path = "encoder/" + path.removeprefix("question_encoder/")
+        top, _, rest = path.partition("/")
+        if top.endswith("_encoder") and top != "image_encoder":  # MoEMoE's other text encoders
+            path = "encoder/" + rest
         for candidate in (path, path.replace("/mlp/expert/", "/mlp/")):
             if candidate in pretrained:
                 return candidate

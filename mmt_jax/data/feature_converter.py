@@ -29,6 +29,7 @@ Packing is refused: packing would put several products' images into
 one row, which the fused encoder (one image per row, Eq. 2 of the MMT4 paper) does not model, so t5x
 runs must set `DatasetConfig.pack = False`.
 """
+import functools
 from typing import Mapping
 
 import seqio
@@ -52,6 +53,13 @@ def _with_image(task_feature: str, model_feature: str, rank: int):
              "pair_label": FeatureSpec(dtype=tf.int32, rank=0)})
 
 
+def _cut_keeping_last(tokens: tf.Tensor, length: int) -> tf.Tensor:
+    """`tokens` `[n]` cut to `length` as seqio's `append_eos_after_trim` cuts: the first
+    `length - 1` and the last (the EOS the task appended)."""
+    return tf.cond(tf.size(tokens) > length,
+                   lambda: tf.concat([tokens[:length - 1], tokens[-1:]], 0), lambda: tokens)
+
+
 def _without_pair(example):
     return {**example, "pair_text": tf.zeros([0], tf.int32), "pair_label": tf.zeros([1], tf.int32)}
 
@@ -62,6 +70,7 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK = "image", "encoder_images", 3
     TASK_FEATURES, MODEL_FEATURES = _with_image(IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK)
     QUESTION = False  # MoEMoE's: also `question` -> `encoder_question_tokens`
+    TEXT_SOURCES: tuple[str, ...] = ()  # MoEMoE's further text sources: `name` -> `encoder_<name>_tokens`
 
     def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False, **kwargs):
         if pack:
@@ -81,17 +90,20 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 f"model was built for); got {image_shape}")
         lengths = {name: image_shape[0], "image_mask": 1, "pair_label": 1,
                    "pair_text": task_feature_lengths["inputs"], **task_feature_lengths,
-                   **({"question": task_feature_lengths["inputs"]} if self.QUESTION else {})}
+                   **{key: task_feature_lengths["inputs"] for key in self._aligned_texts()}}
         if "pair_text" in ds.element_spec:  # a title longer than the inputs is cut as they are
             ds = ds.map(lambda ex: {**ex, "pair_text": ex["pair_text"][:lengths["pair_text"]]})
         else:
             ds = ds.map(_without_pair)
+        if self._aligned_texts():  # cut as seqio cuts `inputs`, keeping the final EOS
+            ds = ds.map(lambda ex: {**ex, **{key: _cut_keeping_last(ex[key], lengths[key])
+                                             for key in self._aligned_texts()}})
         return super().__call__(ds, lengths)
 
     def _convert_features(self, ds: tf.data.Dataset,
                           task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
         text_lengths = {k: task_feature_lengths[k] for k in
-                        ("inputs", "targets", "pair_text", *(("question",) if self.QUESTION else ()))}
+                        ("inputs", "targets", "pair_text", *self._aligned_texts())}
         ds = self._pack_or_pad(ds, text_lengths)
 
         def convert(features):
@@ -100,8 +112,8 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
             converted["encoder_image_mask"] = features["image_mask"][0]
             converted["pair_text_tokens"] = features["pair_text"]
             converted["pair_label"] = features["pair_label"][0]
-            if self.QUESTION:
-                converted["encoder_question_tokens"] = features["question"]
+            for key in self._aligned_texts():
+                converted[f"encoder_{key}_tokens"] = features[key]
             return converted
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -113,8 +125,13 @@ class MultimodalEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 "pair_text_tokens": task_feature_lengths.get("pair_text",
                                                              task_feature_lengths["inputs"]),
                 "pair_label": 0,
-                **({"encoder_question_tokens": task_feature_lengths["inputs"]}
-                   if self.QUESTION else {})}
+                **{f"encoder_{key}_tokens": task_feature_lengths["inputs"]
+                   for key in self._aligned_texts()}}
+
+    def _aligned_texts(self) -> tuple[str, ...]:
+        """The task features padded to the length of `inputs`: MoEMoE's question and further text
+        sources."""
+        return ("question",) * self.QUESTION + self.TEXT_SOURCES
 
 
 class MultimodalFeaturesEncDecFeatureConverter(MultimodalEncDecFeatureConverter):
@@ -124,19 +141,21 @@ class MultimodalFeaturesEncDecFeatureConverter(MultimodalEncDecFeatureConverter)
     TASK_FEATURES, MODEL_FEATURES = _with_image(IMAGE_FEATURE, MODEL_IMAGE_FEATURE, IMAGE_RANK)
 
 
-def _with_question(base: type) -> dict:
-    """The class attributes of MoEMoE's twin of the converter `base`."""
-    return {"QUESTION": True,
-            "TASK_FEATURES": {**base.TASK_FEATURES, "question": FeatureSpec(dtype=tf.int32)},
-            "MODEL_FEATURES": {**base.MODEL_FEATURES,
-                               "encoder_question_tokens": FeatureSpec(dtype=tf.int32)}}
-
-
-MultiSourceEncDecFeatureConverter = type(
-    "MultiSourceEncDecFeatureConverter", (MultimodalEncDecFeatureConverter,),
-    {"__doc__": "MoEMoE's batches from pixels: question, context (`inputs`) and image.",
-     **_with_question(MultimodalEncDecFeatureConverter)})
-MultiSourceFeaturesEncDecFeatureConverter = type(
-    "MultiSourceFeaturesEncDecFeatureConverter", (MultimodalFeaturesEncDecFeatureConverter,),
-    {"__doc__": "MoEMoE's batches from stored image features: question, context and image.",
-     **_with_question(MultimodalFeaturesEncDecFeatureConverter)})
+@functools.cache
+def multi_source_converter(stored_features: bool, text_sources: tuple[str, ...] = ()) -> type:
+    """MoEMoE's converter: the multimodal one (pixels, or `stored_features`) that also reads the
+    question and the further `text_sources` (`MultiSourceConfig.text_sources[1:]`); one class per
+    arguments, so a Model's `FEATURE_CONVERTER_CLS` compares equal to another's of the same sources."""
+    base = (MultimodalFeaturesEncDecFeatureConverter if stored_features
+            else MultimodalEncDecFeatureConverter)
+    texts = ("question", *text_sources)
+    return type(
+        f"MultiSource{'Features' if stored_features else ''}EncDecFeatureConverter", (base,),
+        {"__doc__": f"MoEMoE's batches: question, {', '.join(('inputs',) + text_sources)} and the "
+                    f"image ({'stored features' if stored_features else 'pixels'}).",
+         "QUESTION": True, "TEXT_SOURCES": tuple(text_sources),
+         "TASK_FEATURES": {**base.TASK_FEATURES,
+                           **{key: FeatureSpec(dtype=tf.int32) for key in texts}},
+         "MODEL_FEATURES": {**base.MODEL_FEATURES,
+                            **{f"encoder_{key}_tokens": FeatureSpec(dtype=tf.int32)
+                               for key in texts}}})

@@ -13,6 +13,10 @@ import tensorflow as tf
 KEEP = ("id", "image", "image_features")
 MATCH_PROMPT = "match:"
 TITLE_PROMPT = "title:"
+# MoEMoE's text sources (`MultiSourceConfig.text_sources`): the product fields each one joins.
+TEXT_SOURCES = {"context": ("title", "description", "bullet_points", "product_type"),
+                "title": ("title",),
+                "details": ("description", "bullet_points", "product_type")}
 
 
 def attribute_prompt(attribute: str) -> str:
@@ -111,11 +115,13 @@ def matching_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return pairs.flat_map(four)
 
 
-def question_answering_examples(dataset: tf.data.Dataset, attribute: str,
-                                removal_share: float) -> tf.data.Dataset:
+def question_answering_examples(dataset: tf.data.Dataset, attribute: str, removal_share: float,
+                                text_sources: tuple[str, ...] = ("context",)) -> tf.data.Dataset:
     """MoEMoE's multi-source examples (paper sections 3-4) of the products that have `attribute`:
-    `question` the attribute name, `inputs` the context (title + description + bullet points +
-    product type: what MoEMoE's context encoder reads), `targets` the value, and the image.
+    `question` the attribute name, `targets` the value, the image, and the text sources: the first
+    as `inputs`, each further one as the feature of its name, each the product fields
+    `TEXT_SOURCES[name]` joins (the paper's one context: title + description + bullet points +
+    product type).
 
     `removal_share` of the titles (by id, `removal_drawn`, the same products as the attribute
     tasks') lose the value's words, as in `attribute_examples`.
@@ -125,12 +131,16 @@ def question_answering_examples(dataset: tf.data.Dataset, attribute: str,
 
     def to_example(example):
         value = attribute_value(example, attribute)
-        title = tf.cond(removal_drawn(example["id"], attribute, removal_share),
-                        lambda: remove_words(example["title"], value), lambda: example["title"])
-        context = tf.strings.join([title, example["description"],
-                                   tf.strings.reduce_join(example["bullet_points"], separator=" "),
-                                   example["product_type"]], " ")
-        context = tf.strings.strip(tf.strings.regex_replace(context, r"\s+", " "))
-        return _keep(example, question=tf.constant(attribute), inputs=context, targets=value)
+        fields = {"title": tf.cond(removal_drawn(example["id"], attribute, removal_share),
+                                   lambda: remove_words(example["title"], value),
+                                   lambda: example["title"]),
+                  "description": example["description"],
+                  "bullet_points": tf.strings.reduce_join(example["bullet_points"], separator=" "),
+                  "product_type": example["product_type"]}
+        texts = [tf.strings.strip(tf.strings.regex_replace(
+            tf.strings.join([fields[f] for f in TEXT_SOURCES[name]], " "), r"\s+", " "))
+            for name in text_sources]
+        return _keep(example, question=tf.constant(attribute), inputs=texts[0], targets=value,
+                     **dict(zip(text_sources[1:], texts[1:])))
 
     return dataset.filter(has_value).map(to_example, num_parallel_calls=tf.data.AUTOTUNE)

@@ -66,6 +66,11 @@ class ModelConfig:
             return MultiSourceEncoderDecoder(self.t5, sources=self.sources)
         return EncoderDecoder(self.t5, encoder_input=self.fusion, contrastive=self.contrastive)
 
+    @property
+    def text_sources(self) -> tuple[str, ...] | None:
+        """MoEMoE's text sources (`MultiSourceConfig.text_sources`); None for other models."""
+        return None if self.sources is None else self.sources.text_sources
+
     def to_json_dict(self) -> dict:
         image = None if self.image is None else {
             f.name: _plain(getattr(self.image, f.name)) for f in dataclasses.fields(self.image)}

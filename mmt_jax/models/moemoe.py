@@ -11,21 +11,34 @@ question-guided source weights, and the question-source alignment losses, on the
 encoder is the stack's own `encoder` (so a T5 checkpoint's encoder is its encoder), the question has
 its own, unshared `question_encoder`, the image goes through any MMT4 representator and Eq. 1's
 projection (`image_encoder`, `models/mmt4.py`'s part: its SE(0) is the image source's learned offset),
-and the decoder (sparse MoE layers per `T5Config.decoder_moe_layers`) reads `e`. The sources are the
-image and the context (c = 2, the paper's).
+and the decoder (sparse MoE layers per `T5Config.decoder_moe_layers`) reads `e`.
 
-Batches: `encoder_input_tokens [B, k]` the context, `encoder_question_tokens [B, k]` the question,
-padded to the same length k (the weights are per position, Eq. 4), and the image input of the
-representator (`encoder_images` or `encoder_image_features`, `encoder_image_mask`). The decoder reads
-`e` at the context's tokens (Eq. 5's k is the context's length; padding is masked as in any T5
-encoder output), so an answer does not depend on how far a batch is padded (except under
-`joint_encoder`, whose concatenation puts the context after the padded question, and `resample`,
-whose learned map is for one k).
+The sources are the image and the text sources `MultiSourceConfig.text_sources`: the paper's one
+context (c = 2) by default, or several texts, each a source of its own (c = 1 + texts, e.g. the title
+and the other text fields, `data/prompts.py`'s `TEXT_SOURCES`). The first text source is the
+stack's `encoder`'s; each further one, `name`, has its own unshared `<name>_encoder` and batch key
+`encoder_<name>_tokens`. Eq. 5 and Eq. 6 go over every source:
+
+    e = q_a[..., 0] * I + sum_j q_a[..., j] * (T_j * mask_j)                 [B, k, E]
+    L_Q<source> = |1 - cos(q_p, s_p)|  for every source s
+
+where a text source gives nothing at its own padding, and the decoder reads the positions where any
+text source has a token.
+
+Batches: `encoder_input_tokens [B, k]` the first text source, `encoder_question_tokens [B, k]` the
+question, `encoder_<name>_tokens [B, k]` the further text sources, padded to the same length k (the
+weights are per position, Eq. 4), and the image input of the representator (`encoder_images` or
+`encoder_image_features`, `encoder_image_mask`). The encoders mask padding on the key side only, so
+an answer does not depend on how far a batch is padded (except under `joint_encoder`, whose
+concatenation puts the context after the padded question, and `resample`, whose learned map is for
+one k).
 
 Sown into `intermediates` (the Model adds the losses, `model.py`): `source_weights [B, k, c]`,
-`question_context_alignment_loss`, `question_image_alignment_loss` (batch means).
+`question_<source>_alignment_loss` for every source (batch means).
 """
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +50,7 @@ from mmt_jax.models.contrastive import mean_pool, normalise
 from mmt_jax.models.mmt4 import FusedImageTextInput, FusionConfig
 from mmt_jax.models.t5 import Encoder, EncoderDecoder
 
-SOURCES = ("image", "context")
+IMAGE_SOURCE = "image"
 SOURCE_WEIGHTINGS = ("linear", "softmax", "uniform")
 IMAGE_TO_LENGTH = ("repeat", "resample")
 
@@ -48,6 +61,10 @@ class MultiSourceConfig:
 
     image: the image encoder: an MMT4 `FusionConfig` (its representator, `feature_dim` for stored
       features, `freeze_representator`); its segment and position options do not apply.
+    text_sources: the text sources' names, in order: the first is read from `encoder_input_tokens`
+      by the stack's `encoder`, each further one from `encoder_<name>_tokens` by its own encoder.
+      ("context",): the paper's two sources; ("title", "details"): three, the title apart from the
+      other text fields (what each name holds is the task's: `data/prompts.py` TEXT_SOURCES).
     source_weighting: how `q_a = FC(Q)` weighs the sources at each position:
       "linear"  the paper's Eq. 4-5: the FC's outputs as they are;
       "softmax" normalised over the sources (weights in (0, 1) that sum to 1);
@@ -66,13 +83,15 @@ class MultiSourceConfig:
     joint_encoder: Fig. 5's S-Enc ablation: no question encoder; the context's encoder reads
       `[question ; context]` (length 2k), which is the text source; question guidance is then not
       possible (the paper), so `source_weighting` must be "uniform", and the alignment pools the
-      question's and the context's positions of that one encoding.
+      question's and the context's positions of that one encoding. One text source only.
     alignment_dim: the width of the projected vectors of Eq. 6-7.
-    question_context_weight, question_image_weight: the weights of L_QCA and L_QIA in the loss
-      (Eq. 8: 1 and 1; 0 switches a loss off, Fig. 5's WoAL ablation is both 0).
+    question_context_weight, question_image_weight: the weights of L_QCA (for every text source)
+      and L_QIA in the loss (Eq. 8: 1 and 1; 0 switches a loss off, Fig. 5's WoAL ablation is both
+      0).
     """
 
     image: FusionConfig
+    text_sources: tuple[str, ...] = ("context",)
     source_weighting: str = "linear"
     image_to_length: str = "repeat"
     joint_encoder: bool = False
@@ -84,6 +103,12 @@ class MultiSourceConfig:
         if not isinstance(self.image, FusionConfig):
             raise ValueError(f"MultiSourceConfig.image must be a FusionConfig (the image encoder's "
                              f"representator), got {type(self.image).__name__}")
+        object.__setattr__(self, "text_sources", tuple(self.text_sources))  # JSON and gin: lists
+        names = self.names
+        if not self.text_sources or len(set(names)) != len(names) or "question" in names or any(
+                not re.fullmatch(r"[a-z][a-z0-9_]*", name) for name in names):
+            raise ValueError(f"text_sources={self.text_sources!r}: one or more distinct lower-case "
+                             f"names (letters, digits, _), none of them 'image' or 'question'")
         if self.source_weighting not in SOURCE_WEIGHTINGS:
             raise ValueError(f"source_weighting={self.source_weighting!r}; choose from "
                              f"{SOURCE_WEIGHTINGS}")
@@ -93,10 +118,32 @@ class MultiSourceConfig:
         if self.joint_encoder and self.source_weighting != "uniform":
             raise ValueError("joint_encoder (S-Enc) has no question encoding to guide the sources "
                              "with: set source_weighting='uniform'")
+        if self.joint_encoder and len(self.text_sources) > 1:
+            raise ValueError(f"joint_encoder (S-Enc) reads [question ; context] as one text "
+                             f"source; text_sources={self.text_sources!r} has several")
         if self.alignment_dim < 1:
             raise ValueError(f"alignment_dim={self.alignment_dim}; need at least 1")
         if self.question_context_weight < 0 or self.question_image_weight < 0:
             raise ValueError("the alignment loss weights must be >= 0")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every source, in the order of the weights' last axis: the image, then the texts."""
+        return (IMAGE_SOURCE, *self.text_sources)
+
+    @property
+    def token_features(self) -> tuple[str, ...]:
+        """The batch keys the module reads beside `encoder_input_tokens` and the image's: the
+        question's and those of the text sources after the first."""
+        return ("encoder_question_tokens",
+                *(f"encoder_{name}_tokens" for name in self.text_sources[1:]))
+
+    def alignment_weights(self) -> dict[str, float]:
+        """`{sown loss name: its weight in Eq. 8}`: `question_<source>_alignment_loss` for every
+        source, L_QIA's weight for the image's, L_QCA's for each text source's."""
+        return {f"question_{name}_alignment_loss":
+                self.question_image_weight if name == IMAGE_SOURCE else self.question_context_weight
+                for name in self.names}
 
 
 def tiling(num_vectors: int, length: int) -> jax.Array:
@@ -152,15 +199,17 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
         cfg = self.config
         if not self.sources.joint_encoder:
             self.question_encoder = Encoder(cfg, self.input_part.bias_layout)
+        self.text_encoders = {name: Encoder(cfg, self.input_part.bias_layout, name=f"{name}_encoder")
+                              for name in self.sources.text_sources[1:]}
         self.image_encoder = FusedImageTextInput(self.sources.image, cfg.emb_dim, cfg.dtype)
         self.image_to_length = ImageToLength(self.sources.image_to_length == "resample")
         if self.sources.source_weighting != "uniform":
-            self.source_gate = DenseGeneral(len(SOURCES), kernel_axes=("embed", "sources"),
-                                               dtype=cfg.dtype)
+            self.source_gate = DenseGeneral(len(self.sources.names),
+                                            kernel_axes=("embed", "sources"), dtype=cfg.dtype)
         self.alignment_projections = {
             name: DenseGeneral(self.sources.alignment_dim, kernel_axes=("embed", "alignment"),
                                dtype=cfg.dtype, name=f"{name}_projection")
-            for name in ("question", *SOURCES)}
+            for name in ("question", *self.sources.names)}
 
     def _text(self, encoder: nn.Module, tokens, enable_dropout):
         inputs = self.input_part(self.token_embedder, tokens, enable_dropout=enable_dropout)
@@ -170,7 +219,8 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
         """Eq. 4: `Q [B, k, E]` -> per-position weights of the sources `[B, k, c]` ("uniform":
         1/c at each position of `question`'s shape)."""
         if self.sources.source_weighting == "uniform":
-            return jnp.full(question.shape[:2] + (len(SOURCES),), 1.0 / len(SOURCES), question.dtype)
+            count = len(self.sources.names)
+            return jnp.full(question.shape[:2] + (count,), 1.0 / count, question.dtype)
         weights = self.source_gate(question)
         if self.sources.source_weighting == "softmax":
             weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(question.dtype)
@@ -180,43 +230,63 @@ class MultiSourceEncoderDecoder(EncoderDecoder):
         if encoder_segment_ids is not None:
             raise ValueError("MoEMoE does not read packed batches (encoder_segment_ids): its "
                              "sources are aligned position by position")
-        question_tokens = features.pop("encoder_question_tokens", None)
-        if question_tokens is None:
-            raise ValueError("MoEMoE reads encoder_question_tokens [batch, length] (the question) "
-                             "beside encoder_input_tokens (the context); the batch has none")
         length = jnp.shape(encoder_input_tokens)[1]
-        if jnp.shape(question_tokens)[1] != length:
-            raise ValueError(f"encoder_question_tokens has length {jnp.shape(question_tokens)[1]}, "
-                             f"the context {length}: MoEMoE weighs the sources position by "
-                             f"position (Eq. 4), so both are padded to one length")
+        first, *further = self.sources.text_sources
+        tokens = {key: self._tokens(features, key, length)
+                  for key in self.sources.token_features}
+        question_tokens = tokens["encoder_question_tokens"]
         if self.sources.joint_encoder:  # S-Enc: one encoding of [question ; context]
             text, text_mask = self._text(
                 self.encoder, jnp.concatenate([question_tokens, encoder_input_tokens], axis=1),
                 enable_dropout)
-            question, context = text[:, :length], text[:, length:]
-            question_mask, context_mask = text_mask[:, :length], text_mask[:, length:]
+            question, question_mask = text[:, :length], text_mask[:, :length]
+            texts = {first: (text, text_mask)}
+            pooled_texts = {first: (text[:, length:], text_mask[:, length:])}
         else:
-            context, context_mask = self._text(self.encoder, encoder_input_tokens, enable_dropout)
             question, question_mask = self._text(self.question_encoder, question_tokens,
                                                  enable_dropout)
-            text, text_mask = context, context_mask
+            texts = {first: self._text(self.encoder, encoder_input_tokens, enable_dropout)}
+            texts |= {name: self._text(self.text_encoders[name], tokens[f"encoder_{name}_tokens"],
+                                       enable_dropout) for name in further}
+            pooled_texts = texts
         image, image_mask = self.image_encoder.image_vectors(**features,
                                                              enable_dropout=enable_dropout)
-        image_k = self.image_to_length(image.astype(text.dtype), image_mask, text.shape[1])
-        weights = self.weigh_sources(text if self.sources.joint_encoder else question)  # Eq. 4
-        fused = weights[..., 0:1] * image_k + weights[..., 1:2] * text  # Eq. 5
+        text_length = texts[first][0].shape[1]
+        image_k = self.image_to_length(image.astype(texts[first][0].dtype), image_mask, text_length)
+        weights = self.weigh_sources(texts[first][0] if self.sources.joint_encoder
+                                     else question)  # Eq. 4
+        fused = weights[..., 0:1] * image_k  # Eq. 5, over every source
+        for j, (text, mask) in enumerate(texts.values(), start=1):
+            fused = fused + weights[..., j:j + 1] * text * mask[..., None].astype(text.dtype)
+        fused_mask = functools.reduce(jnp.logical_or, [mask for _, mask in texts.values()])
         self.sow("intermediates", "source_weights", weights)
         pooled = {"question": mean_pool(question, question_mask),
-                  "context": mean_pool(context, context_mask),
-                  "image": mean_pool(image, image_mask)}
+                  IMAGE_SOURCE: mean_pool(image, image_mask),
+                  **{name: mean_pool(text, mask) for name, (text, mask) in pooled_texts.items()}}
+        present = {IMAGE_SOURCE: jnp.any(image_mask, -1),
+                   **{name: jnp.any(mask, -1) for name, (_, mask) in pooled_texts.items()}}
         projected = {name: self.alignment_projections[name](vector)
                      for name, vector in pooled.items()}
         has_question = jnp.any(question_mask, axis=-1)
-        self.sow("intermediates", "question_context_alignment_loss", alignment_loss(
-            projected["question"], projected["context"], has_question & jnp.any(context_mask, -1)))
-        self.sow("intermediates", "question_image_alignment_loss", alignment_loss(
-            projected["question"], projected["image"], has_question & jnp.any(image_mask, -1)))
+        for name in self.sources.names:  # Eq. 6-7
+            self.sow("intermediates", f"question_{name}_alignment_loss", alignment_loss(
+                projected["question"], projected[name], has_question & present[name]))
         if self.sources.source_weighting == "uniform" and not self.sources.joint_encoder:
             return (jnp.concatenate([question, fused], axis=1),
-                    jnp.concatenate([question_mask, text_mask], axis=1))  # WoQG: [Q ; e]
-        return fused, text_mask
+                    jnp.concatenate([question_mask, fused_mask], axis=1))  # WoQG: [Q ; e]
+        return fused, fused_mask
+
+    @staticmethod
+    def _tokens(features: dict, key: str, length: int) -> jax.Array:
+        """`features.pop(key)`, a `[batch, length]` token array the batch must have."""
+        tokens = features.pop(key, None)
+        what = ("the question" if key == "encoder_question_tokens"
+                else f"the text source {key.removeprefix('encoder_').removesuffix('_tokens')!r}")
+        if tokens is None:
+            raise ValueError(f"MoEMoE reads {key} [batch, length] ({what}) beside "
+                             f"encoder_input_tokens; the batch has none")
+        if jnp.shape(tokens)[1] != length:
+            raise ValueError(f"{key} has length {jnp.shape(tokens)[1]}, encoder_input_tokens "
+                             f"{length}: MoEMoE weighs the sources position by position (Eq. 4), "
+                             f"so all are padded to one length")
+        return tokens
