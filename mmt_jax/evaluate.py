@@ -29,9 +29,14 @@ from mmt_jax.task_inference import (build_model, evaluate_task, get_task, leaf_t
 
 def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str,
              task_feature_lengths: Mapping[str, int], split: str = "validation",
-             batch_size: int = 32, max_examples: int | None = None) -> dict:
+             batch_size: int = 32, max_examples: int | None = None,
+             closed_set: bool = True) -> dict:
     """The eval binary: every task of `mixture_or_task_name` on a checkpoint (or a model_dir's newest
-    one) -> `output_dir/report.json`, per-task predictions and plots. Returns the report."""
+    one) -> `output_dir/report.json`, per-task predictions and plots. Returns the report.
+
+    `closed_set`: each attribute task is also decoded with its answers restricted to the values its
+    catalog's training split gives the attribute (`value_trie.py`), its metrics reported as
+    `closed_<metric>` beside the open ones, and its predictions as `closed_prediction`."""
     get_task(mixture_or_task_name)  # an unknown name fails here, naming the close ones
     tasks = leaf_tasks(mixture_or_task_name)
     if not tasks:
@@ -51,6 +56,12 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
         rows[task.name] = predict_task(model, params, task.name, split, task_feature_lengths,
                                        batch_size, max_examples)
         metrics = evaluate_task(task.name, rows[task.name])
+        values = catalog_tasks.attribute_values(task.name) if closed_set else None
+        closed = None if not values else predict_task(
+            model, params, task.name, split, task_feature_lengths, batch_size, max_examples,
+            values=values)
+        if closed is not None:
+            metrics |= {f"closed_{k}": v for k, v in evaluate_task(task.name, closed).items()}
         constant = task_health.constant_predictions_warning(
             task.name, [row.prediction for row in rows[task.name]])
         report["tasks"][task.name] = {"num_examples": len(rows[task.name]), "metrics": metrics,
@@ -59,8 +70,12 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
         if weights:  # MoEMoE: where its answers came from
             report["tasks"][task.name]["mean_source_weights"] = weights
         with open(os.path.join(output_dir, "predictions", f"{task.name}.jsonl"), "w") as f:
-            for row in rows[task.name]:
-                f.write(json.dumps(dataclasses.asdict(row), ensure_ascii=False) + "\n")
+            for i, row in enumerate(rows[task.name]):
+                fields = dataclasses.asdict(row)
+                if closed is not None:
+                    fields |= {"closed_prediction": closed[i].prediction,
+                               "closed_score": closed[i].score}
+                f.write(json.dumps(fields, ensure_ascii=False) + "\n")
         print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if constant:
             print(f"warning: {constant}", file=sys.stderr, flush=True)

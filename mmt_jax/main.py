@@ -14,12 +14,13 @@
   eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=... --gin.TASK=... --gin.EVAL_OUTPUT_DIR=...
                                               a checkpoint's task metrics: report.json + plots
   infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F [--on-error fail|skip]
-                                              products -> JSONL of predictions with scores
+        [--closed-set | --values FILE]        products -> JSONL of predictions with scores
   demo [--workdir DIR]                        the main job: pretrains and fine-tunes a tiny MMT4 and
                                               a text-only T5 on the embedded catalog, then prints
                                               their per-attribute accuracy (Table 2's shape)
 """
 import argparse
+import json
 import os
 import sys
 
@@ -139,11 +140,41 @@ def _infer(args) -> None:
     from mmt_jax.predictor import Predictor
     predictor = Predictor.from_checkpoint(
         args.checkpoint, input_length=args.input_length, target_length=args.target_length,
-        batch_size=args.batch_size, num_beams=args.num_beams)
+        batch_size=args.batch_size, num_beams=args.num_beams,
+        value_sets=_value_sets(args.values, args.checkpoint if args.closed_set else None))
     count = infer.infer(predictor, args.input, args.out, args.prompt, images_dir=args.images,
                         with_description=args.with_description, on_error=args.on_error,
                         allow_absolute_image_paths=args.allow_absolute_image_paths)
     print(f"wrote {count} predictions to {args.out}")
+
+
+def _value_sets(values_file: str | None, checkpoint: str | None) -> dict | None:
+    """infer's closed sets, `{prompt: values}`: a taxonomy file's (`{"attribute": [values]}`), or
+    the values the checkpoint's training catalog gives each attribute in its training split."""
+    from mmt_jax import tasks
+    from mmt_jax.checkpoints import store
+    from mmt_jax.data import prompts
+    if values_file is not None:
+        try:
+            with open(values_file, encoding="utf-8") as f:
+                taxonomy = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--values {values_file}: {getattr(e, 'strerror', None) or e}") from None
+        bad = [k for k, v in taxonomy.items() if not isinstance(v, list) or not v
+               or not all(isinstance(x, str) and x for x in v)] if isinstance(taxonomy, dict) else [""]
+        if bad:
+            raise InputError(f"--values {values_file}: expected {{\"attribute\": [\"value\", ...]}} "
+                             f"with at least one non-empty value each; "
+                             + (f"attribute {bad[0]!r} is not" if bad[0] else "the file is not"))
+        return {prompts.attribute_prompt(a): v for a, v in taxonomy.items()}
+    if checkpoint is None:
+        return None
+    task = store.load_config(checkpoint).trained_task
+    if task is None:
+        raise InputError(f"{checkpoint} does not record its training catalog, so --closed-set has "
+                         "no values to take: give them with --values FILE")
+    return {prompts.attribute_prompt(a): v
+            for a, v in tasks.catalog_values(task["data_dir"], task["catalog"]).items()}
 
 
 def _initialize_distributed(args) -> None:
@@ -273,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--target-length", type=int, default=16, help="most tokens generated")
     infer.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                        help="a bad JSONL record stops the run (default) or is skipped and reported")
+    closed = infer.add_mutually_exclusive_group()
+    closed.add_argument("--closed-set", action="store_true",
+                        help="answer each attribute only with a value its training catalog gives it")
+    closed.add_argument("--values", default=None, metavar="FILE",
+                        help='JSON {"attribute": ["value", ...]}: answer those attributes only with '
+                             "their listed values (closed-set decoding)")
     infer.set_defaults(run=_infer)
     demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
                                              "catalog (Table 2's shape), ~12 min on 2 cores")

@@ -337,11 +337,14 @@ class EncoderDecoderModel:
         return tokens_to_logits
 
     def predict_batch_with_aux(self, params, batch: Batch, rng=None, decode_fn=None,
-                               num_decodes: int = 1, return_all_decodes: bool = False):
+                               num_decodes: int = 1, return_all_decodes: bool = False,
+                               decoder_params: Mapping | None = None):
         """Decoded tokens `[B, L]` (or `[B, num_decodes, L]`) and `{"scores": ...}` (and MoEMoE's
         `source_weights [B, c]`, `encode_with_aux`).
 
         `L` is the decoder feature length (`decoder_input_tokens.shape[1]`), as in t5x.
+        `decoder_params`: more keywords for the decode function, as in t5x, e.g. `{"constraint":
+        value_trie.ValueConstraint}` for closed-set decoding.
         """
         decode_fn = decode_fn or self._decode_fn
         encoded, encoder_mask, aux = self.encode_with_aux(params, batch)
@@ -351,7 +354,7 @@ class EncoderDecoderModel:
             params, decoding.expand_batch(encoder_mask, num_decodes), max_length)
         tokens, scores = decode_fn(cache, tokens_to_logits, batch_size=batch_size,
                                    max_decode_length=max_length, eos_id=self.eos_id, rng=rng,
-                                   num_decodes=num_decodes)
+                                   num_decodes=num_decodes, **(decoder_params or {}))
         if return_all_decodes:
             return tokens, {"scores": scores, **aux}
         return tokens[:, -1], {"scores": scores[:, -1], **aux}

@@ -30,7 +30,7 @@ main job's "contrastive head" matching row ranks by.
 import dataclasses
 import functools
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -43,7 +43,7 @@ from mmt_jax.data import images as images_lib
 from mmt_jax.data import prompts, records
 from mmt_jax.errors import InputError
 from mmt_jax.models.config import ModelConfig
-from mmt_jax.task_inference import build_model, source_weights, until_eos
+from mmt_jax.task_inference import build_model, source_weights, until_eos, value_trie
 from mmt_jax.vision import extractors
 
 
@@ -95,10 +95,13 @@ class Predictor:
       input_length: encoder text length in tokens; a longer query is an `InputError`.
       target_length: the most tokens generated.
       num_beams: 1 for greedy decoding, else beam search with that many beams.
+      value_sets: `{prompt: values}`: closed-set decoding, a query with one of these prompts
+        answering only with one of its values (`value_trie.py`); other prompts decode openly.
     """
 
     def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
-                 target_length: int = 16, batch_size: int = 16, num_beams: int = 1):
+                 target_length: int = 16, batch_size: int = 16, num_beams: int = 1,
+                 value_sets: Mapping[str, Sequence[str]] | None = None):
         if config.image_branch is not None and config.image is None:
             raise InputError("the checkpoint does not record its image preprocessing (written before "
                              "ModelConfig.image existed); set config.image to the training run's "
@@ -117,6 +120,8 @@ class Predictor:
         self._predict = jax.jit(functools.partial(
             model.predict_batch_with_aux, decode_fn=decode_fn, num_decodes=num_beams))
         self._score_pairs = jax.jit(model.score_pairs)
+        self.value_sets = dict(value_sets or {})
+        self._trie = (value_trie(self.vocabulary, self.value_sets) if self.value_sets else None)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
@@ -210,7 +215,10 @@ class Predictor:
     def _predict_chunk(self, queries: list[Query]) -> list[Prediction]:
         n = len(queries)
         padded = queries + [queries[-1]] * (self.batch_size - n)
-        tokens, aux = self._predict(self.params, self._batch(padded))
+        decoder_params = None if self._trie is None else {"constraint": self._trie.constraint(
+            [q.prompt if q.prompt in self.value_sets else None for q in padded])}
+        tokens, aux = self._predict(self.params, self._batch(padded),
+                                    decoder_params=decoder_params)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
         weights = source_weights(self.model, aux, n)
         eos = self.vocabulary.eos_id

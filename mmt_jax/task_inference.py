@@ -11,7 +11,7 @@ point needs.
 import dataclasses
 import difflib
 import functools
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +21,7 @@ from mmt_jax.data import vocabulary as vocab_lib
 from mmt_jax.errors import TrainingError, UnknownTaskError
 from mmt_jax.model import EncoderDecoderModel, model_for
 from mmt_jax.models.config import ModelConfig
+from mmt_jax.value_trie import ValueTrie
 
 
 def model_vocabulary(model_config: ModelConfig) -> seqio.Vocabulary:
@@ -91,14 +92,18 @@ def source_weights(model, aux: Mapping, n: int) -> list[dict[str, float] | None]
 
 
 def predict_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
-                 batch_size: int, max_examples: int | None = None) -> list[Prediction]:
-    """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call."""
+                 batch_size: int, max_examples: int | None = None,
+                 values: Sequence[str] | None = None) -> list[Prediction]:
+    """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call;
+    with `values`, closed-set decoding: every prediction is one of them (`value_trie.py`)."""
     predict = compiled(model, "predict_batch_with_aux")
     vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    decoder_params = None if values is None else {"constraint": value_trie(
+        vocabulary, {"values": values}).constraint(["values"] * batch_size)}
     results = []
     for rows, batch, n in task_batches(model, task_name, split, task_feature_lengths, batch_size,
                                         max_examples):
-        tokens, aux = predict(params, batch)
+        tokens, aux = predict(params, batch, decoder_params=decoder_params)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
         weights = source_weights(model, aux, n)
         for row, decoded, score, weight in zip(rows, tokens, scores, weights):
@@ -135,6 +140,13 @@ def evaluate_task(task_name: str, predictions: list[Prediction]) -> dict[str, fl
     for fn in task.predict_with_aux_metric_fns:
         results.update(fn(targets, texts, scores))
     return results
+
+
+def value_trie(vocabulary: seqio.Vocabulary, value_sets: Mapping[str, Sequence[str]]) -> ValueTrie:
+    """The trie of `{set name: values}` for closed-set decoding, each value tokenised as the tasks
+    tokenise targets, EOS appended."""
+    return ValueTrie.build({name: [list(vocabulary.encode(v)) + [vocabulary.eos_id] for v in values]
+                            for name, values in value_sets.items()})
 
 
 @functools.lru_cache(maxsize=8)

@@ -157,8 +157,8 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
             batches_read = 0
             if initial_checkpoint:
                 say(f"initialised from {initial_checkpoint}; fresh: {', '.join(fresh) or 'nothing'}"
-                    + (f"; derived (a dense MLP copied to every expert, MoEMoE's question "
-                       f"encoder from the encoder): {', '.join(derived)}" if derived else ""))
+                    + (f"; derived (a dense MLP copied to every expert, MoEMoE's question and "
+                       f"text encoders from the encoder): {', '.join(derived)}" if derived else ""))
         start_step = int(jax.device_get(state.step))
         batches = train_ds.skip(batches_read).prefetch(2).as_numpy_iterator()
         eval_ds = (get_dataset(model, mixture_or_task_name, eval_split, task_feature_lengths,

@@ -103,12 +103,21 @@ class CatalogSource(seqio.TfdsDataSource):
         self._catalog = catalog
 
     def attribute_counts(self, split: str) -> tuple[int, collections.Counter]:
-        """(products in `split`, {attribute: products naming it}), read record by record."""
-        counts, products = collections.Counter(), 0
+        """(products in `split`, {attribute: products naming it})."""
+        products, values = self.attribute_values(split)
+        return products, collections.Counter({name: sum(counts.values())
+                                              for name, counts in values.items()})
+
+    @functools.lru_cache(maxsize=None)
+    def attribute_values(self, split: str) -> tuple[int, dict[str, collections.Counter]]:
+        """(products in `split`, {attribute: {value: products with it}}), read record by record
+        once per process."""
+        values, products = collections.defaultdict(collections.Counter), 0
         for record in self.get_dataset(split=split, shuffle=False).as_numpy_iterator():
             products += 1
-            counts.update(name.decode("utf-8") for name in record["attribute_names"])
-        return products, counts
+            for name, value in zip(record["attribute_names"], record["attribute_values"]):
+                values[name.decode("utf-8")][value.decode("utf-8")] += 1
+        return products, dict(values)
 
     def describe(self, split: str) -> str:
         """What the catalog holds in `split`: its products and the attributes they name, with
@@ -236,6 +245,8 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                 with_description=with_description),
                 attribute_metrics, tokenized=keeping(prompts.attribute_prompt(attribute)),
                 prompt=prompts.attribute_prompt(attribute))
+            _ATTRIBUTE_OF.update({f"{prefix}_{slugs[attribute]}_{removed}{suffix}": attribute
+                                  for suffix in ("", "_text")})
         for suffix in ("", "_text") if attributes else ():  # no attributes: no attribute mixtures
             _add_mixture(f"{prefix}_attributes_{removed}{suffix}",
                          [(f"{prefix}_{slugs[a]}_{removed}{suffix}", rate[a]) for a in attributes],
@@ -271,6 +282,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                 attribute_metrics, features=qa_features, modalities=("image",),
                 prompt=prompts.attribute_prompt(attribute))  # the Predictor's prompt for it
             _TEXT_SOURCES[f"{prefix}_qa_{slugs[attribute]}_{removed}"] = qa_text_sources
+            _ATTRIBUTE_OF[f"{prefix}_qa_{slugs[attribute]}_{removed}"] = attribute
         _add_mixture(f"{prefix}_qa_{removed}",
                      [(f"{prefix}_qa_{slugs[a]}_{removed}", rate[a]) for a in attributes], names)
     _REGISTERED[prefix] = _full_arguments(prefix, data_dir, catalog, vocabulary=vocabulary_arg,
@@ -287,6 +299,25 @@ _REGISTERED: dict[str, dict] = {}  # prefix -> all arguments it was registered w
 _PREFIX_OF: dict[str, str] = {}  # task or mixture -> the prefix it was registered under
 _PROMPTS: dict[str, tuple[str, ...]] = {}  # task -> the prompt it asks (none: pretraining)
 _TEXT_SOURCES: dict[str, tuple[str, ...]] = {}  # QA task -> its text sources
+_ATTRIBUTE_OF: dict[str, str] = {}  # attribute or QA task -> the attribute it asks for
+
+
+def attribute_values(task_name: str, split: str = "train") -> tuple[str, ...] | None:
+    """The values of the attribute a catalog attribute or QA task asks for, as `split` of its
+    catalog gives them (the closed set of `mmt-jax eval`'s closed-set decoding), most frequent
+    first; None for any other task."""
+    attribute = _ATTRIBUTE_OF.get(task_name)
+    if attribute is None:
+        return None
+    _, values = seqio.get_mixture_or_task(task_name).source.attribute_values(split)
+    return tuple(value for value, _ in values.get(attribute, collections.Counter()).most_common())
+
+
+def catalog_values(data_dir: str, catalog: str, split: str = "train") -> dict[str, tuple[str, ...]]:
+    """`{attribute: its values in split, most frequent first}` of a catalog (`mmt-jax infer
+    --closed-set`: the values of the checkpoint's training catalog)."""
+    _, values = CatalogSource(data_dir, catalog).attribute_values(split)
+    return {name: tuple(v for v, _ in counts.most_common()) for name, counts in values.items()}
 
 
 def check_text_sources(mixture_or_task_name: str, text_sources: tuple[str, ...] | None) -> None:

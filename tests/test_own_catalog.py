@@ -67,6 +67,11 @@ def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch,
     report = json.load(open(tmp_path / "runs/shop/eval/report.json"))
     assert list(report["tasks"]) == ["shop_product_type_removed100"]
     assert report["tasks"]["shop_product_type_removed100"]["num_examples"] == 6
+    # closed-set decoding beside the open one: only the values the training split names
+    assert "closed_attribute_accuracy" in report["tasks"]["shop_product_type_removed100"]["metrics"]
+    evaluated = [json.loads(line) for line in open(
+        tmp_path / "runs/shop/eval/predictions/shop_product_type_removed100.jsonl")]
+    assert {row["closed_prediction"] for row in evaluated} <= {"t-shirt", "mug"}
     rows = [json.loads(line) for line in open(tmp_path / "runs/shop/predictions.jsonl")]
     assert len(rows) == count and {row["prompt"] for row in rows} == {"product type:"}
     assert all(np.isfinite(row["score"]) for row in rows)
@@ -79,7 +84,7 @@ def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch,
         "task": "attributes_removed100", "prefix": "shop", "catalog": "shop",
         "data_dir": os.path.join(os.getcwd(), "runs/tfds"), "vocabulary": None, "attributes": ["product type"],
         "removal_shares": list(tasks.REMOVAL_SHARES), "with_description": False,
-        "attribute_rates": {}}
+        "attribute_rates": {}, "qa_text_sources": ["context"]}
     capsys.readouterr()
     assert main.run(["infer", "--checkpoint", "runs/shop", "--input", "products.jsonl", "--images",
                      "images/", "--prompt", "product type:", "--prompt", "color:", "--out",
@@ -87,6 +92,32 @@ def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "warning: the model was never trained on the prompt 'color:' (its training task asked " \
            "'product type:')" in err and "'product type:' " not in err.split("asked")[0]
+
+    # Closed-set decoding: the values of the training catalog, or a taxonomy file's; a prompt
+    # without a value set ('color:') still decodes openly.
+    def closed(*flags) -> dict[str, set[str]]:
+        assert main.run(["infer", "--checkpoint", "runs/shop", "--input", "products.jsonl",
+                         "--images", "images/", "--prompt", "product type:", "--prompt", "color:",
+                         "--out", "runs/shop/closed.jsonl", *flags]) == 0
+        answers = {}
+        for line in open("runs/shop/closed.jsonl"):
+            row = json.loads(line)
+            answers.setdefault(row["prompt"], set()).add(row["prediction"])
+        return answers
+    assert closed("--closed-set")["product type:"] <= {"t-shirt", "mug"}
+    with open("taxonomy.json", "w") as f:
+        json.dump({"product type": ["mug"]}, f)
+    answers = closed("--values", "taxonomy.json")
+    assert answers["product type:"] == {"mug"} and answers["color:"] != {"mug"}
+    with open("taxonomy.json", "w") as f:
+        json.dump({"product type": "mug"}, f)
+    capsys.readouterr()
+    assert main.run(["infer", "--checkpoint", "runs/shop", "--input", "products.jsonl", "--images",
+                     "images/", "--prompt", "product type:", "--out", "runs/shop/bad.jsonl",
+                     "--values", "taxonomy.json"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --values taxonomy.json: expected {\"attribute\": [\"value\", ...]} with at least "
+        "one non-empty value each; attribute 'product type' is not"]
 
 
 def test_a_command_prints_what_it_did_and_nothing_else(tmp_path):

@@ -68,7 +68,7 @@ class Trainer:
                       ) -> tuple[TrainState, list, list]:
         """A fresh state; with `initial_checkpoint` (an mmt_jax checkpoint directory) its parameters
         replace the fresh ones wherever the path and shape match, and a dense checkpoint's MLPs
-        start every expert of an MoE model, and its encoder MoEMoE's question encoder
+        start every expert of an MoE model, and its encoder MoEMoE's question and text encoders
         (`checkpoints.initialize_from`). Returns `(state, fresh_paths, derived_paths)`."""
         params = self._init_params(jax.random.key(seed))
         fresh_paths, derived = [], []
