@@ -19,7 +19,7 @@ from typing import Mapping
 import jax
 import seqio
 
-from mmt_jax import eval_plots, task_health
+from mmt_jax import acceptance, eval_plots, task_health
 from mmt_jax import tasks as catalog_tasks
 from mmt_jax.checkpoints import store
 from mmt_jax.errors import InputError
@@ -36,7 +36,11 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
 
     `closed_set`: each attribute task is also decoded with its answers restricted to the values its
     catalog's training split gives the attribute (`value_trie.py`), its metrics reported as
-    `closed_<metric>` beside the open ones, and its predictions as `closed_prediction`."""
+    `closed_<metric>` beside the open ones, and its predictions as `closed_prediction`.
+
+    Each attribute prompt gets its acceptance threshold at 90% precision for each decoding
+    (`acceptance.py`), in the report's `acceptance` and, on the validation split, in the
+    checkpoint's `acceptance.json`, which infer reads."""
     get_task(mixture_or_task_name)  # an unknown name fails here, naming the close ones
     tasks = leaf_tasks(mixture_or_task_name)
     if not tasks:
@@ -52,16 +56,22 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
     report = {"checkpoint": path, "split": split, "output_dir": os.path.abspath(output_dir),
               "tasks": {}}
     rows = {}
+    calibration = {decoding: {} for decoding in acceptance.DECODINGS}  # prompt -> decoded rows
     for task in tasks:
         rows[task.name] = predict_task(model, params, task.name, split, task_feature_lengths,
                                        batch_size, max_examples)
         metrics = evaluate_task(task.name, rows[task.name])
-        values = catalog_tasks.attribute_values(task.name) if closed_set else None
-        closed = None if not values else predict_task(
+        values = catalog_tasks.attribute_values(task.name)  # None: not an attribute task
+        closed = None if not (closed_set and values) else predict_task(
             model, params, task.name, split, task_feature_lengths, batch_size, max_examples,
             values=values)
         if closed is not None:
             metrics |= {f"closed_{k}": v for k, v in evaluate_task(task.name, closed).items()}
+        if values is not None:
+            prompt = catalog_tasks.task_prompts(task.name)[0]
+            for decoding, decoded in zip(acceptance.DECODINGS, (rows[task.name], closed)):
+                if decoded is not None:
+                    calibration[decoding].setdefault(prompt, []).extend(decoded)
         constant = task_health.constant_predictions_warning(
             task.name, [row.prediction for row in rows[task.name]])
         report["tasks"][task.name] = {"num_examples": len(rows[task.name]), "metrics": metrics,
@@ -79,9 +89,33 @@ def evaluate(*, checkpoint_path: str, mixture_or_task_name: str, output_dir: str
         print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if constant:
             print(f"warning: {constant}", file=sys.stderr, flush=True)
+    if any(calibration.values()):
+        report["acceptance"] = _calibrate(calibration, path if split == "validation" else None,
+                                          split)
     report["plots"] = eval_plots.write_plots(report, rows, output_dir)
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2, allow_nan=True)
+    return report
+
+
+def _calibrate(calibration: Mapping[str, Mapping[str, list]], checkpoint: str | None,
+               split: str) -> dict:
+    """Each prompt's acceptance threshold at `acceptance.PRECISION` per decoding, and the share of
+    its predictions it accepts; written beside `checkpoint` (validation only), for infer."""
+    thresholds, shares = {}, {}
+    for decoding, by_prompt in calibration.items():
+        for prompt, decoded in by_prompt.items():
+            threshold = acceptance.pick_threshold([r.target for r in decoded],
+                                                  [r.prediction for r in decoded],
+                                                  [r.score for r in decoded])
+            thresholds.setdefault(decoding, {})[prompt] = threshold
+            shares.setdefault(decoding, {})[prompt] = sum(
+                bool(acceptance.accepted({prompt: threshold}, prompt, r.score))
+                for r in decoded) / len(decoded)
+    report = {"precision": acceptance.PRECISION, "thresholds": thresholds,
+              "accepted_share": shares}
+    if checkpoint is not None:
+        report["file"] = acceptance.save(checkpoint, thresholds, split)
     return report
 
 

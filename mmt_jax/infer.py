@@ -8,7 +8,9 @@ or the TFRecord files a `mmt-jax data convert` wrote (a glob such as
 `DIR/product_catalog/NAME/1.0.0/product_catalog-test.tfrecord*`). Each output line is
 `{"id", "prompt", "prediction", "score"}`, `score` the log-probability of the prediction (a MoEMoE
 checkpoint adds `source_weights`, `{"image": ..., "context": ...}`: how much the answer drew on
-each source; it reads the whole text, so `--with-description` is implied). The output
+each source; it reads the whole text, so `--with-description` is implied), and `accepted` for a
+prompt the checkpoint has a calibrated threshold for (`acceptance.py`, written by `mmt-jax eval`),
+whose accepted share is printed at the end. The output
 is written to a temporary file and renamed when complete, so an interrupted run never leaves a
 truncated file that looks finished, and an existing file is replaced only by a whole new one.
 
@@ -108,7 +110,7 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
               "its answers to it are not predictions", file=sys.stderr)
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)
-    count, skipped = 0, []
+    count, skipped, accepted = 0, [], {}
 
     def skip(query: Query, error: InputError) -> None:
         skipped.append(query)
@@ -128,6 +130,11 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
                        "prediction": prediction.text, "score": prediction.score}
                 if prediction.source_weights is not None:
                     row["source_weights"] = prediction.source_weights
+                if prediction.accepted is not None:
+                    row["accepted"] = prediction.accepted
+                    tally = accepted.setdefault(query.prompt, [0, 0])
+                    tally[0] += prediction.accepted
+                    tally[1] += 1
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
         except BaseException:
@@ -138,4 +145,7 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
     if skipped:
         print(f"skipped {len(skipped)} product x prompt queries the model cannot take",
               file=sys.stderr)
+    for prompt, (taken, total) in accepted.items():
+        print(f"{prompt} accepted {taken} of {total} predictions ({taken / total:.1%}) at the "
+              f"checkpoint's 90%-precision threshold")
     return count

@@ -59,14 +59,15 @@ def _scores(aux_values: Mapping[str, Sequence[float]]) -> np.ndarray:
     return scores
 
 
-def _exact_match(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """`[N]` bool: each prediction equal to its reference, case and surrounding spaces aside."""
     _check_lengths(targets=targets, predictions=predictions)
     return np.array([_normalize(t) == _normalize(p) for t, p in zip(targets, predictions)])
 
 
 def attribute_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     """Fraction of generated attribute values equal to the reference (MMT4 sec. 4.2, Tables 1-2)."""
-    return {"attribute_accuracy": float(np.mean(_exact_match(targets, predictions)))}
+    return {"attribute_accuracy": float(np.mean(exact_match(targets, predictions)))}
 
 
 def recall_at_precision(correct: Sequence[bool], confidence: Sequence[float],
@@ -79,6 +80,14 @@ def recall_at_precision(correct: Sequence[bool], confidence: Sequence[float],
     descending, and take the longest prefix that meets the precision. A threshold cannot split
     examples of equal confidence, so prefixes only end where the confidence changes.
     """
+    return threshold_at_precision(correct, confidence, precision)[1]
+
+
+def threshold_at_precision(correct: Sequence[bool], confidence: Sequence[float],
+                           precision: float = 0.9) -> tuple[float | None, float]:
+    """`(t, recall(t))` for the `recall_at_precision` operating point: answering the examples
+    whose confidence is >= t keeps precision >= `precision` with the most correct answers (the
+    lowest such t among equals); `(None, 0.0)` when no t reaches the precision."""
     n = _check_lengths(correct=correct, confidence=confidence)
     _check_precision(precision)
     correct, confidence = np.asarray(correct, bool), np.asarray(confidence, np.float64)
@@ -90,7 +99,10 @@ def recall_at_precision(correct: Sequence[bool], confidence: Sequence[float],
     ranked = confidence[order]
     threshold_ends = np.append(ranked[1:] != ranked[:-1], True)  # last example of each tie group
     valid = threshold_ends & (hits / answered >= precision)
-    return float(hits[valid].max() / n) if valid.any() else 0.0
+    if not valid.any():
+        return None, 0.0
+    best = np.flatnonzero(valid & (hits == hits[valid].max()))[-1]
+    return float(ranked[best]), float(hits[best] / n)
 
 
 def attribute_recall_at_precision(targets: Sequence[str], predictions: Sequence[str],
@@ -102,7 +114,7 @@ def attribute_recall_at_precision(targets: Sequence[str], predictions: Sequence[
     of products that get a correct value when at least `precision` of the filled-in values are right
     (MMT4 sec. 4.2 reports accuracy only; this is the same metric Table 4 uses for matching).
     """
-    correct = _exact_match(targets, predictions)
+    correct = exact_match(targets, predictions)
     scores = _scores(aux_values)
     _check_lengths(targets=targets, scores=scores)
     return {f"attribute_recall_at_precision_{precision:g}": recall_at_precision(correct, scores, precision)}

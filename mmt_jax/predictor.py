@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from mmt_jax import decoding
+from mmt_jax import acceptance, decoding
 from mmt_jax.checkpoints import store
 from mmt_jax.data import images as images_lib
 from mmt_jax.data import prompts, records
@@ -80,10 +80,13 @@ class Query:
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """`source_weights`: MoEMoE's mean weight of each source, None for other models."""
+    """`source_weights`: MoEMoE's mean weight of each source, None for other models. `accepted`:
+    whether the score reaches the prompt's calibrated threshold (`acceptance.py`); None where the
+    checkpoint has none for the prompt."""
     text: str
     score: float
     source_weights: dict[str, float] | None = None
+    accepted: bool | None = None
 
 
 class Predictor:
@@ -97,11 +100,15 @@ class Predictor:
       num_beams: 1 for greedy decoding, else beam search with that many beams.
       value_sets: `{prompt: values}`: closed-set decoding, a query with one of these prompts
         answering only with one of its values (`value_trie.py`); other prompts decode openly.
+      thresholds: `{"open" | "closed": {prompt: threshold}}`, the checkpoint's calibrated
+        acceptance (`acceptance.py`; `from_checkpoint` reads them): each prediction is marked
+        accepted against its prompt's threshold for the decoding it got.
     """
 
     def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
                  target_length: int = 16, batch_size: int = 16, num_beams: int = 1,
-                 value_sets: Mapping[str, Sequence[str]] | None = None):
+                 value_sets: Mapping[str, Sequence[str]] | None = None,
+                 thresholds: Mapping[str, Mapping[str, float | None]] | None = None):
         if config.image_branch is not None and config.image is None:
             raise InputError("the checkpoint does not record its image preprocessing (written before "
                              "ModelConfig.image existed); set config.image to the training run's "
@@ -122,12 +129,16 @@ class Predictor:
         self._score_pairs = jax.jit(model.score_pairs)
         self.value_sets = dict(value_sets or {})
         self._trie = (value_trie(self.vocabulary, self.value_sets) if self.value_sets else None)
+        self.thresholds = thresholds
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
         """From a checkpoint directory, or the newest checkpoint of a training run's model_dir."""
+        path = store.resolve(path)
         config, params = store.load_checkpoint(path)
-        return cls(build_model(config), params, config, **kwargs)
+        calibrated = acceptance.load(path)
+        return cls(build_model(config), params, config,
+                   **{"thresholds": calibrated and calibrated["thresholds"], **kwargs})
 
     def untrained_prompts(self, prompts: Iterable[str]) -> list[str]:
         """Those of `prompts` the checkpoint's training task never asked (none when it did not
@@ -222,8 +233,14 @@ class Predictor:
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
         weights = source_weights(self.model, aux, n)
         eos = self.vocabulary.eos_id
-        return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score), w)
-                for row, score, w in zip(tokens, scores, weights)]
+        return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score), w,
+                           self._accepted(query.prompt, float(score)))
+                for query, row, score, w in zip(queries, tokens, scores, weights)]
+
+    def _accepted(self, prompt: str, score: float) -> bool | None:
+        decoding = "closed" if prompt in self.value_sets else "open"
+        return acceptance.accepted(None if self.thresholds is None
+                                   else self.thresholds.get(decoding), prompt, score)
 
     def _batch(self, queries: list[Query]) -> dict:
         examples = {"inputs": [self._tokens(q) for q in queries],

@@ -154,3 +154,35 @@ def test_metric_fns_run_in_seqio_evaluator():
                                  "match_pr_auc": 0.5 + 1 / 3, "match_recall_at_precision_0.9": 0.5,
                                  # By score: right, right, wrong, wrong; precisions 1, 1, 2/3, 2/4.
                                  "attribute_recall_at_precision_0.7": 0.5})
+
+
+@pytest.mark.parametrize("precision, expected", [(0.75, (0.6, 0.6)), (0.9, (0.8, 0.4)),
+                                                 (1.0, (0.8, 0.4))])
+def test_threshold_at_precision_by_hand(precision, expected):
+    """Prefixes by confidence: 1/1, 2/2, 2/3, 3/4, 3/5 right. At 0.75 the longest valid prefix
+    ends at 0.6 (3 of 4 answered right, 3 of 5 found); at 0.9 and 1.0 at 0.8."""
+    correct, confidence = [True, True, False, True, False], [0.9, 0.8, 0.7, 0.6, 0.5]
+    assert metrics.threshold_at_precision(correct, confidence, precision) == pytest.approx(expected)
+    assert metrics.threshold_at_precision([False, True], [0.9, 0.1], 0.9) == (None, 0.0)
+
+
+def test_a_threshold_keeps_its_precision_on_the_data_it_was_picked_on():
+    """Whatever the scores: answering the examples at or above the picked threshold is right at
+    least 90% of the time, and no lower threshold that keeps 90% finds more right answers."""
+    from mmt_jax import acceptance
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 60))
+        scores = np.round(rng.normal(size=n), int(rng.integers(0, 3)))  # ties too
+        targets = ["red"] * n
+        right = rng.random(n) < 1 / (1 + np.exp(-2 * scores - rng.normal()))
+        predictions = ["red" if r else "blue" for r in right]
+        threshold = acceptance.pick_threshold(targets, predictions, scores)
+        if threshold is None:
+            assert all(np.mean(right[scores >= t]) < 0.9 for t in scores)
+            continue
+        taken = scores >= threshold
+        assert np.mean(right[taken]) >= 0.9, trial
+        better = [t for t in scores if np.mean(right[scores >= t]) >= 0.9
+                  and right[scores >= t].sum() > right[taken].sum()]
+        assert not better, trial

@@ -72,9 +72,23 @@ def test_the_readme_commands_run_on_a_catalog_of_ones_own(tmp_path, monkeypatch,
     evaluated = [json.loads(line) for line in open(
         tmp_path / "runs/shop/eval/predictions/shop_product_type_removed100.jsonl")]
     assert {row["closed_prediction"] for row in evaluated} <= {"t-shirt", "mug"}
+    # the 90%-precision thresholds, in the report and beside the checkpoint, for infer
+    calibrated = report["acceptance"]
+    stored = json.load(open(calibrated["file"]))
+    assert calibrated["file"] == os.path.join(os.getcwd(), "runs/shop/checkpoint_2/acceptance.json")
+    assert stored["thresholds"] == calibrated["thresholds"] and set(stored["thresholds"]) == {
+        "open", "closed"} and list(stored["thresholds"]["open"]) == ["product type:"]
+    for decoding, prediction in (("open", "prediction"), ("closed", "closed_prediction")):
+        threshold = stored["thresholds"][decoding]["product type:"]
+        taken = [row for row in evaluated if threshold is not None
+                 and row[prediction.replace("prediction", "score")] >= threshold]
+        assert not taken or np.mean([r[prediction] == r["target"] for r in taken]) >= 0.9
     rows = [json.loads(line) for line in open(tmp_path / "runs/shop/predictions.jsonl")]
     assert len(rows) == count and {row["prompt"] for row in rows} == {"product type:"}
     assert all(np.isfinite(row["score"]) for row in rows)
+    threshold = stored["thresholds"]["open"]["product type:"]
+    assert all(row["accepted"] == (threshold is not None and row["score"] >= threshold)
+               for row in rows)
 
     # The checkpoint records what its task asked (a prompt it never learned is flagged) and the
     # catalog task itself, which eval above read with nothing but the checkpoint.
