@@ -34,6 +34,40 @@ def cross_entropy_with_logits(logits: jax.Array, targets: jax.Array, weights: ja
     return (loss + z) * weights, z * weights
 
 
+def chunked_cross_entropy(project, hidden: jax.Array, targets: jax.Array,
+                          weights: jax.Array | None = None, *, chunk_length: int,
+                          label_smoothing: float = 0.0, z_loss: float = 0.0):
+    """`cross_entropy_with_logits(project(hidden), ...)` computed `chunk_length` positions at a
+    time, each chunk's logits made again in the backward pass (`jax.checkpoint`): neither pass
+    holds the float32 `[B, L, vocab]` logits, only one chunk's `[B, chunk_length, vocab]`.
+
+    project: states `[B, n, E]` -> logits `[B, n, vocab]` (the model's output layer); hidden
+    `[B, L, E]`; targets, weights `[B, L]`. Returns the per-token loss and z-loss `[B, L]` (as
+    `cross_entropy_with_logits`) and `[B, L]` bool, whether each target is the argmax.
+    """
+    batch, length = targets.shape
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    pad = -length % chunk_length
+    chunks = (length + pad) // chunk_length
+
+    def split(x):  # [B, L, ...] -> [chunks, B, chunk_length, ...], padding with zero weights
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((batch, chunks, chunk_length) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1)
+
+    @jax.checkpoint
+    def one_chunk(parts):
+        states, chunk_targets, chunk_weights = parts
+        logits = project(states)
+        loss, z = cross_entropy_with_logits(logits, chunk_targets, chunk_weights,
+                                            label_smoothing=label_smoothing, z_loss=z_loss)
+        return loss, z, jnp.argmax(logits, axis=-1) == chunk_targets
+
+    outputs = jax.lax.map(one_chunk, (split(hidden), split(targets), split(weights)))
+    return tuple(jnp.swapaxes(x, 0, 1).reshape(batch, -1)[:, :length] for x in outputs)
+
+
 # The one place the loss defaults live: our Models (mmt_jax/model.py), hence our trainer, and the
 # t5x adapter (mmt_jax/t5x/models.py) all take them from here, so one batch gives one loss.
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"

@@ -24,7 +24,8 @@ from flax import traverse_util
 from mmt_jax import decoding
 from mmt_jax.data import feature_converter
 from mmt_jax.losses import (DEFAULT_LOSS, NUM_REAL_TARGET_TOKENS, LossConfig,  # noqa: F401
-                            contrastive_loss, cross_entropy_with_logits, same_sequence)
+                            chunked_cross_entropy, contrastive_loss, cross_entropy_with_logits,
+                            same_sequence)
 
 Batch = Mapping[str, jax.Array]
 FLOAT_FEATURES = {"encoder_images": jnp.float32, "encoder_image_features": jnp.float32}
@@ -68,6 +69,9 @@ class EncoderDecoderModel:
         the beam size or the number of samples.
       label_smoothing, z_loss, loss_normalizing_factor: `losses.LossConfig`; the defaults are
         `losses.DEFAULT_LOSS`'s (no smoothing, z-loss 1e-4, mean over the real target tokens).
+      loss_chunk_length: compute the training loss this many target positions at a time
+        (`losses.chunked_cross_entropy`: the `[B, Ld, vocab]` logits are never held whole, in the
+        forward or the backward pass); None: from the whole logits. The same loss and gradients.
     """
 
     FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
@@ -77,7 +81,7 @@ class EncoderDecoderModel:
                  label_smoothing: float = DEFAULT_LOSS.label_smoothing,
                  z_loss: float = DEFAULT_LOSS.z_loss,
                  loss_normalizing_factor: float | str | None = DEFAULT_LOSS.loss_normalizing_factor,
-                 eos_id: int = 1):
+                 eos_id: int = 1, loss_chunk_length: int | None = None):
         self.module = module
         # A module with an image branch (MMT4) reads images, or stored image features: its batches
         # come from the multimodal converters. t5x reads this instance attribute as it reads its own
@@ -101,6 +105,9 @@ class EncoderDecoderModel:
         self._decode_fn = decode_fn
         self.loss_config = LossConfig(label_smoothing, z_loss, loss_normalizing_factor)
         self.eos_id = eos_id
+        if loss_chunk_length is not None and loss_chunk_length < 1:
+            raise ValueError(f"loss_chunk_length={loss_chunk_length}; need at least 1 (or None)")
+        self.loss_chunk_length = loss_chunk_length
 
     @property
     def label_smoothing(self) -> float:
@@ -143,13 +150,15 @@ class EncoderDecoderModel:
         """The module's rng streams for one step: `dropout` (None outside training)."""
         return None if dropout_rng is None else {"dropout": dropout_rng}
 
-    def _apply(self, params, batch: Batch, dropout_rng=None, mutable=False, other_variables=None):
+    def _apply(self, params, batch: Batch, dropout_rng=None, mutable=False, other_variables=None,
+               **kwargs):
         """The teacher-forced forward pass (`module.apply(...)`'s result); dropout and every other
-        training-only randomness (`rngs`) is on iff `dropout_rng` is given."""
+        training-only randomness (`rngs`) is on iff `dropout_rng` is given; `kwargs` go to the
+        module (`output="hidden"`)."""
         inputs = {k: v for k, v in batch.items() if k not in NOT_MODULE_INPUTS}
         return self.module.apply({"params": params, **(other_variables or {})}, **inputs,
                                  enable_dropout=dropout_rng is not None, rngs=self.rngs(dropout_rng),
-                                 mutable=mutable)
+                                 mutable=mutable, **kwargs)
 
     def _compute_logits(self, params, batch: Batch, dropout_rng=None):
         """Teacher-forced logits `[B, Ld, vocab]` (float32)."""
@@ -162,12 +171,16 @@ class EncoderDecoderModel:
         if not isinstance(self, expected):
             raise TypeError(f"{type(self).__name__} does not compute the loss of this module; its "
                             f"Model is {expected.__name__}: build it with model.model_for(module)")
-        if self.sows_losses:
-            logits, state = self._apply(params, batch, dropout_rng, mutable=["intermediates"])
-            loss, metrics = self.loss_from_logits_and_sown(logits, state["intermediates"], batch)
+        output = self._apply(params, batch, dropout_rng,
+                             mutable=["intermediates"] if self.sows_losses else False,
+                             output="hidden" if self.loss_chunk_length else "logits")
+        output, state = output if self.sows_losses else (output, None)
+        if self.loss_chunk_length:
+            loss, metrics = self.loss_from_hidden(params, output, batch)
         else:
-            loss, metrics = self.loss_from_logits(
-                self._compute_logits(params, batch, dropout_rng), batch)
+            loss, metrics = self.loss_from_logits(output, batch)
+        if state is not None:
+            loss, metrics = self.with_sown_losses(loss, metrics, state["intermediates"])
         return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
 
     # ---- losses sown by the module ------------------------------------------------------------
@@ -186,10 +199,9 @@ class EncoderDecoderModel:
         return {name: (weight, jnp.asarray(intermediates[name][0]))
                 for name, weight in sources.alignment_weights().items()}
 
-    def loss_from_logits_and_sown(self, logits, intermediates, batch: Batch):
+    def with_sown_losses(self, loss, metrics, intermediates):
         """The cross-entropy loss plus every sown loss times its weight (MoEMoE's Eq. 8:
         `CE + L_QCA + L_QIA + lambda L_aux`), each sown loss also a metric by its name."""
-        loss, metrics = self.loss_from_logits(logits, batch)
         sown = self.sown_losses(intermediates)
         for weight, value in sown.values():
             loss = loss + weight * value
@@ -241,23 +253,45 @@ class EncoderDecoderModel:
                       "contrastive/pairs": average(jnp.sum(valid.astype(jnp.float32))),
                       "contrastive/scale": average(scale)}
 
-    def loss_from_logits(self, logits, batch: Batch):
-        """The cross-entropy loss (with z-loss and smoothing, normalised per `self.loss_config`) of
-        teacher-forced `logits` and the metrics `loss`, `cross_ent_loss`, `z_loss`,
-        `token_accuracy` (those three per real target token), `num_tokens`, and
-        `sequence_accuracy`: the share of examples whose every target token is the argmax given the
-        reference prefix, which is exactly the share that greedy decoding answers word for word
-        (the exact-match accuracy users read), over the `num_examples` with a target."""
+    @staticmethod
+    def _targets_and_weights(batch: Batch):
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         weights = (targets > 0) if weights is None else weights
-        weights = jnp.asarray(weights, jnp.float32)
+        return targets, jnp.asarray(weights, jnp.float32)
+
+    def loss_from_logits(self, logits, batch: Batch):
+        """The cross-entropy loss (with z-loss and smoothing, normalised per `self.loss_config`) of
+        teacher-forced `logits` and its metrics (`token_metrics`)."""
+        targets, weights = self._targets_and_weights(batch)
         token_loss, token_z_loss = cross_entropy_with_logits(
             logits, targets, weights, label_smoothing=self.loss_config.label_smoothing,
             z_loss=self.loss_config.z_loss)
+        return self.token_metrics(token_loss, token_z_loss, jnp.argmax(logits, -1) == targets,
+                                  weights)
+
+    def loss_from_hidden(self, params, hidden, batch: Batch):
+        """`loss_from_logits` of the logits of `hidden` (the decoder's states before its output
+        layer, `[B, Ld, E]`), made `loss_chunk_length` positions at a time
+        (`losses.chunked_cross_entropy`)."""
+        targets, weights = self._targets_and_weights(batch)
+
+        def project(states):
+            return self.module.apply({"params": params}, states, method=self.module.vocab_logits)
+        token_loss, token_z_loss, hits = chunked_cross_entropy(
+            project, hidden, targets, weights, chunk_length=self.loss_chunk_length,
+            label_smoothing=self.loss_config.label_smoothing, z_loss=self.loss_config.z_loss)
+        return self.token_metrics(token_loss, token_z_loss, hits, weights)
+
+    def token_metrics(self, token_loss, token_z_loss, hits, weights):
+        """The scalar loss from per-token losses `[B, L]` (weighted), and the metrics `loss`,
+        `cross_ent_loss`, `z_loss`, `token_accuracy` (those three per real target token; `hits`
+        `[B, L]`: the target is the argmax), `num_tokens`, and `sequence_accuracy`: the share of
+        examples whose every target token is the argmax given the reference prefix, which is
+        exactly the share that greedy decoding answers word for word (the exact-match accuracy
+        users read), over the `num_examples` with a target."""
         num_tokens = jnp.sum(weights)
         loss = jnp.sum(token_loss) / self.loss_config.normalizer(num_tokens)
-        hits = jnp.argmax(logits, -1) == targets
         correct = hits.astype(jnp.float32) * weights
         per_token = jnp.maximum(num_tokens, 1.0)
         has_target = jnp.any(weights > 0, axis=-1)

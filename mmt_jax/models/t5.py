@@ -285,15 +285,22 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decoder inputs `[B, Ld]` and encodings `[B, Le, E]` -> logits `[B, Ld, vocab]` (float32)."""
+    """Decoder inputs `[B, Ld]` and encodings `[B, Le, E]` -> logits `[B, Ld, vocab]` (float32).
+
+    `output`: "logits"; "hidden", the states the output layer reads `[B, Ld, E]` (after the final
+    norm and dropout); "project", the output layer alone on such states passed as `encoded` (what
+    `losses.chunked_cross_entropy` applies chunk by chunk, so no `[B, Ld, vocab]` array is made).
+    """
 
     config: T5Config
     shared_embedding: nn.Module
 
     @nn.compact
     def __call__(self, encoded, decoder_input_tokens, decoder_mask=None, encoder_decoder_mask=None, *,
-                 enable_dropout=False, decode=False, max_decode_length=None):
+                 enable_dropout=False, decode=False, max_decode_length=None, output="logits"):
         cfg = self.config
+        if output == "project":
+            return self._output_layer(encoded)
         tokens = jnp.asarray(decoder_input_tokens, jnp.int32)
         # Decode steps need the bias of the whole cached length; the attention layer takes its row.
         length = max_decode_length if decode and max_decode_length else tokens.shape[1]
@@ -309,6 +316,15 @@ class Decoder(nn.Module):
                         scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
         y = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
         y = _dropout(cfg, y, enable_dropout)
+        if output == "hidden":
+            return y
+        if output != "logits":
+            raise ValueError(f"output={output!r}; choose 'logits', 'hidden' or 'project'")
+        return self._output_layer(y)
+
+    def _output_layer(self, y):
+        """`[..., E]` -> float32 logits `[..., vocab]` (called within `__call__`)."""
+        cfg = self.config
         if cfg.logits_via_embedding:
             # Original T5 ties the output layer to the embedding and rescales by 1/sqrt(d_model).
             logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(cfg.dtype)
@@ -388,8 +404,10 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
-               encoder_mask=None, enable_dropout=False, decode=False, max_decode_length=None):
-        """Logits `[B, Ld, vocab]`; with `decode=True`, one step `[B, 1, vocab]` over the cache.
+               encoder_mask=None, enable_dropout=False, decode=False, max_decode_length=None,
+               output="logits"):
+        """Logits `[B, Ld, vocab]`; with `decode=True`, one step `[B, 1, vocab]` over the cache;
+        `output="hidden"`: the states before the output layer (`Decoder`).
 
         `encoder_mask [B, Le]` defaults to the text padding mask (`encoder_input_tokens > 0`).
         """
@@ -410,17 +428,23 @@ class EncoderDecoder(nn.Module):
                 encoder_decoder_mask, make_segment_mask(decoder_segment_ids, encoder_segment_ids))
         return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                             enable_dropout=enable_dropout, decode=decode,
-                            max_decode_length=max_decode_length)
+                            max_decode_length=max_decode_length, output=output)
+
+    def vocab_logits(self, hidden):
+        """The decoder's output layer alone: states `[B, n, E]` (`output="hidden"`) -> float32
+        logits `[B, n, vocab]`."""
+        return self.decoder(hidden, None, output="project")
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
                  decoder_positions=None, *, enable_dropout=False, decode=False,
-                 max_decode_length=None, **features):
-        """Teacher-forced logits `[B, Ld, vocab]`; `features`: the encoder-input part's (`encode`)."""
+                 max_decode_length=None, output="logits", **features):
+        """Teacher-forced logits `[B, Ld, vocab]` (`output="hidden"`: the states before the output
+        layer `[B, Ld, E]`); `features`: the encoder-input part's (`encode`)."""
         del encoder_positions
         encoded, mask = self._encode(encoder_input_tokens, encoder_segment_ids, enable_dropout,
                                      features)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, decoder_positions,
                            encoder_mask=mask, enable_dropout=enable_dropout, decode=decode,
-                           max_decode_length=max_decode_length)
+                           max_decode_length=max_decode_length, output=output)
