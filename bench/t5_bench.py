@@ -161,6 +161,8 @@ def jax_train_contender(config, params_np, batch_np, args, loss_chunk_length=Non
         holder["state"] = new_state
         return float(metrics["cross_ent_loss"].compute())
 
+    # XLA's own count of the compiled step's scratch memory (activations, gradients, logits)
+    call.temp_mib = step.lower(state, batch, None).compile().memory_analysis().temp_size_in_bytes / 2**20
     return call
 
 
@@ -315,6 +317,10 @@ def main(argv=None):
             if not args.skip_compile:
                 contenders["torch.compile"] = torch_train_contender(hf_model, batch_np, args, True)
             res = run_rounds(contenders, args.rounds, args.steps, args.warmup, f"{size} train")
+            for name, call in contenders.items():
+                if hasattr(call, "temp_mib"):
+                    res[name]["temp_mib"] = call.temp_mib
+                    print(f"  {name}: compiled step's temporary memory {call.temp_mib:.1f} MiB")
             firsts = {k: v["first"] for k, v in res.items() if v["first"] is not None}
             print("  loss after warm-up step 1 (same weights and batch; should agree): " +
                   ", ".join(f"{k} {v:.5f}" for k, v in firsts.items()))
