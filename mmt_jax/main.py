@@ -138,10 +138,16 @@ def _eval(args) -> None:
 def _infer(args) -> None:
     from mmt_jax import infer
     from mmt_jax.predictor import Predictor
+    import jax
+    local = jax.local_devices()
+    if args.devices is not None and not 1 <= args.devices <= len(local):
+        raise InputError(f"--devices {args.devices}: this process has {len(local)} local "
+                         f"device(s) ({local[0].platform})")
     predictor = Predictor.from_checkpoint(
         args.checkpoint, input_length=args.input_length, target_length=args.target_length,
         batch_size=args.batch_size, num_beams=args.num_beams,
-        value_sets=_value_sets(args.values, args.checkpoint if args.closed_set else None))
+        value_sets=_value_sets(args.values, args.checkpoint if args.closed_set else None),
+        devices=local[:args.devices])
     count = infer.infer(predictor, args.input, args.out, args.prompt, images_dir=args.images,
                         with_description=args.with_description, on_error=args.on_error,
                         allow_absolute_image_paths=args.allow_absolute_image_paths)
@@ -299,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--with-description", action="store_true",
                        help="append the description to the title (if the model was trained so)")
     infer.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
-    infer.add_argument("--batch-size", type=int, default=16)
+    infer.add_argument("--batch-size", type=int, default=16,
+                       help="queries per step, over all devices (rounded up to whole rows each)")
+    infer.add_argument("--devices", type=int, default=None, metavar="N",
+                       help="split each batch over the first N local devices (default: all)")
     infer.add_argument("--input-length", type=int, default=128, help="tokens; longer is an error")
     infer.add_argument("--target-length", type=int, default=16, help="most tokens generated")
     infer.add_argument("--on-error", choices=("fail", "skip"), default="fail",

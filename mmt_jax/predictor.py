@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from mmt_jax import acceptance, decoding
@@ -103,20 +104,29 @@ class Predictor:
       thresholds: `{"open" | "closed": {prompt: threshold}}`, the checkpoint's calibrated
         acceptance (`acceptance.py`; `from_checkpoint` reads them): each prediction is marked
         accepted against its prompt's threshold for the decoding it got.
+      devices: the devices each batch is split over, data parallel (the parameters copied to
+        each; `batch_size` rounded up to a whole number of rows per device); default: the first
+        local device.
     """
 
     def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
                  target_length: int = 16, batch_size: int = 16, num_beams: int = 1,
                  value_sets: Mapping[str, Sequence[str]] | None = None,
-                 thresholds: Mapping[str, Mapping[str, float | None]] | None = None):
+                 thresholds: Mapping[str, Mapping[str, float | None]] | None = None,
+                 devices: Sequence[jax.Device] | None = None):
         if config.image_branch is not None and config.image is None:
             raise InputError("the checkpoint does not record its image preprocessing (written before "
                              "ModelConfig.image existed); set config.image to the training run's "
                              "ImagePreprocessing")
         self.model, self.config = model, config
-        self.params = jax.device_put(params)
+        self.devices = list(devices) if devices else jax.local_devices()[:1]
+        mesh = Mesh(np.asarray(self.devices), ("data",))
+        self._rows, self._copies = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(
+            mesh, PartitionSpec())
+        self.params = jax.device_put(params, self._copies)
         self.input_length, self.target_length = input_length, target_length
-        self.batch_size, self.num_beams = batch_size, num_beams
+        self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
+        self.num_beams = num_beams
         self.vocabulary = model.output_vocabulary
         self.asks_questions = getattr(model.FEATURE_CONVERTER_CLS, "QUESTION", False)
         self.text_sources = config.text_sources or ()  # MoEMoE's; the first is `inputs`
@@ -226,8 +236,14 @@ class Predictor:
     def _predict_chunk(self, queries: list[Query]) -> list[Prediction]:
         n = len(queries)
         padded = queries + [queries[-1]] * (self.batch_size - n)
-        decoder_params = None if self._trie is None else {"constraint": self._trie.constraint(
-            [q.prompt if q.prompt in self.value_sets else None for q in padded])}
+        decoder_params = None
+        if self._trie is not None:
+            constraint = self._trie.constraint(
+                [q.prompt if q.prompt in self.value_sets else None for q in padded])
+            decoder_params = {"constraint": constraint._replace(
+                tokens=jax.device_put(constraint.tokens, self._copies),
+                children=jax.device_put(constraint.children, self._copies),
+                start=jax.device_put(constraint.start, self._rows))}
         tokens, aux = self._predict(self.params, self._batch(padded),
                                     decoder_params=decoder_params)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
@@ -267,7 +283,8 @@ class Predictor:
                                 for k, v in ex.items()})
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
         lengths = {"inputs": self.input_length, "targets": self.target_length}
-        return next(converter(ds, lengths).batch(len(queries)).as_numpy_iterator())
+        batch = next(converter(ds, lengths).batch(len(queries)).as_numpy_iterator())
+        return jax.device_put(batch, self._rows)  # each device its rows
 
     def _title_tokens(self, query: Query) -> np.ndarray:
         return np.asarray(list(self.vocabulary.encode(query.title))

@@ -397,6 +397,14 @@ def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterr
     for row, (query, prediction) in zip(rows, predictor.predict_queries(queries)):
         assert query.record == row.id and prediction.text == row.prediction
         assert prediction.score == pytest.approx(row.score, abs=1e-4)
+    # data parallel over the 8 host devices (2 rows each): the one device's predictions
+    import jax
+    spread = Predictor.from_checkpoint(model_dir, input_length=24, target_length=8, batch_size=4,
+                                       devices=jax.devices())
+    assert (spread.batch_size, len(spread.devices), len(predictor.devices)) == (8, 8, 1)
+    for (_, one), (_, many) in zip(predictor.predict_queries(queries),
+                                   spread.predict_queries(queries)):
+        assert many.text == one.text and many.score == pytest.approx(one.score, abs=1e-5)
 
     # The infer binary on a JSONL catalog with image files: one line per product and prompt.
     from mmt_jax.data import catalog
@@ -413,7 +421,9 @@ def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterr
         for prompt in ("color:", "pattern:")]
     first = catalog.make_product(0, seed=7, image_size=32)
     direct = predictor.predict(image=first.image, title=first.title, prompt="color:")
-    assert (lines[0]["prediction"], lines[0]["score"]) == pytest.approx((direct.text, direct.score))
+    # (infer splits its batches over all 8 host devices: the same answer, the score to float error)
+    assert (lines[0]["prediction"], lines[0]["score"]) == pytest.approx((direct.text, direct.score),
+                                                                        abs=1e-5)
     # the same image as a file path, a PIL image and an array gives the same answer
     from PIL import Image
     picture = Image.open(io.BytesIO(first.image))
