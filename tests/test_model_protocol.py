@@ -251,6 +251,16 @@ def test_the_t5x_adapter_computes_its_loss_with_our_model(adapter_module, family
     key = jax.random.key(5)
     np.testing.assert_array_equal(adapter._compute_logits(params, batch, key),
                                   reference._compute_logits(params, batch, key))
+    # t5x's decoder_params reach our decode function: closed-set decoding through the adapter
+    from mmt_jax.value_trie import ValueTrie
+    values = {(5, 1), (7, 9, 1)}
+    constraint = ValueTrie.build({"set": sorted(values)}).constraint(
+        ["set"] * len(batch["decoder_input_tokens"]))
+    tokens, _ = adapter.predict_batch_with_aux(params, batch, decoder_params={"constraint": constraint})
+    expected, _ = reference.predict_batch_with_aux(params, batch,
+                                                   decoder_params={"constraint": constraint})
+    np.testing.assert_array_equal(tokens, expected)
+    assert {tuple(row[:list(row).index(1) + 1]) for row in np.asarray(tokens).tolist()} <= values
 
 
 def test_token_and_sequence_accuracy_by_hand():

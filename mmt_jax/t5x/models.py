@@ -95,9 +95,11 @@ class EncoderDecoderModel(t5x_models.EncoderDecoderModel):
     def predict_batch_with_aux(self, params, batch, rng=None, decoder_params=None,
                                return_all_decodes: bool = False, num_decodes: int = 1,
                                prompt_with_targets: bool = False):
-        if decoder_params or prompt_with_targets:
-            raise ValueError("decoder_params and prompt_with_targets are t5x decoding options; bind "
-                             "the mmt_jax decode_fn's own (e.g. decoding.beam_search.alpha) in gin")
+        if prompt_with_targets:
+            raise ValueError("prompt_with_targets is a t5x decoding option; bind the mmt_jax "
+                             "decode_fn's own (e.g. decoding.beam_search.alpha) in gin")
+        # decoder_params: keywords of the mmt_jax decode function, as t5x passes its own's (e.g.
+        # {"constraint": value_trie.ValueConstraint} for closed-set decoding)
         return self._mmt.predict_batch_with_aux(
             params, batch, rng=rng, num_decodes=num_decodes or 1,
-            return_all_decodes=bool(return_all_decodes))
+            return_all_decodes=bool(return_all_decodes), decoder_params=decoder_params)
