@@ -60,12 +60,16 @@ def load(checkpoint: str) -> dict | None:
         return json.load(f)
 
 
+def passes(threshold: float | None, score: float) -> bool:
+    """Whether a prediction scoring `score` reaches `threshold` (None: nothing reached the
+    precision, so nothing does)."""
+    return threshold is not None and score >= threshold
+
+
 def accepted(thresholds: Mapping[str, float | None] | None, prompt: str,
              score: float) -> bool | None:
     """Whether a prediction for `prompt` scoring `score` is accepted: None when the prompt has no
-    calibrated threshold (no `acceptance.json`, or a prompt not evaluated), False when its
-    threshold is null (nothing reached the precision)."""
+    calibrated threshold (no `acceptance.json`, or a prompt not evaluated)."""
     if thresholds is None or prompt not in thresholds:
         return None
-    threshold = thresholds[prompt]
-    return threshold is not None and score >= threshold
+    return passes(thresholds[prompt], score)

@@ -110,8 +110,7 @@ def _calibrate(calibration: Mapping[str, Mapping[str, list]], checkpoint: str | 
                                                   [r.score for r in decoded])
             thresholds.setdefault(decoding, {})[prompt] = threshold
             shares.setdefault(decoding, {})[prompt] = sum(
-                bool(acceptance.accepted({prompt: threshold}, prompt, r.score))
-                for r in decoded) / len(decoded)
+                acceptance.passes(threshold, r.score) for r in decoded) / len(decoded)
     report = {"precision": acceptance.PRECISION, "thresholds": thresholds,
               "accepted_share": shares}
     if checkpoint is not None:

@@ -45,6 +45,7 @@ from mmt_jax.data import prompts, records
 from mmt_jax.errors import InputError
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.task_inference import build_model, source_weights, until_eos, value_trie
+from mmt_jax.value_trie import ValueConstraint
 from mmt_jax.vision import extractors
 
 
@@ -237,13 +238,11 @@ class Predictor:
         n = len(queries)
         padded = queries + [queries[-1]] * (self.batch_size - n)
         decoder_params = None
-        if self._trie is not None:
+        if self._trie is not None:  # the trie on every device, each row's root with its row
             constraint = self._trie.constraint(
                 [q.prompt if q.prompt in self.value_sets else None for q in padded])
-            decoder_params = {"constraint": constraint._replace(
-                tokens=jax.device_put(constraint.tokens, self._copies),
-                children=jax.device_put(constraint.children, self._copies),
-                start=jax.device_put(constraint.start, self._rows))}
+            decoder_params = {"constraint": jax.device_put(
+                constraint, ValueConstraint(self._copies, self._copies, self._rows))}
         tokens, aux = self._predict(self.params, self._batch(padded),
                                     decoder_params=decoder_params)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]

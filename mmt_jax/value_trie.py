@@ -24,15 +24,18 @@ UNCONSTRAINED = -1
 
 
 class ValueConstraint(NamedTuple):
-    """The arrays a decoder needs (a pytree, so it passes through jit): the trie's `tokens` and
-    `children` `[nodes, width]`, and `start [B]`, each example's root or `UNCONSTRAINED`."""
+    """The arrays a decoder needs (a pytree, so it passes through jit and `jax.device_put`): the
+    trie's `tokens` and `children` `[nodes, width]`, and `start [B]`, each example's root or
+    `UNCONSTRAINED`."""
     tokens: jax.Array
     children: jax.Array
     start: jax.Array
 
     def repeat(self, times: int) -> "ValueConstraint":
-        """`start` for `[B * times]` rows, each example's repeated `times` times (beams, samples)."""
-        return self._replace(start=jnp.repeat(self.start, times, axis=0))
+        """As JAX arrays, `start` for `[B * times]` rows, each example's repeated `times` times
+        (beams, samples): what the decoders index."""
+        return ValueConstraint(jnp.asarray(self.tokens), jnp.asarray(self.children),
+                               jnp.repeat(jnp.asarray(self.start), times, axis=0))
 
     def allowed(self, nodes: jax.Array, vocab_size: int) -> jax.Array:
         """`[N, vocab]` bool: the tokens each row at `nodes [N]` may choose (every token for an
@@ -92,7 +95,7 @@ class ValueTrie(NamedTuple):
         return cls(tokens, children, roots)
 
     def constraint(self, names: Sequence[str | None]) -> ValueConstraint:
-        """The constraint for a batch whose example i answers from set `names[i]` (None: open)."""
+        """The constraint for a batch whose example i answers from set `names[i]` (None: open),
+        as host arrays: the jitted decoder, or `jax.device_put` with shardings, places them."""
         start = np.array([UNCONSTRAINED if n is None else self.roots[n] for n in names], np.int32)
-        return ValueConstraint(jnp.asarray(self.tokens), jnp.asarray(self.children),
-                               jnp.asarray(start))
+        return ValueConstraint(self.tokens, self.children, start)

@@ -309,14 +309,17 @@ def attribute_values(task_name: str, split: str = "train") -> tuple[str, ...] | 
     attribute = _ATTRIBUTE_OF.get(task_name)
     if attribute is None:
         return None
-    _, values = seqio.get_mixture_or_task(task_name).source.attribute_values(split)
-    return tuple(value for value, _ in values.get(attribute, collections.Counter()).most_common())
+    return _by_frequency(seqio.get_mixture_or_task(task_name).source, split).get(attribute, ())
 
 
 def catalog_values(data_dir: str, catalog: str, split: str = "train") -> dict[str, tuple[str, ...]]:
     """`{attribute: its values in split, most frequent first}` of a catalog (`mmt-jax infer
     --closed-set`: the values of the checkpoint's training catalog)."""
-    _, values = CatalogSource(data_dir, catalog).attribute_values(split)
+    return _by_frequency(CatalogSource(data_dir, catalog), split)
+
+
+def _by_frequency(source: CatalogSource, split: str) -> dict[str, tuple[str, ...]]:
+    _, values = source.attribute_values(split)
     return {name: tuple(v for v, _ in counts.most_common()) for name, counts in values.items()}
 
 
