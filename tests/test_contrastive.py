@@ -169,3 +169,31 @@ def test_recall_at_k_ranks_distinct_texts_for_each_image():
     negatives = PairEmbeddings(images, texts, np.array([1, 0, 1, 1]), ["a", "b", "c", "c"])
     assert recall_at_k(negatives, ks=(1,))["recall@1"] == 1.0  # text "b" is no candidate
     np.testing.assert_allclose(embeddings.cosines(), [1, 0.5, 1, 0.9])
+
+
+def test_agreement_token_is_the_heads_elementwise_product_read_by_the_decoder():
+    head = ContrastiveConfig(dim=8, loss_weight=0.5, agreement_token=True)
+    model, params = _model(head)
+    batch = _batch()
+    batch["encoder_image_mask"] = np.array([1, 1, 0, 1], np.int32)  # row 2 has no image
+    features = {k: batch[k] for k in ("encoder_image_features", "encoder_image_mask")}
+    encoded, mask = jax.jit(lambda p: model.module.apply(
+        {"params": p}, batch["encoder_input_tokens"], method=model.module.encode_with_mask,
+        **features))(params)
+    assert encoded.shape == (4, 5 + 7 + 1, 32)
+    np.testing.assert_array_equal(np.asarray(mask)[:, -1], [1, 1, 0, 1])
+    # the last position: W_a (D u (.) v), u from the image alone, v from the encoder's text alone
+    u, v, _ = jax.jit(lambda p: model.module.apply(
+        {"params": p}, batch["encoder_input_tokens"], method=model.module.embed_pairs,
+        **features))(params)
+    expected = 8 * np.asarray(u) * np.asarray(v) @ params["agreement_embedding"]["kernel"]
+    np.testing.assert_allclose(np.asarray(encoded)[:, -1], expected, atol=1e-5)
+    # the generative loss alone trains it
+    grads = jax.jit(jax.grad(lambda p: EncoderDecoderModel(
+        model.module.clone(contrastive=head)).loss_fn(
+            p, {k: x for k, x in batch.items() if not k.startswith("pair_")}, None)[0]))(params)
+    assert float(jnp.abs(grads["agreement_embedding"]["kernel"]).max()) > 0
+    with pytest.raises(ValueError, match="packed batches"):
+        model.module.apply({"params": params}, batch["encoder_input_tokens"],
+                           np.ones((4, 7), np.int32), method=model.module.encode_with_mask,
+                           **features)

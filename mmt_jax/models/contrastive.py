@@ -10,6 +10,13 @@ shared space:
 
 `ContrastiveHead` computes `(u, v, exp(t))`; `losses.contrastive_loss` is InfoNCE over `s` in both
 directions; the matching/retrieval score of a pair is the cosine `u_i . v_i`, with no decoding.
+
+The agreement token (`ContrastiveConfig.agreement_token`, beyond MaMMUT) hands the head's comparison
+to the decoder: one more encoder position `a = W_a (D u (.) v)`, with `u` from the image alone and `v`
+from the encoder's own text alone, so `sum(u (.) v)` is the head's cosine. Whether an image and a
+title match is a function of the pair only (each image and each title occur as often in a true pair
+as in a false one), so nothing the decoder can read from one side predicts it; this position gives
+generative matching a feature that does.
 """
 import dataclasses
 
@@ -31,12 +38,15 @@ class ContrastiveConfig:
       there, e.g. for scoring, but not trained by this run).
     initial_temperature: CLIP's 0.07: the learned scale starts at 1 / 0.07.
     max_scale: the scale is clipped at this value (CLIP: 100), so the logits stay bounded.
+    agreement_token: the encoder's output gets one more position, the agreement `W_a (D u (.) v)` of
+      the image alone and the encoder's text alone (above), which the decoder reads like any other.
     """
 
     dim: int = 128
     loss_weight: float = 1.0
     initial_temperature: float = 0.07
     max_scale: float = 100.0
+    agreement_token: bool = False
 
     def __post_init__(self):
         if self.dim < 1:

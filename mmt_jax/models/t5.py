@@ -366,8 +366,12 @@ class EncoderDecoder(nn.Module):
         self.decoder = Decoder(cfg, self.token_embedder)
         if self.contrastive is not None:
             self.contrastive_head = ContrastiveHead(self.contrastive, cfg.dtype)
+            if self.contrastive.agreement_token:
+                self.agreement_embedding = DenseGeneral(
+                    cfg.emb_dim, kernel_axes=("contrastive", "embed"), dtype=cfg.dtype,
+                    name="agreement_embedding")
 
-    def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
+    def _encode_sequence(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
         inputs = self.input_part(self.token_embedder, encoder_input_tokens,
                                  enable_dropout=enable_dropout, **features)
         length = jnp.shape(encoder_input_tokens)[1]
@@ -377,6 +381,22 @@ class EncoderDecoder(nn.Module):
                 f"batch's encoder input has {inputs.embedded.shape[1]} positions for {length} tokens")
         encoded = self.encoder(inputs, encoder_segment_ids, enable_dropout=enable_dropout)
         return encoded, inputs.mask
+
+    def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
+        """The encoded sequence and its key mask, with the agreement token after it when the head
+        has one (`ContrastiveConfig.agreement_token`; on a row without an image it is masked)."""
+        encoded, mask = self._encode_sequence(encoder_input_tokens, encoder_segment_ids,
+                                              enable_dropout, features)
+        if self.contrastive is None or not self.contrastive.agreement_token or not features:
+            return encoded, mask
+        if encoder_segment_ids is not None:
+            raise ValueError("the agreement token compares one image with one text: packed batches "
+                             "(encoder_segment_ids) are not supported")
+        image, text, _ = self._embed_alone(encoder_input_tokens, enable_dropout, features)
+        agreement = self.agreement_embedding(self.contrastive.dim * image * text)
+        has_image = jnp.any(jnp.abs(image) > 0, axis=-1, keepdims=True)
+        return (jnp.concatenate([encoded, jnp.asarray(agreement, encoded.dtype)[:, None]], axis=1),
+                jnp.concatenate([mask, has_image.astype(mask.dtype)], axis=1))
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False,
                **features):
@@ -395,11 +415,14 @@ class EncoderDecoder(nn.Module):
         each is pooled and projected. -> `(u [B, D], v [B, D], scale [])`."""
         if self.contrastive is None:
             raise ValueError("this model has no contrastive head (ModelConfig.contrastive is None)")
+        return self._embed_alone(pair_text_tokens, enable_dropout, features)
+
+    def _embed_alone(self, text_tokens, enable_dropout, features):
         # One masked pad position rather than none: XLA:CPU executables with zero-size operands
         # deadlocked in collectives when reloaded from the persistent compilation cache.
-        no_text = jnp.zeros((jnp.shape(pair_text_tokens)[0], 1), jnp.int32)
-        features_alone, features_mask = self._encode(no_text, None, enable_dropout, features)
-        text, text_mask = self._encode(pair_text_tokens, None, enable_dropout, {})
+        no_text = jnp.zeros((jnp.shape(text_tokens)[0], 1), jnp.int32)
+        features_alone, features_mask = self._encode_sequence(no_text, None, enable_dropout, features)
+        text, text_mask = self._encode_sequence(text_tokens, None, enable_dropout, {})
         return self.contrastive_head(features_alone, features_mask, text, text_mask)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
