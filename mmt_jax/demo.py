@@ -2,6 +2,7 @@
 
     mmt-jax demo                   # Table 2's shape: MMT4 against the text-only T5
     mmt-jax demo --job multitask   # MMT4 with the contrastive head on every task in one run
+    mmt-jax demo --job moemoe      # MoEMoE and its Fig. 5 ablations beside table2's T5 and MMT4
 
 Both:
 1. Generate the embedded catalog (3000 garment-like products) under `workdir/tfds`, with each
@@ -28,6 +29,14 @@ on the attributes (every one at the same rate), title generation and image-text 
 the attribute accuracies, matching by generation and by the head (ROC-AUC, PR-AUC, pairs/s),
 image -> title retrieval (recall@1, @10) and title ROUGE-1 on validation beside training products.
 
+`moemoe` is the MoEMoE paper's comparison on the same data and recipe as `table2` (whose T5 and
+MMT4 runs it shares, training them only when the workdir lacks them): MoEMoE tiny
+(`models/moemoe_tiny_lite0.gin`) starts from T5's pretraining (both text encoders and the decoder,
+the experts upcycled) and is fine-tuned on `qa_removed100`, as are its Fig. 5 ablations, each
+changing one switch: without question guidance (WoQG), without the alignment losses (WoAL), one
+joint encoder (S-Enc). It prints accuracy and recall at 90% precision per attribute for every
+model, and each MoEMoE's mean image share of the source weights.
+
 Every step is the train binary's run (`train.train` configured by the run's gin files through
 `gin_config`, as `mmt-jax train` does), so the commands it prints are the ones to run by hand.
 """
@@ -47,11 +56,50 @@ IMAGE_ATTRIBUTES = ("color", "pattern", "sleeve_type")
 
 
 @dataclasses.dataclass(frozen=True)
+class Contender:
+    """A model the jobs train and compare.
+
+    model_file: its gin model file.
+    text_only: trained and evaluated on the tasks' text-only twins (`<task>_text`).
+    qa: fine-tuned and evaluated on MoEMoE's `P_qa` tasks (question, context and image apart)
+      instead of the job's attribute tasks.
+    pretrained_by: the contender whose pretraining it starts from (its own pretraining: none).
+    bindings: gin bindings of its fine-tuning (an ablation's switch).
+    """
+    model_file: str
+    text_only: bool = False
+    qa: bool = False
+    pretrained_by: str | None = None
+    bindings: tuple[str, ...] = ()
+
+    @property
+    def suffix(self) -> str:
+        return "_text" if self.text_only else ""
+
+
+_MOEMOE = "models/moemoe_tiny_lite0.gin"
+CONTENDERS = {
+    "T5": Contender("models/t5_tiny_catalog.gin", text_only=True),
+    "MMT4": Contender("models/mmt4_tiny_lite0.gin"),
+    "MoEMoE": Contender(_MOEMOE, qa=True, pretrained_by="T5"),
+    # Fig. 5 of the MoEMoE paper: each changes one switch of MoEMoE
+    "WoQG": Contender(_MOEMOE, qa=True, pretrained_by="T5",
+                      bindings=('moemoe.MultiSourceConfig.source_weighting="uniform"',)),
+    "WoAL": Contender(_MOEMOE, qa=True, pretrained_by="T5",
+                      bindings=("moemoe.MultiSourceConfig.question_context_weight=0.0",
+                                "moemoe.MultiSourceConfig.question_image_weight=0.0")),
+    "S-Enc": Contender(_MOEMOE, qa=True, pretrained_by="T5",
+                       bindings=("moemoe.MultiSourceConfig.joint_encoder=True",)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
     """One variant of the main job: what it fine-tunes, and how.
 
-    models: which of `MODELS` it trains (T5 on the tasks' text-only twins).
-    finetune_task: the catalog task or mixture both fine-tune on (T5: its `_text` twin).
+    models: which of `CONTENDERS` it trains, in order (one a model starts from comes before it).
+    finetune_task: the catalog task or mixture the attribute models fine-tune on (T5: its `_text`
+      twin; MoEMoE: `qa_removed100`).
     lengths: the fine-tuning TASK_FEATURE_LENGTHS (and of the decoded evaluation).
     contrastive: MMT4 gets the contrastive head (`runs/contrastive.gin`) in both runs.
     learning_rate: AdamW's peak rate in both runs (`run`'s default).
@@ -61,6 +109,7 @@ class Job:
       (`tasks.catalog_task.attribute_rates`).
     pretrain_task: the pretraining task (T5: its `_text` twin).
     image_text: also report MMT4's matching, retrieval and titles.
+    recall: also report recall at 90% precision and MoEMoE's image share of the source weights.
     runs: the model directories' suffix under the workdir (`mmt4<runs>`, `mmt4<runs>_pretrain`), so
       the jobs share one workdir and its catalog, and of the task prefix (`demo<runs>`), so both
       jobs can run in one process with their own mixing rates.
@@ -75,23 +124,25 @@ class Job:
     image_text: bool
     attribute_rates: dict = dataclasses.field(default_factory=dict)
     pretrain_task: str = "pretrain"
+    recall: bool = False
     runs: str = ""
 
 
+TABLE2 = Job(("T5", "MMT4"), "attributes_removed100", {"inputs": 64, "targets": 8},
+             contrastive=False, learning_rate=1e-3, warmup_steps=100, finetune_steps=1000,
+             image_text=False, attribute_rates={"color": 3.0}, pretrain_task="pretrain_titles")
 # Titles are at most 18 catalog tokens: the multitask job's targets and paired texts take 20.
 JOBS = {
-    "table2": Job(("T5", "MMT4"), "attributes_removed100", {"inputs": 64, "targets": 8},
-                  contrastive=False, learning_rate=1e-3, warmup_steps=100, finetune_steps=1000,
-                  image_text=False, attribute_rates={"color": 3.0},
-                  pretrain_task="pretrain_titles"),
+    "table2": TABLE2,
     "multitask": Job(("MMT4",), "multitask_removed100",
                      {"inputs": 64, "targets": 20, "pair_text": 20},
                      contrastive=True, learning_rate=6.7e-4, warmup_steps=100,
                      finetune_steps=1400, image_text=True,
                      runs="_multitask"),
+    # table2's recipe and model directories, so its T5 and MMT4 are reused
+    "moemoe": dataclasses.replace(TABLE2, models=tuple(CONTENDERS), recall=True),
 }
 COLLAPSE_CHECK_STEPS = inspect.signature(train.train).parameters["collapse_check_steps"].default
-MODELS = {"T5": ("models/t5_tiny_catalog.gin", "_text"), "MMT4": ("models/mmt4_tiny_lite0.gin", "")}
 
 
 def _train(gin_files: list[str], bindings: list[str]) -> None:
@@ -109,12 +160,19 @@ def _train(gin_files: list[str], bindings: list[str]) -> None:
 def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 300,
         finetune_steps: int | None = None, num_products: int = 3000,
         image_features: str = "efficientnet-lite0+pixels-px128", batch_size: int = 32,
-        learning_rate: float | None = None, examples: int = 6) -> dict[str, dict[str, float]]:
-    """Runs `JOBS[job]` with AdamW at `learning_rate` for every run (it and `finetune_steps`: the
-    job's own by default); returns {model: {attribute: accuracy}} and, for a job with `image_text`,
-    {"MMT4 image-text": matching, retrieval and title figures}."""
+        learning_rate: float | None = None, examples: int = 6,
+        models: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
+    """Runs `JOBS[job]` with AdamW at `learning_rate` for every run (it, `finetune_steps` and
+    `models`, a subset of the job's in its order, the job's own by default); returns {model: {attribute: accuracy}}, for a job with `recall` also
+    {"<model> recall@P90": {attribute: recall}} and {"<MoEMoE> image share": {attribute: share}},
+    and for a job with `image_text` {"MMT4 image-text": matching, retrieval and title figures}."""
     start = time.time()
     spec = JOBS[job]
+    if models is not None:
+        unknown = set(models) - set(spec.models)
+        if unknown:
+            raise ValueError(f"models {sorted(unknown)} are not in job {job!r}: {spec.models}")
+        spec = dataclasses.replace(spec, models=tuple(m for m in spec.models if m in models))
     finetune_steps = spec.finetune_steps if finetune_steps is None else finetune_steps
     learning_rate = spec.learning_rate if learning_rate is None else learning_rate
     workdir = os.path.abspath(workdir)
@@ -131,51 +189,78 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
                 if spec.attribute_rates else []),
               "train.train.log_period=100", "train.train.checkpoint_period=100000"]
     for name in spec.models:
-        model_gin, suffix = MODELS[name]
+        contender = CONTENDERS[name]
         contrastive = spec.contrastive and name == "MMT4"
-        gin_files = ["runs/catalog.gin", model_gin,
+        gin_files = ["runs/catalog.gin", contender.model_file,
                      *(["runs/contrastive.gin"] if contrastive else []), "runs/lite0_features.gin"]
         pair = {"pair_text": spec.lengths["pair_text"]} if contrastive else {}
         lengths = {k: v for k, v in spec.lengths.items() if k != "pair_text"} | pair
-        pretrain_dir = os.path.join(workdir, f"{name.lower()}{spec.runs}_pretrain")
         start_from = []
         if pretrain_steps:
-            _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
-                               f'TASK="{spec.pretrain_task}{suffix}"', "TASK_FEATURE_LENGTHS="
-                               + json.dumps({"inputs": 48, "targets": 48, **pair}), *common])
+            pretrained = contender.pretrained_by or name
+            pretrain_dir = os.path.join(workdir, f"{pretrained.lower()}{spec.runs}_pretrain")
+            if contender.pretrained_by is None:
+                _train(gin_files, [f'MODEL_DIR="{pretrain_dir}"', f"TRAIN_STEPS={pretrain_steps}",
+                                   f'TASK="{spec.pretrain_task}{contender.suffix}"',
+                                   "TASK_FEATURE_LENGTHS=" + json.dumps(
+                                       {"inputs": 48, "targets": 48, **pair}), *common])
             start_from = [f'INITIAL_CHECKPOINT_PATH="{pretrain_dir}/checkpoint_{pretrain_steps}"']
         # The multitask job evaluates once at the end, so the collapse check (from its first
         # step on) names any task that has not learned from its inputs.
         checks = ([f"train.train.eval_period={finetune_steps}"]
                   if spec.image_text and finetune_steps >= COLLAPSE_CHECK_STEPS else [])
-        _train(gin_files, [f'MODEL_DIR="{os.path.join(workdir, name.lower() + spec.runs)}"',
-                           f"TRAIN_STEPS={finetune_steps}", f'TASK="{spec.finetune_task}{suffix}"',
-                           *start_from,
-                           f"TASK_FEATURE_LENGTHS={json.dumps(lengths)}", *common, *checks])
+        task = "qa_removed100" if contender.qa else spec.finetune_task + contender.suffix
+        _train(gin_files, [f'MODEL_DIR="{_model_dir(workdir, name, spec)}"',
+                           f"TRAIN_STEPS={finetune_steps}", f'TASK="{task}"', *start_from,
+                           f"TASK_FEATURE_LENGTHS={json.dumps(lengths)}", *common, *checks,
+                           *contender.bindings])
 
     attributes = tasks.DEFAULT_ATTRIBUTES
-    accuracy, rows = {}, {}
+    accuracy, recall, rows, share = {}, {}, {}, {}
     lengths = {k: v for k, v in spec.lengths.items() if k != "pair_text"}
     for name in spec.models:
-        suffix = MODELS[name][1]
-        model, params = _load(os.path.join(workdir, name.lower() + spec.runs,
+        contender = CONTENDERS[name]
+        model, params = _load(os.path.join(_model_dir(workdir, name, spec),
                                            f"checkpoint_{finetune_steps}"))
-        accuracy[name] = {}
+        accuracy[name], recall[name], share[name] = {}, {}, {}
         for attribute in attributes:
-            task = f"{prefix}_{attribute}_removed100{suffix}"
+            task = (f"{prefix}_qa_{attribute}_removed100" if contender.qa
+                    else f"{prefix}_{attribute}_removed100{contender.suffix}")
             predictions = task_inference.predict_task(model, params, task, "validation", lengths,
                                                       64)
-            accuracy[name][attribute] = task_inference.evaluate_task(
-                task, predictions)["attribute_accuracy"]
+            scores = task_inference.evaluate_task(task, predictions)
+            accuracy[name][attribute] = scores["attribute_accuracy"]
+            recall[name][attribute] = scores["attribute_recall_at_precision_0.9"]
             rows[name, attribute] = predictions
+            if predictions[0].source_weights is not None:
+                share[name][attribute] = _image_share(predictions)
     _print_table(accuracy, attributes)
     _print_examples(rows, attributes, examples)
+    if spec.recall:
+        _print_table(recall, attributes, "Recall at 90% precision")
+        shares = {name: values for name, values in share.items() if values}
+        _print_table(shares, attributes, "Image share of the mean source weights, |alpha| / "
+                     "(|alpha| + |beta|) (Eq. 4)", "image share", "{:.2f}")
+        accuracy |= {f"{name} recall@P90": values for name, values in recall.items()}
+        accuracy |= {f"{name} image share": values for name, values in shares.items()}
     if spec.image_text:
         accuracy["MMT4 image-text"] = _image_text_report(
             *_load(os.path.join(workdir, "mmt4" + spec.runs, f"checkpoint_{finetune_steps}")),
             spec.lengths, prefix)
     print(f"\nmain job finished in {(time.time() - start) / 60:.1f} min; checkpoints under {workdir}")
     return accuracy
+
+
+def _model_dir(workdir: str, name: str, spec: Job) -> str:
+    return os.path.join(workdir, name.lower().replace("-", "_") + spec.runs)
+
+
+def _image_share(predictions) -> float:
+    """The image's share `|mean alpha| / sum over sources of |mean weight|` of MoEMoE's signed,
+    unnormalised source weights (Eq. 4), averaged over `predictions`."""
+    means = {source: abs(sum(p.source_weights[source] for p in predictions) / len(predictions))
+             for source in predictions[0].source_weights}
+    return means["image"] / max(sum(means.values()), 1e-9)
 
 
 def _load(checkpoint: str):
@@ -237,22 +322,23 @@ def _image_text_report(model, params, pair_lengths, prefix: str,
                      "title_rouge1_recall_train": rouge["train"]}
 
 
-def _print_table(accuracy, attributes) -> None:
-    print("\nAttribute generation, every attribute value removed from the titles (validation split)"
+def _print_table(values, attributes, title: str = "Attribute generation",
+                 measure: str = "accuracy", form: str = "{:.1%}") -> None:
+    print(f"\n{title}, every attribute value removed from the titles (validation split)"
           "\n(cf. Table 2 of the MMT4 paper, row '100%'):\n")
-    print("| attribute | " + " | ".join(f"{name} accuracy" for name in accuracy) + " | only in |\n"
-          + "|---|" + "---:|" * len(accuracy) + "---|")
+    print("| attribute | " + " | ".join(f"{name} {measure}" for name in values) + " | only in |\n"
+          + "|---|" + "---:|" * len(values) + "---|")
     for attribute in attributes:
         where = "image" if attribute in IMAGE_ATTRIBUTES else "text"
-        print(f"| {attribute} | " + " | ".join(f"{scores[attribute]:.1%}"
-                                               for scores in accuracy.values()) + f" | {where} |")
+        print(f"| {attribute} | " + " | ".join(form.format(scores[attribute])
+                                               for scores in values.values()) + f" | {where} |")
 
 
 def _print_examples(rows, attributes, count) -> None:
-    names = sorted({name for name, _ in rows}, key=list(MODELS).index)
+    names = sorted({name for name, _ in rows}, key=list(CONTENDERS).index)
     print("\nExamples (title as the model saw it -> reference | " + " | ".join(names) + "):")
     for i in range(count):
         attribute = attributes[i % len(attributes)]
-        shown = rows[names[-1], attribute][i]
+        shown = rows[names[0], attribute][i]
         print(f"  {shown.inputs!r} -> {shown.target!r} | "
               + " | ".join(repr(rows[name, attribute][i].prediction) for name in names))

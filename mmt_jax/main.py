@@ -355,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: MMT4 vs text-only T5 on the embedded "
                                              "catalog (Table 2's shape), ~12 min on 2 cores")
     demo.add_argument("--workdir", default=os.path.join("runs", "demo"))
-    demo.add_argument("--job", choices=("table2", "multitask"), default="table2",
+    demo.add_argument("--job", choices=("table2", "multitask", "moemoe"), default="table2",
                       help="table2: MMT4 vs T5 on the attributes (default); multitask: MMT4 with "
-                           "the contrastive head on attributes, titles and matching in one run")
+                           "the contrastive head on attributes, titles and matching in one run; "
+                           "moemoe: MoEMoE and its Fig. 5 ablations beside table2's models")
     demo.add_argument("--pretrain-steps", type=int, default=300,
                       help="0: fine-tune from scratch")
     demo.add_argument("--finetune-steps", type=int, default=None, help="default: the job's")

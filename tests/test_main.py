@@ -138,6 +138,28 @@ def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsy
     assert "INITIAL_CHECKPOINT_PATH" not in out and not (tmp_path / "mmt4_multitask_pretrain").exists()
 
 
+def test_moemoe_job_starts_from_table2s_t5_and_reports_recall_and_source_weights(demo_workdir,
+                                                                                  capsys):
+    from mmt_jax import demo
+    tmp_path = demo_workdir  # after the table2 test, whose T5 pretraining MoEMoE starts from
+    # one ablation (each MoEMoE compiles its own programs): it starts from T5's pretraining, on
+    # the qa tasks, with its switch
+    report = demo.run(workdir=str(tmp_path), job="moemoe", pretrain_steps=2, finetune_steps=2,
+                      num_products=48, batch_size=8, examples=2, models=("WoAL",))
+    out = capsys.readouterr().out
+    assert set(report) == {"WoAL", "WoAL recall@P90", "WoAL image share"}
+    assert all(0 <= v <= 1 for values in report.values() for v in values.values())
+    assert "Recall at 90% precision" in out and "| WoAL image share |" in out
+    assert f"INITIAL_CHECKPOINT_PATH=\"{tmp_path}/t5_pretrain/checkpoint_2\"" in out
+    assert "--gin.TASK=\"qa_removed100\"" in out
+    assert "--gin.moemoe.MultiSourceConfig.question_image_weight=0.0" in out
+    config, _ = store.load_checkpoint(str(tmp_path / "woal" / "checkpoint_2"))
+    assert config.sources.question_context_weight == 0.0
+    assert not (tmp_path / "moemoe_pretrain").exists()
+    with pytest.raises(ValueError, match="not in job 'table2'"):
+        demo.run(workdir=str(tmp_path), models=("MoEMoE",))
+
+
 @pytest.mark.parametrize("command, expected", [
     ("train", [r"MODEL_DIR\s+required", r"DATA_DIR\s+@tasks.default_data_dir\(\)\s+# \$MMT_JAX_DATA_DIR",
                r'CATALOG\s+"embedded-n3000-s0-px128"', r"LEARNING_RATE\s+2e-4", r"BATCH_SIZE\s+32"]),
