@@ -14,6 +14,11 @@ whose accepted share is printed at the end. The output
 is written to a temporary file and renamed when complete, so an interrupted run never leaves a
 truncated file that looks finished, and an existing file is replaced only by a whole new one.
 
+Multi-host (`--multihost`, or `--coordinator_address/--num_processes/--process_id`): process i of
+n predicts every n-th product from its i-th (`shard=(i, n)`) on its own local devices and writes
+`<out stem>-<i>-of-<n><suffix>` (`shard_path`); every process reads the whole input, so each
+refuses a bad record or a repeated id alike.
+
 Ids key the output, so an input that repeats an id is refused, naming the id and both lines. A bad
 record (a line that does not parse, a repeated id, a text longer than `--input-length`, an image that
 does not decode) stops the run with one error naming it and writes nothing (`--on-error fail`, the
@@ -94,14 +99,28 @@ def queries(products, prompts: Sequence[str], with_description: bool) -> Iterato
                         product.bullet_points, product.product_type)
 
 
+def shard_path(output_path: str, index: int, count: int) -> str:
+    """The output file of process `index` of `count`: `output_path` itself for one process, else
+    `<stem>-<index>-of-<count><suffix>` ("preds.jsonl" -> "preds-00001-of-00002.jsonl")."""
+    if count == 1:
+        return output_path
+    stem, suffix = os.path.splitext(output_path)
+    return f"{stem}-{index:05d}-of-{count:05d}{suffix}"
+
+
 def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequence[str], *,
           images_dir: str | None = None, with_description: bool = False,
-          on_error: str = "fail", allow_absolute_image_paths: bool = False) -> int:
+          on_error: str = "fail", allow_absolute_image_paths: bool = False,
+          shard: tuple[int, int] = (0, 1)) -> int:
     """Writes the predictions of every product x prompt to `output_path`; returns their number.
 
     `on_error` as the module docstring says: "fail" raises at the first bad record, "skip" reports
-    each on stderr and leaves it out.
+    each on stderr and leaves it out. `shard=(i, n)`: only the products i, i + n, i + 2n, ... of
+    the input (its good records, in order).
     """
+    shard_index, shard_count = shard
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard {shard}: need 0 <= index < count")
     if not prompts:
         raise ValueError("give at least one prompt (e.g. --prompt color:)")
     for prompt in predictor.untrained_prompts(prompts):
@@ -119,9 +138,9 @@ def infer(predictor: Predictor, input_path: str, output_path: str, prompts: Sequ
     with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".infer-", suffix=".jsonl",
                                      delete=False, encoding="utf-8") as out:
         try:
-            stream = queries(read_products(input_path, images_dir, on_error,
-                                           allow_absolute_image_paths), prompts,
-                             with_description or predictor.asks_questions)
+            products = read_products(input_path, images_dir, on_error, allow_absolute_image_paths)
+            mine = (p for i, p in enumerate(products) if i % shard_count == shard_index)
+            stream = queries(mine, prompts, with_description or predictor.asks_questions)
             predictions = predictor.predict_queries(stream,
                                                     on_error=skip if on_error == "skip" else None)
             for query, prediction in tqdm(predictions, unit="prediction",

@@ -14,7 +14,9 @@
   eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=... --gin.TASK=... --gin.EVAL_OUTPUT_DIR=...
                                               a checkpoint's task metrics: report.json + plots
   infer --checkpoint DIR --input F --prompt P [--prompt Q ...] --out F [--on-error fail|skip]
-        [--closed-set | --values FILE]        products -> JSONL of predictions with scores
+        [--closed-set | --values FILE] [--multihost]
+                                              products -> JSONL of predictions with scores
+                                              (multi-host: each process its share, its own file)
   serve --checkpoint DIR [--port 8000] [--prompt P ...] [--closed-set | --values FILE]
                                               a page and a JSON endpoint: image + title -> attributes
   demo [--workdir DIR]                        the main job: pretrains and fine-tunes a tiny MMT4 and
@@ -141,6 +143,7 @@ def _infer(args) -> None:
     from mmt_jax import infer
     from mmt_jax.predictor import Predictor
     import jax
+    _initialize_distributed(args)
     local = jax.local_devices()
     if args.devices is not None and not 1 <= args.devices <= len(local):
         raise InputError(f"--devices {args.devices}: this process has {len(local)} local "
@@ -150,10 +153,12 @@ def _infer(args) -> None:
         batch_size=args.batch_size, num_beams=args.num_beams,
         value_sets=_value_sets(args.values, args.checkpoint if args.closed_set else None),
         devices=local[:args.devices])
-    count = infer.infer(predictor, args.input, args.out, args.prompt, images_dir=args.images,
+    shard = (jax.process_index(), jax.process_count())
+    out = infer.shard_path(args.out, *shard)
+    count = infer.infer(predictor, args.input, out, args.prompt, images_dir=args.images,
                         with_description=args.with_description, on_error=args.on_error,
-                        allow_absolute_image_paths=args.allow_absolute_image_paths)
-    print(f"wrote {count} predictions to {args.out}")
+                        allow_absolute_image_paths=args.allow_absolute_image_paths, shard=shard)
+    print(f"wrote {count} predictions to {out}")
 
 
 def _serve(args) -> None:
@@ -292,17 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     gin_search.add_argument("--gin_file", action="append", default=[], required=True,
                             help="gin file (searched in the package's gin/ and --gin_search_path)")
     gin_search.add_argument("--gin_search_path", action="append", default=[])
-    train = commands.add_parser("train", parents=[gin_search], help="train a model as gin files say",
+    distributed = argparse.ArgumentParser(add_help=False)  # jax.distributed, for train and infer
+    distributed.add_argument("--multihost", action="store_true",
+                             help="call jax.distributed.initialize() (settings from the environment)")
+    distributed.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    distributed.add_argument("--num_processes", type=int, default=None)
+    distributed.add_argument("--process_id", type=int, default=None)
+    train = commands.add_parser("train", parents=[gin_search, distributed], help="train a model as gin files say",
                                 description="Bindings are --gin.NAME=VALUE (strings in quotes: "
                                             "--gin.MODEL_DIR=\\\"runs/x\\\").",
                                 epilog=_settings_help("runs/catalog.gin", "; runs/pretrain.gin and "
                                                       "runs/finetune.gin set TASK and more"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--multihost", action="store_true",
-                       help="call jax.distributed.initialize() (settings from the environment)")
-    train.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    train.add_argument("--num_processes", type=int, default=None)
-    train.add_argument("--process_id", type=int, default=None)
     train.set_defaults(run=_train)
     evaluate = commands.add_parser(
         "eval", parents=[gin_search], help="a checkpoint on its tasks' metrics: JSON report + plots",
@@ -322,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     closed.add_argument("--values", default=None, metavar="FILE",
                         help='JSON {"attribute": ["value", ...]}: answer those attributes only with '
                              "their listed values (closed-set decoding)")
-    infer = commands.add_parser("infer", parents=[predicting],
+    infer = commands.add_parser("infer", parents=[predicting, distributed],
                                 help="products (JSONL or TFRecord) -> JSONL of predictions")
     infer.add_argument("--input", required=True,
                        help="catalog .jsonl, or a glob of TFRecord files from `data convert`")

@@ -1,7 +1,8 @@
 """Multi-host training: two processes on localhost (CPU collectives through gloo), each with two
 devices and its own shard of the data, train in lockstep to the losses and parameters of one process
 fed the same global batches, and a SIGTERM to one of them stops both at the same step with one
-checkpoint (one run, to start the processes once)."""
+checkpoint (one run, to start the processes once); then two processes infer with that checkpoint,
+each its share of the products into its own file, together the one-process output."""
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from mmt_jax.partitioning import Partitioner
 from mmt_jax.task_inference import build_model
@@ -30,23 +32,31 @@ def _free_port() -> int:
 
 
 def _start(data_dir: str, model_dir: str, steps: int):
-    """Starts both processes; returns them with the paths of their (stdout, stderr) files."""
+    """Starts both training processes; returns them with the paths of their (stdout, stderr)
+    files."""
+    return _start_processes(
+        ["train", "--gin_file=runs/catalog.gin",
+         "--gin_file=models/mmt4_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+         f"--gin.TRAIN_STEPS={steps}", "--gin.TASK='attributes_removed100'",
+         "--gin.CATALOG_PREFIX='multihost'", f"--gin.DATA_DIR='{data_dir}'",
+         "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16",
+         f"--gin.BATCH_SIZE={BATCH}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+         "--gin.t5.t5_config.num_encoder_layers=1", "--gin.t5.t5_config.num_decoder_layers=1",
+         "--gin.LEARNING_RATE=3e-3", "--gin.train.train.log_period=1",
+         "--gin.train.train.checkpoint_period=1000"], model_dir)
+
+
+def _start_processes(command: list[str], logs_prefix: str):
+    """`mmt-jax <command>` as two processes of one jax.distributed job on localhost, each with
+    two CPU devices: `[(process, (stdout file, stderr file))]`."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
            "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")}
-    args = [sys.executable, "-m", "mmt_jax.main", "train", "--gin_file=runs/catalog.gin",
-            "--gin_file=models/mmt4_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
-            f"--gin.TRAIN_STEPS={steps}", "--gin.TASK='attributes_removed100'",
-            "--gin.CATALOG_PREFIX='multihost'", f"--gin.DATA_DIR='{data_dir}'",
-            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.IMAGE_SIZE=16",
-            f"--gin.BATCH_SIZE={BATCH}", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
-            "--gin.t5.t5_config.num_encoder_layers=1", "--gin.t5.t5_config.num_decoder_layers=1",
-            "--gin.LEARNING_RATE=3e-3", "--gin.train.train.log_period=1",
-            "--gin.train.train.checkpoint_period=1000",
+    args = [sys.executable, "-m", "mmt_jax.main", *command,
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     started = []
     for i in range(2):
-        logs = (f"{model_dir}.{i}.out", f"{model_dir}.{i}.err")
+        logs = (f"{logs_prefix}.{i}.out", f"{logs_prefix}.{i}.err")
         with open(logs[0], "w") as out, open(logs[1], "w") as err:
             started.append((subprocess.Popen(args + [f"--process_id={i}"], env=env, stdout=out,
                                              stderr=err), logs))
@@ -122,3 +132,29 @@ def test_two_processes_train_in_lockstep_like_one_process_and_stop_together(data
     # of 65536 did by 1.04e-4. The losses above are what show lockstep.
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
                            saved, jax.device_get(state.params))
+
+    # Multi-host inference with that checkpoint: each process predicts its share of the products
+    # into its own file; together they are the one-process output.
+    import json
+    from mmt_jax import main
+    validation = os.path.join(data_dir, "product_catalog", "embedded-n96-s0-px32", "*",
+                              "product_catalog-validation.tfrecord*")
+    infer = ["infer", "--checkpoint", model_dir, "--input", validation, "--prompt", "color:",
+             "--prompt", "pattern:", "--input-length", "24", "--target-length", "8"]
+    started = _start_processes(infer + ["--out", str(tmp_path / "preds.jsonl")],
+                               str(tmp_path / "infer"))
+    outputs = _finish(started)
+    assert "wrote" in outputs[0] and "preds-00000-of-00002.jsonl" in outputs[0]
+    assert main.run(infer + ["--out", str(tmp_path / "one.jsonl")]) == 0
+    one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
+    shards = [[json.loads(line) for line in open(tmp_path / f"preds-0000{i}-of-00002.jsonl")]
+              for i in range(2)]
+    products = list(dict.fromkeys(row["id"] for row in one))
+    for i, rows in enumerate(shards):
+        assert list(dict.fromkeys(row["id"] for row in rows)) == products[i::2]
+    by_key = {(row["id"], row["prompt"]): row for row in one}
+    for row in shards[0] + shards[1]:
+        expected = by_key.pop((row["id"], row["prompt"]))
+        assert row["prediction"] == expected["prediction"]
+        assert row["score"] == pytest.approx(expected["score"], abs=1e-4)
+    assert not by_key
