@@ -172,13 +172,30 @@ class Predictor:
     def predict_queries(self, queries: Iterable[Query],
                         on_error: Callable[[Query, InputError], None] | None = None
                         ) -> Iterator[tuple[Query, Prediction]]:
-        """Lazily decodes `queries`, yielding each with its prediction, in order.
+        """Lazily decodes `queries`, yielding each with its prediction, in order. Each batch is
+        built while the devices decode the one before, and a product's prompts in one batch share
+        its image's decoding (and features).
 
         A query the model cannot take (a text longer than `input_length`, an image that does not
         decode) raises `InputError` naming its record (a batch that fails is decoded again one
         query at a time to find it); with `on_error`, it is passed to `on_error(query, error)` and
         left out instead, and the other queries of its batch are still predicted.
         """
+        in_flight = []  # (queries, device outputs): dispatched, not read back yet
+        for chunk in self._chunks(queries, on_error):
+            try:  # the next batch is built while the devices decode the one before
+                dispatched = list(self._dispatch(chunk, on_error))
+            except InputError:
+                for item in in_flight:
+                    yield from self._collect(*item)
+                raise
+            for item in in_flight:
+                yield from self._collect(*item)
+            in_flight = dispatched
+        for item in in_flight:
+            yield from self._collect(*item)
+
+    def _chunks(self, queries: Iterable[Query], on_error) -> Iterator[list[Query]]:
         chunk = []
         for query in queries:
             if on_error is not None:
@@ -189,10 +206,10 @@ class Predictor:
                     continue
             chunk.append(query)
             if len(chunk) == self.batch_size:
-                yield from self._predict_or_skip(chunk, on_error)
+                yield chunk
                 chunk = []
         if chunk:
-            yield from self._predict_or_skip(chunk, on_error)
+            yield chunk
 
     def match(self, *, image, title: str) -> float:
         """The contrastive head's score of one image and one title (any image form `predict`
@@ -219,38 +236,44 @@ class Predictor:
             return [score for query in chunk for score in self._match_chunk([query])]
         return np.asarray(self._score_pairs(self.params, batch)).tolist()[:len(chunk)]
 
-    def _predict_or_skip(self, chunk: list[Query], on_error) -> Iterator[tuple[Query, Prediction]]:
+    def _dispatch(self, chunk: list[Query], on_error) -> Iterator[tuple[list[Query], tuple]]:
+        """Starts decoding `chunk`: `(chunk, device outputs)`. A query the model cannot take spoils
+        its batch: each is then started alone to find it, and it is raised or passed to
+        `on_error`."""
         try:
-            predictions = self._predict_chunk(chunk)
+            yield chunk, self._start(chunk)
         except (InputError, tf.errors.InvalidArgumentError) as e:
-            if len(chunk) > 1:  # one query spoilt the batch: each alone finds which, to name it
+            if len(chunk) > 1:
                 for query in chunk:
-                    yield from self._predict_or_skip([query], on_error)
+                    yield from self._dispatch([query], on_error)
                 return
             error = _as_input_error(chunk[0], e)
             if on_error is None:
                 raise error from None
             on_error(chunk[0], error)
-            return
-        yield from zip(chunk, predictions)
 
-    def _predict_chunk(self, queries: list[Query]) -> list[Prediction]:
-        n = len(queries)
-        padded = queries + [queries[-1]] * (self.batch_size - n)
+    def _start(self, queries: list[Query]) -> tuple:
+        """The batch of `queries` (padded to `batch_size`) built and its decoding dispatched; the
+        devices run it while the host goes on."""
+        padded = queries + [queries[-1]] * (self.batch_size - len(queries))
         decoder_params = None
         if self._trie is not None:  # the trie on every device, each row's root with its row
             constraint = self._trie.constraint(
                 [q.prompt if q.prompt in self.value_sets else None for q in padded])
             decoder_params = {"constraint": jax.device_put(
                 constraint, ValueConstraint(self._copies, self._copies, self._rows))}
-        tokens, aux = self._predict(self.params, self._batch(padded),
-                                    decoder_params=decoder_params)
+        return self._predict(self.params, self._batch(padded), decoder_params=decoder_params)
+
+    def _collect(self, queries: list[Query], outputs: tuple) -> Iterator[tuple[Query, Prediction]]:
+        """`queries` with their predictions, once the devices have them."""
+        tokens, aux = outputs
+        n = len(queries)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
         weights = source_weights(self.model, aux, n)
         eos = self.vocabulary.eos_id
-        return [Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score), w,
-                           self._accepted(query.prompt, float(score)))
-                for query, row, score, w in zip(queries, tokens, scores, weights)]
+        for query, row, score, w in zip(queries, tokens, scores, weights):
+            yield query, Prediction(self.vocabulary.decode(until_eos(row, eos)), float(score), w,
+                                    self._accepted(query.prompt, float(score)))
 
     def _accepted(self, prompt: str, score: float) -> bool | None:
         decoding = "closed" if prompt in self.value_sets else "open"
@@ -268,12 +291,16 @@ class Predictor:
         if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
             examples["pair_text"] = [self._title_tokens(q) for q in queries]
             examples["pair_label"] = [[int(bool(q.title))] for q in queries]
-        if self.uses_images and self._image.extractor is not None:
-            features, mask = extractors.extract_from_bytes([q.image for q in queries], self._image)
-            examples["image_features"], examples["image_mask"] = features, mask[:, None]
-        elif self.uses_images:
-            pixels, mask = images_lib.decode_batch([q.image for q in queries], self._image)
-            examples["image"], examples["image_mask"] = pixels, mask[:, None]
+        if self.uses_images:  # each distinct image once: a product's prompts share its image
+            position = {image: i for i, image in enumerate(dict.fromkeys(q.image for q in queries))}
+            distinct, rows = list(position), np.asarray([position[q.image] for q in queries])
+            if self._image.extractor is not None:
+                features, mask = extractors.extract_from_bytes(distinct, self._image)
+                examples["image_features"] = features[rows]
+            else:
+                pixels, mask = images_lib.decode_batch(distinct, self._image)
+                examples["image"] = pixels[rows]
+            examples["image_mask"] = mask[rows][:, None]
         ds = tf.data.Dataset.from_tensor_slices({
             **examples, **{k: tf.ragged.constant(examples[k], dtype=tf.int32, ragged_rank=1)
                            for k in ("inputs", "targets", "pair_text", "question",

@@ -48,7 +48,7 @@ def _lite0():
 # network name -> () -> (module, params) with the pretrained weights (local files only); their
 # normalisation, grid and width are image_spec.EXTRACTOR_NETWORKS'.
 LOADERS = {"efficientnet-lite0": _lite0}
-BATCH_SIZE = 32  # images per call of the compiled network (the last batch is padded)
+BATCH_SIZE = 32  # most images per call of the compiled network
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +81,9 @@ def extract(images: np.ndarray, name: str) -> np.ndarray:
     out = []
     for start in range(0, len(images), BATCH_SIZE):
         chunk = images[start:start + BATCH_SIZE]
-        padded = np.concatenate([chunk, np.zeros((BATCH_SIZE - len(chunk),) + chunk.shape[1:],
+        # padded to a power of two: a few compiled shapes, and a few images cost a few
+        size = min(BATCH_SIZE, 1 << (len(chunk) - 1).bit_length())
+        padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
                                                  np.float32)])
         out.append(np.asarray(network(padded))[:len(chunk)])
     if not out:
