@@ -30,6 +30,7 @@ main job's "contrastive head" matching row ranks by.
 import dataclasses
 import functools
 import os
+import queue
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -138,6 +139,7 @@ class Predictor:
         self._predict = jax.jit(functools.partial(
             model.predict_batch_with_aux, decode_fn=decode_fn, num_decodes=num_beams))
         self._score_pairs = jax.jit(model.score_pairs)
+        self._pending, self._converter = queue.Queue(), None  # `_converted`'s
         self.value_sets = dict(value_sets or {})
         self._trie = (value_trie(self.vocabulary, self.value_sets) if self.value_sets else None)
         self.thresholds = thresholds
@@ -290,7 +292,7 @@ class Predictor:
                                   for q in queries]
         if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
             examples["pair_text"] = [self._title_tokens(q) for q in queries]
-            examples["pair_label"] = [[int(bool(q.title))] for q in queries]
+            examples["pair_label"] = np.asarray([[int(bool(q.title))] for q in queries], np.int32)
         if self.uses_images:  # each distinct image once: a product's prompts share its image
             position = {image: i for i, image in enumerate(dict.fromkeys(q.image for q in queries))}
             distinct, rows = list(position), np.asarray([position[q.image] for q in queries])
@@ -301,16 +303,44 @@ class Predictor:
                 pixels, mask = images_lib.decode_batch(distinct, self._image)
                 examples["image"] = pixels[rows]
             examples["image_mask"] = mask[rows][:, None]
-        ds = tf.data.Dataset.from_tensor_slices({
-            **examples, **{k: tf.ragged.constant(examples[k], dtype=tf.int32, ragged_rank=1)
-                           for k in ("inputs", "targets", "pair_text", "question",
-                                     *self.text_sources[1:]) if k in examples}})
-        ds = ds.map(lambda ex: {k: v.to_tensor() if isinstance(v, tf.RaggedTensor) else v
-                                for k, v in ex.items()})
+        rows = [{k: np.asarray(v[i]) for k, v in examples.items()} for i in range(len(queries))]
+        return jax.device_put(self._converted(rows), self._rows)  # each device its rows
+
+    def _converted(self, rows: list[dict]) -> dict:
+        """The model's feature converter over `rows` (task features of one batch, `batch_size` of
+        them) -> the numpy batch. One tf.data pipeline serves every batch: it reads the rows from a
+        queue, so its graph is built once, not once per batch. Idle for a second, it ends (its
+        thread must not outlive the process) and the next batch builds it again."""
+        for row in rows:
+            self._pending.put(row)
+        if self._converter is not None:
+            try:
+                return next(self._converter)
+            except StopIteration:  # it had gone idle; the rows wait in the queue for the next
+                pass
+        self._converter = self._converter_pipeline(rows[0])
+        return next(self._converter)
+
+    def _converter_pipeline(self, example: dict) -> Iterator[dict]:
+        """The feature converter over the rows `_pending` receives, batched: a numpy iterator
+        (task features shaped as `example`'s; token features of any length)."""
+        ragged = {k for k, v in example.items()
+                  if v.dtype == np.int32 and v.ndim == 1 and k not in ("image_mask", "pair_label")}
+        spec = {k: tf.TensorSpec([None] if k in ragged else v.shape, tf.as_dtype(v.dtype))
+                for k, v in example.items()}
+        pending = self._pending
+
+        def examples():
+            while True:
+                try:
+                    yield pending.get(timeout=1.0)
+                except queue.Empty:
+                    return
+
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
         lengths = {"inputs": self.input_length, "targets": self.target_length}
-        batch = next(converter(ds, lengths).batch(len(queries)).as_numpy_iterator())
-        return jax.device_put(batch, self._rows)  # each device its rows
+        ds = tf.data.Dataset.from_generator(examples, output_signature=spec)
+        return converter(ds, lengths).batch(self.batch_size).as_numpy_iterator()
 
     def _title_tokens(self, query: Query) -> np.ndarray:
         return np.asarray(list(self.vocabulary.encode(query.title))
