@@ -135,6 +135,7 @@ def test_multitask_job_reports_matching_retrieval_and_titles(demo_workdir, capsy
             and "multitask_removed100" in out and "--gin.LEARNING_RATE=0.00067" in out)
     config, params = store.load_checkpoint(str(tmp_path / "mmt4_multitask" / "checkpoint_2"))
     assert config.contrastive is not None and "contrastive_head" in params
+    assert config.contrastive.agreement_token and "agreement_embedding" in params  # the recipe's
     assert "INITIAL_CHECKPOINT_PATH" not in out and not (tmp_path / "mmt4_multitask_pretrain").exists()
 
 

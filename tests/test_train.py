@@ -460,9 +460,10 @@ def test_infer_clear_errors_and_no_half_written_output(uninterrupted, tmp_path, 
 
 def test_matching_learns_from_its_inputs_where_it_used_to_plateau(data_dir, tmp_path, capsys):
     """Image-text matching from scratch at a rate that used to leave it at ln 2 per answer (AdamW
-    2e-3): with the contrastive head (runs/contrastive.gin) the held-out loss per answer falls
-    below 0.9 ln 2 and the collapse check stays silent. The loss scored is the whole target's
-    ("yes"/"no" and EOS), so the answer token's own loss is lower still."""
+    2e-3): with the contrastive head (runs/contrastive.gin, its agreement token included) the
+    held-out loss per answer falls below 0.9 ln 2 and the collapse check stays silent. The loss
+    scored is the whole target's ("yes"/"no" and EOS), so the answer token's own loss is lower
+    still."""
     steps = 150
     assert main.run(_args(data_dir, str(tmp_path / "match"), steps, "--gin_file=runs/contrastive.gin",
                           "--gin.TASK='match'", "--gin.LEARNING_RATE=2e-3",
