@@ -88,8 +88,9 @@ CONTENDERS = {
     "WoAL": Contender(_MOEMOE, qa=True, pretrained_by="T5",
                       bindings=("moemoe.MultiSourceConfig.question_context_weight=0.0",
                                 "moemoe.MultiSourceConfig.question_image_weight=0.0")),
-    "S-Enc": Contender(_MOEMOE, qa=True, pretrained_by="T5",
-                       bindings=("moemoe.MultiSourceConfig.joint_encoder=True",)),
+    "S-Enc": Contender(_MOEMOE, qa=True, pretrained_by="T5",  # no question encoding to weigh by
+                       bindings=("moemoe.MultiSourceConfig.joint_encoder=True",
+                                 'moemoe.MultiSourceConfig.source_weighting="uniform"')),
 }
 
 
