@@ -160,6 +160,9 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                     + (f"; derived (a dense MLP copied to every expert, MoEMoE's question and "
                        f"text encoders from the encoder): {', '.join(derived)}" if derived else ""))
         start_step = int(jax.device_get(state.step))
+        if start_step >= total_steps:  # nothing to do: reading on would only skip through the data
+            say(f"{mixture_or_task_name}: already at step {start_step} of {total_steps}")
+            return RunResult(start_step, {}, {})
         batches = train_ds.skip(batches_read).prefetch(2).as_numpy_iterator()
         eval_ds = (get_dataset(model, mixture_or_task_name, eval_split, task_feature_lengths,
                                batch_size, seed, shuffle=False, num_epochs=1)

@@ -97,6 +97,25 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
                            reference)
 
 
+def test_a_run_already_at_its_last_step_reads_no_data(uninterrupted, tmp_path, capsys,
+                                                     monkeypatch):
+    """Rerunning a finished run returns at once: before, it started the input pipeline, which
+    skipped through every batch already read on a background thread (minutes and gigabytes for
+    the demo's catalog) while the run had nothing left to do."""
+    from mmt_jax.training import batch_feeder
+    model_dir, data_dir, _ = uninterrupted
+    finished = str(tmp_path / "finished")
+    shutil.copytree(model_dir, finished)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run started its input pipeline")
+
+    monkeypatch.setattr(batch_feeder.BatchFeeder, "__init__", refuse)
+    assert main.run(_args(data_dir, finished, 6)) == 0
+    out = capsys.readouterr().out
+    assert "already at step 6 of 6" in out and "step 1/" not in out
+
+
 def test_sigterm_while_the_input_pipeline_warms_up_ends_the_run(data_dir, tmp_path, capsys,
                                                                 monkeypatch):
     """The first training batch takes 20 s (a filling shuffle buffer, a resumed run skipping its
