@@ -238,7 +238,7 @@ def run(workdir: str = "runs/demo", job: str = "table2", pretrain_steps: int = 3
     _print_table(accuracy, attributes)
     _print_examples(rows, attributes, examples)
     if spec.recall:
-        _print_table(recall, attributes, "Recall at 90% precision")
+        _print_table(recall, attributes, "Recall at 90% precision", "R@P90")
         shares = {name: values for name, values in share.items() if values}
         _print_table(shares, attributes, "Image share of the mean source weights, |alpha| / "
                      "(|alpha| + |beta|) (Eq. 4)", "image share", "{:.2f}")

@@ -150,7 +150,7 @@ def test_moemoe_job_starts_from_table2s_t5_and_reports_recall_and_source_weights
     out = capsys.readouterr().out
     assert set(report) == {"WoAL", "WoAL recall@P90", "WoAL image share"}
     assert all(0 <= v <= 1 for values in report.values() for v in values.values())
-    assert "Recall at 90% precision" in out and "| WoAL image share |" in out
+    assert "| WoAL R@P90 |" in out and "| WoAL image share |" in out
     assert f"INITIAL_CHECKPOINT_PATH=\"{tmp_path}/t5_pretrain/checkpoint_2\"" in out
     assert "--gin.TASK=\"qa_removed100\"" in out
     assert "--gin.moemoe.MultiSourceConfig.question_image_weight=0.0" in out

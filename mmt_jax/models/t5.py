@@ -384,19 +384,20 @@ class EncoderDecoder(nn.Module):
 
     def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
         """The encoded sequence and its key mask, with the agreement token after it when the head
-        has one (`ContrastiveConfig.agreement_token`; on a row without an image it is masked)."""
+        has one (`ContrastiveConfig.agreement_token`; masked on a row whose other features are
+        absent)."""
         encoded, mask = self._encode_sequence(encoder_input_tokens, encoder_segment_ids,
                                               enable_dropout, features)
         if self.contrastive is None or not self.contrastive.agreement_token or not features:
             return encoded, mask
         if encoder_segment_ids is not None:
-            raise ValueError("the agreement token compares one image with one text: packed batches "
-                             "(encoder_segment_ids) are not supported")
-        image, text, _ = self._embed_alone(encoder_input_tokens, enable_dropout, features)
-        agreement = self.agreement_embedding(self.contrastive.dim * image * text)
-        has_image = jnp.any(jnp.abs(image) > 0, axis=-1, keepdims=True)
+            raise ValueError("the agreement token compares one row's features with its text: "
+                             "packed batches (encoder_segment_ids) are not supported")
+        alone, text, _ = self._embed_alone(encoder_input_tokens, enable_dropout, features)
+        agreement = self.agreement_embedding(self.contrastive.dim * alone * text)
+        present = jnp.any(jnp.abs(alone) > 0, axis=-1, keepdims=True)  # zero: nothing pooled
         return (jnp.concatenate([encoded, jnp.asarray(agreement, encoded.dtype)[:, None]], axis=1),
-                jnp.concatenate([mask, has_image.astype(mask.dtype)], axis=1))
+                jnp.concatenate([mask, present.astype(mask.dtype)], axis=1))
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout=False,
                **features):
