@@ -293,16 +293,16 @@ class Predictor:
         if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
             examples["pair_text"] = [self._title_tokens(q) for q in queries]
             examples["pair_label"] = np.asarray([[int(bool(q.title))] for q in queries], np.int32)
-        if self.uses_images:  # each distinct image once: a product's prompts share its image
+            # each distinct image once: a product's prompts share its image
             position = {image: i for i, image in enumerate(dict.fromkeys(q.image for q in queries))}
-            distinct, rows = list(position), np.asarray([position[q.image] for q in queries])
+            distinct, of = list(position), np.asarray([position[q.image] for q in queries])
             if self._image.extractor is not None:
                 features, mask = extractors.extract_from_bytes(distinct, self._image)
-                examples["image_features"] = features[rows]
+                examples["image_features"] = features[of]
             else:
                 pixels, mask = images_lib.decode_batch(distinct, self._image)
-                examples["image"] = pixels[rows]
-            examples["image_mask"] = mask[rows][:, None]
+                examples["image"] = pixels[of]
+            examples["image_mask"] = mask[of][:, None]
         rows = [{k: np.asarray(v[i]) for k, v in examples.items()} for i in range(len(queries))]
         return jax.device_put(self._converted(rows), self._rows)  # each device its rows
 
