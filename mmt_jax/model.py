@@ -140,10 +140,9 @@ class EncoderDecoderModel:
         if getattr(self.module, "contrastive", None) is None:
             return self.module.init(rng, **inputs, enable_dropout=False)
 
-        def generate_and_embed(module, **inputs):  # creates the contrastive head's parameters too
-            module.embed_pairs(pair_text, **{k: inputs[k] for k in IMAGE_FEATURES if k in inputs})
-            return module(**inputs)
-        return self.module.init(rng, **inputs, enable_dropout=False, method=generate_and_embed)
+        # training's pass creates the contrastive head's parameters too
+        return self.module.init(rng, **inputs, pair_text_tokens=pair_text, enable_dropout=False,
+                                method=self.module.forward_with_pairs)
 
     # ---- forward -----------------------------------------------------------------------------
     def rngs(self, dropout_rng) -> dict | None:
@@ -171,17 +170,23 @@ class EncoderDecoderModel:
         if not isinstance(self, expected):
             raise TypeError(f"{type(self).__name__} does not compute the loss of this module; its "
                             f"Model is {expected.__name__}: build it with model.model_for(module)")
+        with_pairs = self.trains_contrastive_head(batch)
         output = self._apply(params, batch, dropout_rng,
                              mutable=["intermediates"] if self.sows_losses else False,
-                             output="hidden" if self.loss_chunk_length else "logits")
+                             output="hidden" if self.loss_chunk_length else "logits",
+                             **({"method": self.module.forward_with_pairs,
+                                 "pair_text_tokens": batch["pair_text_tokens"]} if with_pairs else {}))
         output, state = output if self.sows_losses else (output, None)
+        output, pairs = output if with_pairs else (output, None)
         if self.loss_chunk_length:
             loss, metrics = self.loss_from_hidden(params, output, batch)
         else:
             loss, metrics = self.loss_from_logits(output, batch)
         if state is not None:
             loss, metrics = self.with_sown_losses(loss, metrics, state["intermediates"])
-        return self.with_contrastive_loss(loss, metrics, params, batch, dropout_rng)
+        if pairs is not None:
+            loss, metrics = self.with_contrastive_loss(loss, metrics, pairs, batch)
+        return loss, metrics
 
     # ---- losses sown by the module ------------------------------------------------------------
     @property
@@ -210,15 +215,10 @@ class EncoderDecoderModel:
                       **{name: average(value) for name, (_, value) in sown.items()}}
 
     # ---- the contrastive head (models/contrastive.py) -----------------------------------------
-    CONTRASTIVE_DROPOUT_FOLD = 2
-
-    def embed_pairs(self, params, batch: Batch, dropout_rng=None):
+    def embed_pairs(self, params, batch: Batch):
         """`(u [B, D], v [B, D], scale [])`: the unit image and paired-text vectors of each row."""
         images = {k: batch[k] for k in IMAGE_FEATURES if batch.get(k) is not None}
-        rngs = self.rngs(None if dropout_rng is None
-                         else jax.random.fold_in(dropout_rng, self.CONTRASTIVE_DROPOUT_FOLD))
         return self.module.apply({"params": params}, batch["pair_text_tokens"], **images,
-                                 enable_dropout=dropout_rng is not None, rngs=rngs,
                                  method=self.module.embed_pairs)
 
     def score_pairs(self, params, batch: Batch) -> jax.Array:
@@ -235,18 +235,20 @@ class EncoderDecoderModel:
             valid &= mask if mask.ndim == 1 else jnp.any(mask, axis=-1)
         return valid
 
-    def with_contrastive_loss(self, loss, metrics, params, batch: Batch, dropout_rng):
-        """`loss + weight * contrastive loss` and the metrics
-        `contrastive/{loss,accuracy,pairs,scale}` when the module has a contrastive head with a positive weight and the batch has paired
-        texts; else `(loss, metrics)` unchanged."""
+    def trains_contrastive_head(self, batch: Batch) -> bool:
+        """Whether the loss has the contrastive term: the module has a head with a positive
+        weight and the batch has paired texts."""
         config = getattr(self.module, "contrastive", None)
-        if config is None or not config.loss_weight or "pair_text_tokens" not in batch:
-            return loss, metrics
-        image, text, scale = self.embed_pairs(params, batch, dropout_rng)
+        return bool(config is not None and config.loss_weight and "pair_text_tokens" in batch)
+
+    def with_contrastive_loss(self, loss, metrics, pairs, batch: Batch):
+        """`loss + weight * contrastive loss` of `pairs`, the head's `(u, v, scale)` of the batch,
+        and the metrics `contrastive/{loss,accuracy,pairs,scale}`."""
+        image, text, scale = pairs
         valid = self.valid_pairs(batch)
         pair_loss, accuracy = contrastive_loss(image, text, scale, valid,
                                                same_sequence(batch["pair_text_tokens"]))
-        loss = loss + config.loss_weight * pair_loss
+        loss = loss + self.module.contrastive.loss_weight * pair_loss
         average = clu.metrics.Average.from_model_output
         return loss, {**metrics, "loss": average(loss), "contrastive/loss": average(pair_loss),
                       "contrastive/accuracy": average(accuracy),

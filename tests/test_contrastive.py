@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from mmt_jax.losses import contrastive_loss, same_sequence
 from mmt_jax.model import EncoderDecoderModel
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.models.contrastive import ContrastiveConfig
 from mmt_jax.models.mmt4 import FusionConfig
-from mmt_jax.models.t5 import EncoderDecoder, t5_config
+from mmt_jax.models.t5 import Encoder, EncoderDecoder, t5_config
 
 CONFIG = t5_config("tiny", vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64)
 HEAD = ContrastiveConfig(dim=8, loss_weight=0.5)
@@ -126,8 +127,9 @@ def test_head_scores_equal_a_direct_computation_from_pooled_vectors():
 
 def test_contrastive_loss_reaches_the_encoder_and_the_image_branch():
     model, params = _model()
-    grads = jax.jit(jax.grad(lambda p: model.with_contrastive_loss(0.0, {}, p, _batch(), None)[0]))(
-        params)
+    batch = _batch()
+    grads = jax.jit(jax.grad(lambda p: model.with_contrastive_loss(
+        0.0, {}, model.embed_pairs(p, batch), batch)[0]))(params)
     for path in (("image_fusion", "projection", "kernel"), ("encoder", "encoder_norm", "scale"),
                  ("token_embedder", "embedding"), ("contrastive_head", "log_scale")):
         leaf = grads
@@ -197,3 +199,44 @@ def test_agreement_token_is_the_heads_elementwise_product_read_by_the_decoder():
         model.module.apply({"params": params}, batch["encoder_input_tokens"],
                            np.ones((4, 7), np.int32), method=model.module.encode_with_mask,
                            **features)
+
+
+def test_training_encodes_the_image_alone_once_for_the_token_and_the_head():
+    model, params = _model(ContrastiveConfig(dim=8, loss_weight=0.5, agreement_token=True))
+    batch = _batch()
+    calls = []
+
+    def count_encoder_calls(next_fun, args, kwargs, context):
+        if isinstance(context.module, Encoder) and context.method_name == "__call__":
+            calls.append(args[0].embedded.shape[1])
+        return next_fun(*args, **kwargs)
+    with nn.intercept_methods(count_encoder_calls):
+        loss, metrics = model.loss_fn(params, batch, None)
+    # fused [image ; text], the image alone (one pad position), the encoder's text, the paired text
+    assert sorted(calls) == sorted([5 + 7, 5 + 1, 7, 6])
+    # and the shared pass gives the head's own vectors: its loss as from `embed_pairs`
+    u, v, scale = model.embed_pairs(params, batch)
+    expected, _ = _hand_infonce(np.asarray(u), np.asarray(v), float(scale),
+                                [True, True, False, True], np.eye(4, dtype=bool))
+    np.testing.assert_allclose(metrics["contrastive/loss"].compute(), expected, rtol=1e-4)
+
+
+def test_agreement_token_reads_the_first_tokens_of_the_text_only():
+    head = ContrastiveConfig(dim=8, loss_weight=0.5, agreement_token=True, agreement_text_length=3)
+    model, params = _model(head)
+    batch = _batch()
+    features = {k: batch[k] for k in ("encoder_image_features", "encoder_image_mask")}
+    encode = jax.jit(lambda tokens: model.module.apply(
+        {"params": params}, tokens, method=model.module.encode_with_mask, **features)[0])
+    tokens = batch["encoder_input_tokens"]
+    later_changed = tokens.copy()
+    later_changed[:, 3:] = np.roll(tokens[:, 3:], 1, axis=0)
+    encoded, changed = np.asarray(encode(tokens)), np.asarray(encode(later_changed))
+    np.testing.assert_allclose(changed[:, -1], encoded[:, -1], atol=1e-6)
+    assert np.abs(changed[:, :-1] - encoded[:, :-1]).max() > 1e-3  # the fused pass reads them
+    u, v, _ = jax.jit(lambda p: model.module.apply(
+        {"params": p}, tokens[:, :3], method=model.module.embed_pairs, **features))(params)
+    expected = 8 * np.asarray(u) * np.asarray(v) @ params["agreement_embedding"]["kernel"]
+    np.testing.assert_allclose(encoded[:, -1], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="agreement_text_length"):
+        ContrastiveConfig(agreement_text_length=3)

@@ -40,6 +40,10 @@ class ContrastiveConfig:
     max_scale: the scale is clipped at this value (CLIP: 100), so the logits stay bounded.
     agreement_token: the encoder's output gets one more position, the agreement `W_a (D u (.) v)` of
       the image alone and the encoder's text alone (above), which the decoder reads like any other.
+    agreement_text_length: the token's text is the first this many tokens of the encoder's (every
+      prompt puts the product's text first, its title leading, and the prompt last, so these are
+      the text the head learned to embed: the paired titles); None: all of it. A shorter text is
+      a cheaper pass: the encoder reads the text alone once more for the token.
     """
 
     dim: int = 128
@@ -47,6 +51,7 @@ class ContrastiveConfig:
     initial_temperature: float = 0.07
     max_scale: float = 100.0
     agreement_token: bool = False
+    agreement_text_length: int | None = None
 
     def __post_init__(self):
         if self.dim < 1:
@@ -56,6 +61,10 @@ class ContrastiveConfig:
         if not (self.initial_temperature > 0 and 1 / self.initial_temperature <= self.max_scale):
             raise ValueError(f"initial_temperature={self.initial_temperature} needs a scale "
                              f"1/T in (0, max_scale={self.max_scale}]")
+        if self.agreement_text_length is not None and not (
+                self.agreement_token and self.agreement_text_length >= 1):
+            raise ValueError(f"agreement_text_length={self.agreement_text_length} needs "
+                             f"agreement_token=True and a length of at least 1")
 
 
 def mean_pool(encoded: jax.Array, mask: jax.Array) -> jax.Array:
@@ -72,8 +81,8 @@ def normalise(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
 
 
 class ContrastiveHead(nn.Module):
-    """`(image_encoded [B, Lv, E], image_mask [B, Lv], text_encoded [B, Lt, E], text_mask [B, Lt])`
-    -> `(u [B, D], v [B, D], scale [])`: unit vectors of the pooled encodings and the clipped scale.
+    """The unit vectors `u [B, D]` (`embed_features`) and `v [B, D]` (`embed_text`) of pooled
+    encodings, and the clipped scale (`scale`).
 
     Parameters: `image_projection/kernel [embed, contrastive]`, `text_projection/kernel`,
     `log_scale []` (starts at `log(1 / initial_temperature)`).
@@ -82,16 +91,26 @@ class ContrastiveHead(nn.Module):
     config: ContrastiveConfig
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, image_encoded, image_mask, text_encoded, text_mask):
+    def setup(self):
         cfg = self.config
-        image = DenseGeneral(cfg.dim, kernel_axes=("embed", "contrastive"), dtype=self.dtype,
-                             name="image_projection")(mean_pool(image_encoded, image_mask))
-        text = DenseGeneral(cfg.dim, kernel_axes=("embed", "contrastive"), dtype=self.dtype,
-                            name="text_projection")(mean_pool(text_encoded, text_mask))
-        log_scale = partitioning.param_with_axes(
+        self.image_projection = DenseGeneral(cfg.dim, kernel_axes=("embed", "contrastive"),
+                                             dtype=self.dtype, name="image_projection")
+        self.text_projection = DenseGeneral(cfg.dim, kernel_axes=("embed", "contrastive"),
+                                            dtype=self.dtype, name="text_projection")
+        self.log_scale = partitioning.param_with_axes(
             "log_scale", nn.initializers.constant(np.log(1.0 / cfg.initial_temperature)), (),
             jnp.float32, axes=())
-        scale = jnp.minimum(jnp.exp(log_scale), cfg.max_scale)
-        return (normalise(jnp.asarray(image, jnp.float32)), normalise(jnp.asarray(text, jnp.float32)),
-                scale)
+
+    def embed_features(self, image_encoded, image_mask):
+        """`u [B, D]` of the features encoded alone (MMT4: the image) `[B, Lv, E]`, mask `[B, Lv]`."""
+        return normalise(jnp.asarray(self.image_projection(mean_pool(image_encoded, image_mask)),
+                                     jnp.float32))
+
+    def embed_text(self, text_encoded, text_mask):
+        """`v [B, D]` of a text encoded alone `[B, Lt, E]`, mask `[B, Lt]`."""
+        return normalise(jnp.asarray(self.text_projection(mean_pool(text_encoded, text_mask)),
+                                     jnp.float32))
+
+    def scale(self):
+        """The learned scale `exp(t)`, clipped at `max_scale` `[]`."""
+        return jnp.minimum(jnp.exp(self.log_scale), self.config.max_scale)

@@ -382,10 +382,11 @@ class EncoderDecoder(nn.Module):
         encoded = self.encoder(inputs, encoder_segment_ids, enable_dropout=enable_dropout)
         return encoded, inputs.mask
 
-    def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features):
+    def _encode(self, encoder_input_tokens, encoder_segment_ids, enable_dropout, features,
+                features_vector=None):
         """The encoded sequence and its key mask, with the agreement token after it when the head
         has one (`ContrastiveConfig.agreement_token`; masked on a row whose other features are
-        absent)."""
+        absent). `features_vector`: the head's `u [B, D]` of these features when the caller has it."""
         encoded, mask = self._encode_sequence(encoder_input_tokens, encoder_segment_ids,
                                               enable_dropout, features)
         if self.contrastive is None or not self.contrastive.agreement_token or not features:
@@ -393,9 +394,12 @@ class EncoderDecoder(nn.Module):
         if encoder_segment_ids is not None:
             raise ValueError("the agreement token compares one row's features with its text: "
                              "packed batches (encoder_segment_ids) are not supported")
-        alone, text, _ = self._embed_alone(encoder_input_tokens, enable_dropout, features)
-        agreement = self.agreement_embedding(self.contrastive.dim * alone * text)
-        present = jnp.any(jnp.abs(alone) > 0, axis=-1, keepdims=True)  # zero: nothing pooled
+        if features_vector is None:
+            features_vector = self._features_vector(encoder_input_tokens, enable_dropout, features)
+        text = self._text_vector(encoder_input_tokens[:, :self.contrastive.agreement_text_length],
+                                 enable_dropout)
+        agreement = self.agreement_embedding(self.contrastive.dim * features_vector * text)
+        present = jnp.any(jnp.abs(features_vector) > 0, axis=-1, keepdims=True)  # zero: nothing pooled
         return (jnp.concatenate([encoded, jnp.asarray(agreement, encoded.dtype)[:, None]], axis=1),
                 jnp.concatenate([mask, present.astype(mask.dtype)], axis=1))
 
@@ -416,15 +420,22 @@ class EncoderDecoder(nn.Module):
         each is pooled and projected. -> `(u [B, D], v [B, D], scale [])`."""
         if self.contrastive is None:
             raise ValueError("this model has no contrastive head (ModelConfig.contrastive is None)")
-        return self._embed_alone(pair_text_tokens, enable_dropout, features)
+        return (self._features_vector(pair_text_tokens, enable_dropout, features),
+                self._text_vector(pair_text_tokens, enable_dropout), self.contrastive_head.scale())
 
-    def _embed_alone(self, text_tokens, enable_dropout, features):
+    def _features_vector(self, text_tokens, enable_dropout, features):
+        """The head's `u [B, D]`: the part's other features encoded with no text (`text_tokens
+        [B, L]` gives only the batch size)."""
         # One masked pad position rather than none: XLA:CPU executables with zero-size operands
         # deadlocked in collectives when reloaded from the persistent compilation cache.
         no_text = jnp.zeros((jnp.shape(text_tokens)[0], 1), jnp.int32)
-        features_alone, features_mask = self._encode_sequence(no_text, None, enable_dropout, features)
-        text, text_mask = self._encode_sequence(text_tokens, None, enable_dropout, {})
-        return self.contrastive_head(features_alone, features_mask, text, text_mask)
+        return self.contrastive_head.embed_features(
+            *self._encode_sequence(no_text, None, enable_dropout, features))
+
+    def _text_vector(self, text_tokens, enable_dropout):
+        """The head's `v [B, D]`: `text_tokens [B, L]` encoded with no other feature."""
+        return self.contrastive_head.embed_text(
+            *self._encode_sequence(text_tokens, None, enable_dropout, {}))
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
@@ -472,3 +483,21 @@ class EncoderDecoder(nn.Module):
                            encoder_segment_ids, decoder_segment_ids, decoder_positions,
                            encoder_mask=mask, enable_dropout=enable_dropout, decode=decode,
                            max_decode_length=max_decode_length, output=output)
+
+    def forward_with_pairs(self, encoder_input_tokens, decoder_input_tokens, pair_text_tokens,
+                           decoder_target_tokens=None, encoder_segment_ids=None,
+                           decoder_segment_ids=None, encoder_positions=None,
+                           decoder_positions=None, *, enable_dropout=False, output="logits",
+                           **features):
+        """Training's pass: `(__call__'s output, embed_pairs(pair_text_tokens)'s (u, v, scale))`.
+        The features alone are encoded once, for the agreement token and the head's `u` both."""
+        del encoder_positions, decoder_positions, decoder_target_tokens
+        alone = self._features_vector(encoder_input_tokens, enable_dropout, features)
+        encoded, mask = self._encode(encoder_input_tokens, encoder_segment_ids, enable_dropout,
+                                     features, features_vector=alone)
+        output = self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                             encoder_segment_ids=encoder_segment_ids,
+                             decoder_segment_ids=decoder_segment_ids, encoder_mask=mask,
+                             enable_dropout=enable_dropout, output=output)
+        return output, (alone, self._text_vector(pair_text_tokens, enable_dropout),
+                        self.contrastive_head.scale())
