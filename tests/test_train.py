@@ -396,6 +396,11 @@ def test_eval_clear_errors(uninterrupted, tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+def test_length_buckets_are_powers_of_two_up_to_the_input_length():
+    from mmt_jax.predictor import length_bucket
+    assert [length_bucket(n, 48) for n in (1, 8, 9, 17, 33, 48)] == [8, 8, 16, 32, 48, 48]
+
+
 def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterrupted, tmp_path):
     from mmt_jax import infer
     from mmt_jax import task_inference
@@ -410,9 +415,12 @@ def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterr
                            "product_catalog-validation.tfrecord*")
     products = {p.id: p for p in infer.read_products(pattern)}
     assert {r.id for r in rows} == set(products)
-    predictor = Predictor.from_checkpoint(model_dir, input_length=24, target_length=8,
+    # longer than the 24 evaluated: each batch is cut to the length bucket of its longest text
+    # (at most 24 tokens: 32, or shorter), and the answers are the same
+    predictor = Predictor.from_checkpoint(model_dir, input_length=64, target_length=8,
                                           batch_size=4)
     queries = [Query(r.id, "", r.inputs, image=products[r.id].image) for r in rows]
+    assert predictor._batch(queries[:4])["encoder_input_tokens"].shape[1] in (8, 16, 32)
     for row, (query, prediction) in zip(rows, predictor.predict_queries(queries)):
         assert query.record == row.id and prediction.text == row.prediction
         assert prediction.score == pytest.approx(row.score, abs=1e-4)
