@@ -29,6 +29,7 @@ main job's "contrastive head" matching row ranks by.
 """
 import dataclasses
 import functools
+import itertools
 import os
 import queue
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -109,13 +110,15 @@ class Predictor:
       devices: the devices each batch is split over, data parallel (the parameters copied to
         each; `batch_size` rounded up to a whole number of rows per device); default: the first
         local device.
+      sort_window: `predict_queries` sorts this many batches' queries by length at a time (1:
+        batches in the order given).
     """
 
     def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
                  target_length: int = 16, batch_size: int = 16, num_beams: int = 1,
                  value_sets: Mapping[str, Sequence[str]] | None = None,
                  thresholds: Mapping[str, Mapping[str, float | None]] | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, sort_window: int = 16):
         if config.image_branch is not None and config.image is None:
             raise InputError("the checkpoint does not record its image preprocessing (written before "
                              "ModelConfig.image existed); set config.image to the training run's "
@@ -128,7 +131,7 @@ class Predictor:
         self.params = jax.device_put(params, self._copies)
         self.input_length, self.target_length = input_length, target_length
         self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
-        self.num_beams = num_beams
+        self.num_beams, self.sort_window = num_beams, sort_window
         self.vocabulary = model.output_vocabulary
         self.asks_questions = getattr(model.FEATURE_CONVERTER_CLS, "QUESTION", False)
         self.text_sources = config.text_sources or ()  # MoEMoE's; the first is `inputs`
@@ -174,15 +177,36 @@ class Predictor:
     def predict_queries(self, queries: Iterable[Query],
                         on_error: Callable[[Query, InputError], None] | None = None
                         ) -> Iterator[tuple[Query, Prediction]]:
-        """Lazily decodes `queries`, yielding each with its prediction, in order. Each batch is
-        built while the devices decode the one before, and a product's prompts in one batch share
-        its image's decoding (and features).
+        """Lazily decodes `queries`, yielding each with its prediction, in order. They are taken
+        `sort_window` batches at a time and batched in order of their products' text length, so
+        each batch is cut to a short length bucket (`_in_length_bucket`); a product's prompts stay
+        together and share its image's decoding (and features). Each batch is built while the
+        devices decode the one before.
 
         A query the model cannot take (a text longer than `input_length`, an image that does not
         decode) raises `InputError` naming its record (a batch that fails is decoded again one
         query at a time to find it); with `on_error`, it is passed to `on_error(query, error)` and
         left out instead, and the other queries of its batch are still predicted.
         """
+        queries = iter(queries)
+        while window := list(itertools.islice(queries, self.batch_size * self.sort_window)):
+            order = sorted(range(len(window)), key=lambda i: self._text_length(window[i]))
+            predictions, position = {}, 0
+            for query, prediction in self._predict_sorted([window[i] for i in order], on_error):
+                while window[order[position]] is not query:  # left out through on_error
+                    position += 1
+                predictions[order[position]] = prediction
+                position += 1
+            yield from ((window[i], predictions[i]) for i in sorted(predictions))
+
+    def _text_length(self, query: Query) -> int:
+        """What batches are sorted by: the length of the product's text without the prompt."""
+        if self.asks_questions:
+            return len(query.source_text(self.text_sources[0]))
+        return len(query.title) + len(query.description)
+
+    def _predict_sorted(self, queries: list[Query], on_error) -> Iterator[tuple[Query, Prediction]]:
+        """`queries` decoded in batches in the order given, each yielded with its prediction."""
         in_flight = []  # (queries, device outputs): dispatched, not read back yet
         for chunk in self._chunks(queries, on_error):
             try:  # the next batch is built while the devices decode the one before

@@ -205,6 +205,33 @@ def test_predictor_skip_isolates_an_error_raised_inside_a_batch(checkpoint, monk
         list(predictor.predict_queries(queries))
 
 
+def test_predictor_batches_by_length_and_answers_in_the_order_given(checkpoint, monkeypatch):
+    from mmt_jax.predictor import Predictor, Query
+    long = "cotton shirt with long sleeves and a collar, made to last for years and years, size"
+    queries = [Query(f"q{i}", "color:", f"{long} {i}" if i % 2 else f"shirt {i}")
+               for i in range(8)]
+    sorted_, in_order = (Predictor.from_checkpoint(checkpoint, input_length=64, target_length=4,
+                                                   batch_size=4, sort_window=window)
+                         for window in (16, 1))
+    widths = {}
+    for predictor in (sorted_, in_order):
+        def batch_recording_its_width(chunk, predictor=predictor, batch=predictor._batch):
+            built = batch(chunk)
+            widths.setdefault(predictor, []).append(
+                ([q.record for q in chunk], built["encoder_input_tokens"].shape[1]))
+            return built
+        monkeypatch.setattr(predictor, "_batch", batch_recording_its_width)
+    got, expected = list(sorted_.predict_queries(queries)), list(in_order.predict_queries(queries))
+    # the short texts batched together, at a shorter bucket than the mixed batches' longest
+    assert [records for records, _ in widths[sorted_]] == [["q0", "q2", "q4", "q6"],
+                                                           ["q1", "q3", "q5", "q7"]]
+    assert widths[sorted_][0][1] < widths[sorted_][1][1] == widths[in_order][0][1]
+    # answered in the order given, as without sorting
+    assert [q.record for q, _ in got] == [q.record for q in queries]
+    for (_, one), (_, other) in zip(got, expected):
+        assert one.text == other.text and one.score == pytest.approx(other.score, abs=1e-5)
+
+
 def test_infer_refuses_repeated_ids_or_skips_the_later_one(checkpoint, tmp_path, capsys):
     jsonl = _jsonl(tmp_path / "dup.jsonl",
                    PRODUCTS[:2] + [{"id": "p0", "title": "another product"}] + PRODUCTS[2:3])
