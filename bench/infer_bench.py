@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-length", type=int, default=64)
     p.add_argument("--target-length", type=int, default=8)
+    p.add_argument("--sort-window", type=int, default=16,
+                   help="Predictor.sort_window: batches sorted by length at a time (1: none)")
     return p.parse_args(argv)
 
 
@@ -39,7 +41,8 @@ def main(argv=None):
     prompts = args.prompts.split(",")
     predictor = Predictor.from_checkpoint(args.checkpoint, input_length=args.input_length,
                                           target_length=args.target_length,
-                                          batch_size=args.batch_size)
+                                          batch_size=args.batch_size,
+                                          sort_window=args.sort_window)
     products = list(infer.read_products(args.input))
     queries = list(infer.queries(products, prompts, with_description=True))
     n = len(queries)

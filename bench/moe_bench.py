@@ -59,7 +59,6 @@ def model_contenders(args):
     batch = {"encoder_input_tokens": rng.integers(2, 1000, (b, le)).astype(np.int32),
              "decoder_input_tokens": np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
              "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
-    shapes = {k: v.shape for k, v in batch.items()}
     contenders = {}
     for name, overrides in (("dense T5.1.1", {}),
                             ("MoE in odd decoder layers", dict(
@@ -68,17 +67,29 @@ def model_contenders(args):
                                 decoder_moe_layers="odd"))):
         config = t5_config("small", vocab_size=1024, num_encoder_layers=4, num_decoder_layers=4,
                            **overrides)
-        model = model_for(EncoderDecoder(config))
-        params = model.get_initial_variables(jax.random.key(0), shapes)["params"]
-        state = TrainState.create(params, optax.adamw(1e-4))
-        step = jax.jit(functools.partial(train_step, model), donate_argnums=0)
-        holder = {"state": state}
-
-        def run(step=step, holder=holder):
-            holder["state"], metrics = step(holder["state"], batch, None)
-            jax.block_until_ready(metrics["loss"].compute())
-        contenders[name] = run
+        contenders[name] = train_and_decode(EncoderDecoder(config), batch)[0]
     return contenders
+
+
+def train_and_decode(module, batch):
+    """A module's timed calls on `batch`: `(train step, greedy decoding)`, each with no arguments.
+    AdamW from random parameters; decoding reads the parameters trained so far."""
+    model = model_for(module)
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
+    params = jax.jit(lambda key: model.get_initial_variables(key, shapes, types))(
+        jax.random.key(0))["params"]
+    step = jax.jit(functools.partial(train_step, model), donate_argnums=0)
+    predict = jax.jit(model.predict_batch_with_aux)
+    holder = {"state": TrainState.create(params, optax.adamw(1e-4))}
+
+    def run_step():
+        holder["state"], metrics = step(holder["state"], batch, None)
+        jax.block_until_ready(metrics["loss"].compute())
+
+    def run_decode():
+        jax.block_until_ready(predict(holder["state"].params, batch))
+    return run_step, run_decode
 
 
 def measure(contenders, rounds, steps):

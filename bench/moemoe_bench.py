@@ -14,20 +14,16 @@ compiled first, then timed in alternating rounds; figures are medians (`moe_benc
     .venv/bin/python bench/moemoe_bench.py --rounds 3 --steps 3
 """
 import argparse
-import functools
 
 import jax
 import numpy as np
-import optax
-from moe_bench import measure, report
+from moe_bench import measure, report, train_and_decode
 
 from mmt_jax.layers.moe import MoeConfig
-from mmt_jax.model import model_for
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.models.mmt4 import FusionConfig
 from mmt_jax.models.moemoe import MultiSourceConfig
 from mmt_jax.models.t5 import t5_config
-from mmt_jax.training.train_state import TrainState, train_step
 
 VOCAB, VECTORS, FEATURE_DIM = 896, 32, 1472
 
@@ -61,23 +57,8 @@ def _configs():
 def contenders(args):
     train, decode = {}, {}
     for name, config in _configs().items():
-        model = model_for(config.module())
         batch = _batch(args, question=config.sources is not None)
-        shapes = {k: v.shape for k, v in batch.items()}
-        types = {k: v.dtype for k, v in batch.items()}
-        params = jax.jit(lambda key, m=model: m.get_initial_variables(key, shapes, types))(
-            jax.random.key(0))["params"]
-        step = jax.jit(functools.partial(train_step, model), donate_argnums=0)
-        holder = {"state": TrainState.create(params, optax.adamw(1e-4))}
-
-        def run_step(step=step, holder=holder, batch=batch):
-            holder["state"], metrics = step(holder["state"], batch, None)
-            jax.block_until_ready(metrics["loss"].compute())
-        predict = jax.jit(model.predict_batch_with_aux)
-        train[name] = run_step
-        def run_decode(predict=predict, holder=holder, batch=batch):  # the trained params
-            jax.block_until_ready(predict(holder["state"].params, batch))
-        decode[name] = run_decode
+        train[name], decode[name] = train_and_decode(config.module(), batch)
     return train, decode
 
 

@@ -27,6 +27,7 @@ A checkpoint with the contrastive head (`runs/contrastive.gin`) also scores imag
 decoding: `predictor.match(image=..., title=...)` is their cosine in the head's space, the score the
 main job's "contrastive head" matching row ranks by.
 """
+import collections
 import dataclasses
 import functools
 import itertools
@@ -188,16 +189,20 @@ class Predictor:
         query at a time to find it); with `on_error`, it is passed to `on_error(query, error)` and
         left out instead, and the other queries of its batch are still predicted.
         """
-        queries = iter(queries)
-        while window := list(itertools.islice(queries, self.batch_size * self.sort_window)):
-            order = sorted(range(len(window)), key=lambda i: self._text_length(window[i]))
-            predictions, position = {}, 0
-            for query, prediction in self._predict_sorted([window[i] for i in order], on_error):
-                while window[order[position]] is not query:  # left out through on_error
-                    position += 1
-                predictions[order[position]] = prediction
-                position += 1
-            yield from ((window[i], predictions[i]) for i in sorted(predictions))
+        windows = collections.deque()  # read ahead of the predictions, so at most two
+
+        def by_length():
+            stream = iter(queries)
+            while window := list(itertools.islice(stream, self.batch_size * self.sort_window)):
+                windows.append(_SortedWindow(window, self._text_length))
+                yield from windows[-1].sorted()
+
+        # one stream across windows: the next window is read while the devices decode
+        for query, prediction in self._predict_sorted(by_length(), on_error):
+            while not windows[0].place(query, prediction):  # the head window is complete
+                yield from windows.popleft().in_order()
+        while windows:
+            yield from windows.popleft().in_order()
 
     def _text_length(self, query: Query) -> int:
         """What batches are sorted by: the length of the product's text without the prompt."""
@@ -205,7 +210,8 @@ class Predictor:
             return len(query.source_text(self.text_sources[0]))
         return len(query.title) + len(query.description)
 
-    def _predict_sorted(self, queries: list[Query], on_error) -> Iterator[tuple[Query, Prediction]]:
+    def _predict_sorted(self, queries: Iterable[Query],
+                        on_error) -> Iterator[tuple[Query, Prediction]]:
         """`queries` decoded in batches in the order given, each yielded with its prediction."""
         in_flight = []  # (queries, device outputs): dispatched, not read back yet
         for chunk in self._chunks(queries, on_error):
@@ -398,6 +404,32 @@ class Predictor:
                              f"input_length={self.input_length}; shorten the text or raise "
                              "input_length")
         return np.asarray(ids, np.int32)
+
+
+class _SortedWindow:
+    """A window of `Predictor.predict_queries`: its queries, their order by `length`, and the
+    predictions placed so far (they come in that order, less the queries left out)."""
+
+    def __init__(self, queries: list[Query], length: Callable[[Query], int]):
+        self.queries, self.predictions, self.next = queries, {}, 0
+        self.order = sorted(range(len(queries)), key=lambda i: length(queries[i]))  # stable
+
+    def sorted(self) -> Iterator[Query]:
+        return (self.queries[i] for i in self.order)
+
+    def place(self, query: Query, prediction: Prediction) -> bool:
+        """Places the prediction of the next query in order that is `query` (those before it were
+        left out); False when none is: `query` is of a later window."""
+        while self.next < len(self.order) and self.queries[self.order[self.next]] is not query:
+            self.next += 1
+        if self.next == len(self.order):
+            return False
+        self.predictions[self.order[self.next]] = prediction
+        self.next += 1
+        return True
+
+    def in_order(self) -> Iterator[tuple[Query, Prediction]]:
+        return ((self.queries[i], self.predictions[i]) for i in sorted(self.predictions))
 
 
 def length_bucket(length: int, most: int, least: int = 8) -> int:
