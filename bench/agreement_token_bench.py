@@ -11,12 +11,11 @@ rounds; figures are medians (`moe_bench.measure`).
 
     .venv/bin/python bench/agreement_token_bench.py --rounds 3 --steps 3
 """
-import argparse
 import functools
 
 import jax
 import numpy as np
-from moe_bench import measure, report, train_and_decode
+from moe_bench import model_bench_parser, report_train_and_decode
 
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.models.contrastive import ContrastiveConfig
@@ -51,29 +50,16 @@ def _configs(args):
             for name, h in heads.items()}
 
 
-def contenders(args):
-    train, decode = {}, {}
-    batch = _batch(args)
-    for name, config in _configs(args).items():
-        train[name], decode[name] = train_and_decode(config.module(), batch)
-    return train, decode
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--inputs", type=int, default=64)
-    p.add_argument("--targets", type=int, default=20)
+    p = model_bench_parser(__doc__, targets=20)
     p.add_argument("--pair", type=int, default=20)
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, inputs "
           f"{args.inputs} / targets {args.targets} / paired texts {args.pair} tokens, {VECTORS} "
           f"image vectors of {FEATURE_DIM}")
-    train, decode = contenders(args)
-    report("Train step (AdamW)", measure(train, args.rounds, args.steps))
-    report(f"Greedy decoding, {args.targets} tokens", measure(decode, args.rounds, args.steps))
+    batch = _batch(args)
+    report_train_and_decode({name: (config.module(), batch)
+                             for name, config in _configs(args).items()}, args)
 
 
 if __name__ == "__main__":

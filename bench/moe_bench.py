@@ -71,6 +71,27 @@ def model_contenders(args):
     return contenders
 
 
+def model_bench_parser(doc, targets):
+    """The arguments of the tiny-model benches (`report_train_and_decode`'s and their batch's)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--inputs", type=int, default=64)
+    p.add_argument("--targets", type=int, default=targets)
+    return p
+
+
+def report_train_and_decode(models, args):
+    """`{name: (module, batch)}`: each one's train step and greedy decoding, timed in alternating
+    rounds (`args.rounds`, `args.steps`), as two tables against the first."""
+    train, decode = {}, {}
+    for name, (module, batch) in models.items():
+        train[name], decode[name] = train_and_decode(module, batch)
+    report("Train step (AdamW)", measure(train, args.rounds, args.steps))
+    report(f"Greedy decoding, {args.targets} tokens", measure(decode, args.rounds, args.steps))
+
+
 def train_and_decode(module, batch):
     """A module's timed calls on `batch`: `(train step, greedy decoding)`, each with no arguments.
     AdamW from random parameters; decoding reads the parameters trained so far."""

@@ -13,11 +13,10 @@ compiled first, then timed in alternating rounds; figures are medians (`moe_benc
 
     .venv/bin/python bench/moemoe_bench.py --rounds 3 --steps 3
 """
-import argparse
 
 import jax
 import numpy as np
-from moe_bench import measure, report, train_and_decode
+from moe_bench import model_bench_parser, report_train_and_decode
 
 from mmt_jax.layers.moe import MoeConfig
 from mmt_jax.models.config import ModelConfig
@@ -54,27 +53,14 @@ def _configs():
                                                 sources=MultiSourceConfig(image))}
 
 
-def contenders(args):
-    train, decode = {}, {}
-    for name, config in _configs().items():
-        batch = _batch(args, question=config.sources is not None)
-        train[name], decode[name] = train_and_decode(config.module(), batch)
-    return train, decode
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--inputs", type=int, default=64)
-    p.add_argument("--targets", type=int, default=8)
+    p = model_bench_parser(__doc__, targets=8)
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, context "
           f"{args.inputs} / answer {args.targets} tokens, {VECTORS} image vectors of {FEATURE_DIM}")
-    train, decode = contenders(args)
-    report("Train step (AdamW)", measure(train, args.rounds, args.steps))
-    report(f"Greedy decoding, {args.targets} tokens", measure(decode, args.rounds, args.steps))
+    report_train_and_decode({name: (config.module(),
+                                    _batch(args, question=config.sources is not None))
+                             for name, config in _configs().items()}, args)
 
 
 if __name__ == "__main__":
