@@ -267,30 +267,6 @@ def test_non_finite_loss_stops_and_names_the_step(data_dir, tmp_path, capsys):
         "the last good checkpoint is" in err)
 
 
-def test_eval_needs_only_the_checkpoint(uninterrupted, tmp_path, capsys):
-    """The checkpoint records its catalog task (`ModelConfig.trained_task`): eval given nothing else
-    evaluates the tasks it was trained on, on its catalog, with its images; one that records none
-    needs TASK."""
-    model_dir, data_dir, _ = uninterrupted
-    config, params = store.load_checkpoint(model_dir)
-    assert config.trained_task["task"] == "attributes_removed100"
-    assert config.trained_task["data_dir"] == os.path.abspath(data_dir)
-    only = ["eval", "--gin_file=runs/eval.gin", "--gin.BATCH_SIZE=8",
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}"]
-    assert main.run(only + [f"--gin.CHECKPOINT_PATH='{model_dir}'",
-                            f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'"]) == 0
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert sorted(report["tasks"]) == sorted(f"train_test_{a}_removed100"
-                                             for a in tasks.DEFAULT_ATTRIBUTES)
-    unrecorded = str(tmp_path / "unrecorded")
-    store.save_checkpoint(unrecorded, params, dataclasses.replace(config, trained_task=None))
-    capsys.readouterr()
-    assert main.run(only + [f"--gin.CHECKPOINT_PATH='{unrecorded}'",
-                            f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval2'}'"]) == 2
-    assert f"no catalog task given, and {unrecorded} does not record its training task" in (
-        capsys.readouterr().err)
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--gin.train.train.total_stepz=3"], "gin:"),
     (["--gin.TASK='colour_removed100'"], "no catalog task 'colour_removed100'"),
@@ -348,22 +324,25 @@ def test_training_names_the_tasks_still_at_their_label_prior(uninterrupted):
     assert not any("by step 3" in line for line in warnings)  # checked from step 6 only
 
 
-def _eval_args(data_dir, checkpoint, output_dir, task, *extra):
-    return ["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
-            f"--gin.EVAL_OUTPUT_DIR='{output_dir}'", f"--gin.TASK='{task}'",
-            "--gin.CATALOG_PREFIX='train_test'", f"--gin.DATA_DIR='{data_dir}'",
-            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.BATCH_SIZE=8",
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", *extra]
-
-
-def test_eval_binary_writes_the_report_predictions_and_plots(uninterrupted, tmp_path, capsys):
+def test_eval_needs_only_the_checkpoint_and_writes_the_report_predictions_and_plots(
+        uninterrupted, tmp_path, capsys):
+    """The checkpoint records its catalog task (`ModelConfig.trained_task`): eval given nothing else
+    evaluates the tasks it was trained on, on its catalog, with its images, and writes the report,
+    each task's predictions and the plots; one that records no task needs TASK."""
     model_dir, data_dir, _ = uninterrupted
+    config, params = store.load_checkpoint(model_dir)
+    assert config.trained_task["task"] == "attributes_removed100"
+    assert config.trained_task["data_dir"] == os.path.abspath(data_dir)
+    only = ["eval", "--gin_file=runs/eval.gin", "--gin.BATCH_SIZE=8",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}"]
     out = tmp_path / "eval"
-    assert main.run(_eval_args(data_dir, model_dir, out, "attributes_removed100")) == 0
+    assert main.run(only + [f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                            f"--gin.EVAL_OUTPUT_DIR='{out}'"]) == 0
     assert "wrote the report of 5 task(s) and 1 plot(s)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoint"] == os.path.join(model_dir, "checkpoint_6")  # the newest
-    assert len(report["tasks"]) == 5
+    assert sorted(report["tasks"]) == sorted(f"train_test_{a}_removed100"
+                                             for a in tasks.DEFAULT_ATTRIBUTES)
     for task, result in report["tasks"].items():
         rows = [json.loads(line) for line in (out / "predictions" / f"{task}.jsonl").open()]
         assert len(rows) == result["num_examples"] > 0 and all(r["id"] for r in rows)
@@ -375,6 +354,24 @@ def test_eval_binary_writes_the_report_predictions_and_plots(uninterrupted, tmp_
                                        f"{rows[0]['prediction']!r}"] if constant else [])
     assert (out / "attribute_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    unrecorded = str(tmp_path / "unrecorded")
+    store.save_checkpoint(unrecorded, params, dataclasses.replace(config, trained_task=None))
+    assert main.run(only + [f"--gin.CHECKPOINT_PATH='{unrecorded}'",
+                            f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval2'}'"]) == 2
+    assert f"no catalog task given, and {unrecorded} does not record its training task" in (
+        capsys.readouterr().err)
+
+
+def _eval_args(data_dir, checkpoint, output_dir, task, *extra):
+    return ["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+            f"--gin.EVAL_OUTPUT_DIR='{output_dir}'", f"--gin.TASK='{task}'",
+            "--gin.CATALOG_PREFIX='train_test'", f"--gin.DATA_DIR='{data_dir}'",
+            "--gin.CATALOG='embedded-n96-s0-px32'", "--gin.BATCH_SIZE=8",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", *extra]
+
+
+def test_eval_binary_evaluates_a_task_it_is_given_with_its_plots(uninterrupted, tmp_path):
+    model_dir, data_dir, _ = uninterrupted
     assert main.run(_eval_args(data_dir, model_dir, tmp_path / "match", "match")) == 0
     report = json.loads((tmp_path / "match" / "report.json").read_text())
     metrics = report["tasks"]["train_test_match"]["metrics"]
