@@ -133,6 +133,27 @@ def test_restore_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
     assert digests.verify(os.path.join(model_dir, "checkpoint_2"))
 
 
+def test_saving_a_replicated_state_on_cpu_compiles_nothing(tmp_path):
+    """On XLA:CPU every array is written whole from one device (store.py): orbax's default would
+    split each replicated array between the 8 devices, compiling a slicing program per shape."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(_state(1), replicated)
+    assert jax.device_count() == 8 and len(state.params["encoder"]["kernel"].sharding.device_set) == 8
+    compiles = []
+    listener = lambda event, seconds, **kwargs: compiles.append(event) if "compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with Checkpointer(str(tmp_path / "run"), CONFIG, period=1) as checkpointer:
+            assert checkpointer.save(state, batches_read=1)
+            checkpointer.wait()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    _, params = store.load_checkpoint(str(tmp_path / "run" / "checkpoint_1"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, _state(1).params)
+
+
 def test_one_run_per_model_dir_and_no_stale_lock_after_a_kill(tmp_path):
     model_dir = str(tmp_path / "run")
     with Checkpointer(model_dir, CONFIG, period=1):
