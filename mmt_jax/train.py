@@ -74,12 +74,16 @@ def get_dataset(model: EncoderDecoderModel, mixture_or_task_name: str, split: st
 @functools.lru_cache(maxsize=None)
 def _check_not_empty(task_name: str, split: str, task_feature_lengths: tuple) -> None:
     """A TrainingError when task `task_name` has not a single example in `split`, saying what its
-    source holds when the source can say (a catalog: its attributes). Reading the first example
-    costs a few seconds, so a task found non-empty is not read again in this process."""
+    source holds when the source can say (a catalog: its attributes). A catalog's metadata mostly
+    tells (`tasks.has_examples`); otherwise the first example is read, which builds the task's
+    pipeline (seconds), so a task found non-empty is not checked again in this process."""
     task = seqio.get_mixture_or_task(task_name)
-    first = task.get_dataset(dict(task_feature_lengths), split=split, shuffle=False, num_epochs=1,
-                             use_cached=False).take(1)
-    if next(first.as_numpy_iterator(), None) is None:
+    known = tasks.has_examples(task_name, split)
+    if known is None:
+        first = task.get_dataset(dict(task_feature_lengths), split=split, shuffle=False,
+                                 num_epochs=1, use_cached=False).take(1)
+        known = next(first.as_numpy_iterator(), None) is not None
+    if not known:
         describe = getattr(task.source, "describe", None)
         raise TrainingError(f"task {task.name} has no examples in its '{split}' split"
                             + (f": {describe(split)}" if describe else ""))

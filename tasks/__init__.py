@@ -22,13 +22,13 @@ For your own catalog, after `mmt-jax data convert --jsonl F --images D --out DIR
 from mmt_jax.data import tfds_catalog
 from mmt_jax.tasks.catalog import (DEFAULT_ATTRIBUTES, REMOVAL_SHARES, attribute_task_names,
                                    attribute_values, catalog_attribute_names, catalog_values, catalog_task, catalog_task_record,
-                                   check_text_sources, default_data_dir, register_catalog_tasks,
-                                   task_prompts)
+                                   check_text_sources, default_data_dir, has_examples,
+                                   register_catalog_tasks, task_prompts)
 
 __all__ = ["DEFAULT_ATTRIBUTES", "REMOVAL_SHARES", "attribute_task_names", "attribute_values",
            "catalog_attribute_names", "catalog_values",
            "catalog_task", "catalog_task_record", "check_text_sources", "default_data_dir",
-           "register_catalog_tasks", "task_prompts"]
+           "has_examples", "register_catalog_tasks", "task_prompts"]
 
 
 register_catalog_tasks("catalog", default_data_dir(), tfds_catalog.embedded_config().name)

@@ -233,6 +233,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
     for objective in (preprocessors.span_corruption, preprocessors.mlm):
         add(f"{prefix}_{objective.__name__}", prompts.pretraining_text, tokenized=[
             truncate_text, functools.partial(objective, vocabulary=vocabulary)])
+        _ONE_PER_PRODUCT.update({f"{prefix}_{objective.__name__}{s}" for s in ("", "_text")})
 
     attribute_metrics = [metrics.attribute_accuracy, metrics.attribute_recall_at_precision]
     slugs = attribute_task_names(attributes)
@@ -253,6 +254,7 @@ def register_catalog_tasks(prefix: str, data_dir: str, catalog: str, *,
                          names)
     add(f"{prefix}_title", prompts.title_examples, [metrics.title_rouge1],
         prompt=prompts.TITLE_PROMPT)
+    _ONE_PER_PRODUCT.update({f"{prefix}_title", f"{prefix}_title_text"})
     add(f"{prefix}_match", prompts.matching_examples, [metrics.matching_metrics],
         tokenized=keeping(prompts.MATCH_PROMPT), modalities=("image",), prompt=prompts.MATCH_PROMPT)
     for suffix in ("", "_text"):
@@ -300,6 +302,30 @@ _PREFIX_OF: dict[str, str] = {}  # task or mixture -> the prefix it was register
 _PROMPTS: dict[str, tuple[str, ...]] = {}  # task -> the prompt it asks (none: pretraining)
 _TEXT_SOURCES: dict[str, tuple[str, ...]] = {}  # QA task -> its text sources
 _ATTRIBUTE_OF: dict[str, str] = {}  # attribute or QA task -> the attribute it asks for
+_ONE_PER_PRODUCT: set[str] = set()  # pretraining and title tasks: an example from every product
+
+
+def has_examples(task_name: str, split: str) -> bool | None:
+    """Whether catalog task `task_name` has an example in `split`, as its catalog's metadata tells
+    without reading a record: an attribute or QA task has one for every product naming its
+    attribute, a pretraining or title task one for every product. None where the metadata cannot
+    tell: matching (it pairs products whose titles differ), a catalog written before the metadata
+    recorded attributes, a split the catalog lacks, a task registered elsewhere."""
+    prefix = _PREFIX_OF.get(task_name)
+    if prefix is None:
+        return None
+    source = seqio.get_mixture_or_task(task_name).source
+    if split not in source.splits:
+        return None
+    if task_name in _ONE_PER_PRODUCT:
+        return source.num_input_examples(split) > 0
+    if task_name not in _ATTRIBUTE_OF:
+        return None
+    recorded = tfds_catalog.catalog_attributes(_REGISTERED[prefix]["data_dir"],
+                                               _REGISTERED[prefix]["catalog"])
+    if recorded is None:
+        return None
+    return recorded.get(_ATTRIBUTE_OF[task_name], {}).get("products", {}).get(split, 0) > 0
 
 
 def attribute_values(task_name: str, split: str = "train") -> tuple[str, ...] | None:

@@ -296,6 +296,44 @@ def test_attribute_names_as_catalogs_spell_them(tmp_path):
         tasks.catalog_task("attributes_removed100", "spelled_none", out, "spelled", attributes=())
 
 
+def test_the_catalog_metadata_tells_which_tasks_have_examples_as_reading_does(tmp_path):
+    """`tasks.has_examples` (what the train binary checks before it repeats a task forever) answers
+    from the catalog's metadata as reading the task's first example would, and None where the
+    metadata cannot tell (matching, a split the catalog lacks)."""
+    import json
+    from mmt_jax import main
+    with open(tmp_path / "catalog.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"id": f"p{i}", "title": f"Acme shirt {i}", "split": "train",
+                                "attributes": {"color": "red"}}) + "\n")
+        f.write(json.dumps({"id": "t0", "title": "Acme hat", "split": "test",
+                            "attributes": {"size": "XL"}}) + "\n")
+    out = str(tmp_path / "tfds")
+    assert main.run(["data", "convert", "--jsonl", str(tmp_path / "catalog.jsonl"), "--out", out,
+                     "--name", "sparse"]) == 0
+    tasks.register_catalog_tasks("sparse", out, "sparse", attributes=("color", "size", "fit"),
+                                 removal_shares=(0.0,))
+    answers = {}
+    for task in ("color_removed0_text", "size_removed0_text", "fit_removed0_text",
+                 "qa_size_removed0", "title_text", "span_corruption_text", "match"):
+        for split in ("train", "test"):
+            name = f"sparse_{task}"
+            answers[task, split] = tasks.has_examples(name, split)
+            if answers[task, split] is not None:
+                read = seqio.get_mixture_or_task(name).get_dataset(
+                    LENGTHS, split=split, shuffle=False, num_epochs=1)
+                assert answers[task, split] == (next(read.as_numpy_iterator(), None) is not None)
+    assert answers == {
+        ("color_removed0_text", "train"): True, ("color_removed0_text", "test"): False,
+        ("size_removed0_text", "train"): False, ("size_removed0_text", "test"): True,
+        ("fit_removed0_text", "train"): False, ("fit_removed0_text", "test"): False,
+        ("qa_size_removed0", "train"): False, ("qa_size_removed0", "test"): True,
+        ("title_text", "train"): True, ("title_text", "test"): True,
+        ("span_corruption_text", "train"): True, ("span_corruption_text", "test"): True,
+        ("match", "train"): None, ("match", "test"): None}
+    assert tasks.has_examples("sparse_title_text", "validation") is None  # no such split
+
+
 def test_attribute_rates_set_each_attributes_share_of_the_mixtures(tmp_path):
     """`attribute_rates` weights an attribute's task in every mixture over attributes; the sampled
     batches follow it (colour at 3 among five attributes: 3/7 of the examples)."""
