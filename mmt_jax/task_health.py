@@ -10,7 +10,7 @@ example, the entropy of those frequencies,
 A model whose held-out loss per example stays at or above H has learned the answer frequencies and
 nothing of the inputs (issue 19: matching at learning rate 2e-3 sat at ln 2 for 2000 steps while
 nothing said so). `prior_check` compares the two on held-out examples (`task_inference.
-score_task`); the train binary calls it at every evaluation after `collapse_check_steps`.
+score_batches`); the train binary calls it at every evaluation after `collapse_check_steps`.
 `constant_predictions_warning` flags a decoded task whose predictions are all one string (the eval
 binary's report and the train binary's inference evaluation).
 """

@@ -2,8 +2,11 @@
 binary's inference evaluation, the eval binary, the Predictor and the main job all call.
 
 `predict_task` runs greedy (or the model's) decoding over one split of one seqio task and returns a
-row per example (the text it saw, the reference, the prediction and its score); `score_task` gives
-each reference's loss without decoding (what `task_health` compares with the label prior); `evaluate_task`
+row per example (the text it saw, the reference, the prediction and its score); `predict_batches`
+does the same over batches already read (`task_batches`, kept in a list by a caller that decodes
+the same examples again: the train binary at every evaluation, eval's open and closed-set
+decoding); `score_batches` gives each reference's loss without decoding (what `task_health`
+compares with the label prior); `evaluate_task`
 applies the task's metric functions (`mmt_jax/metrics.py`) to those rows. `build_model` makes the
 Model of a checkpoint's `ModelConfig` and `get_task` finds a task or mixture by name, as every entry
 point needs.
@@ -11,7 +14,7 @@ point needs.
 import dataclasses
 import difflib
 import functools
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -96,13 +99,21 @@ def predict_task(model, params, task_name: str, split: str, task_feature_lengths
                  values: Sequence[str] | None = None) -> list[Prediction]:
     """Decodes `split` of `task_name` in order (no shuffling), `batch_size` examples per call;
     with `values`, closed-set decoding: every prediction is one of them (`value_trie.py`)."""
+    return predict_batches(model, params, task_name, task_batches(
+        model, task_name, split, task_feature_lengths, batch_size, max_examples), values)
+
+
+def predict_batches(model, params, task_name: str, batches: Iterable,
+                    values: Sequence[str] | None = None) -> list[Prediction]:
+    """`predict_task` over `batches` of `task_name` as `task_batches` gives them."""
     predict = compiled(model, "predict_batch_with_aux")
     vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
-    decoder_params = None if values is None else {"constraint": value_trie(
-        vocabulary, {"values": values}).constraint(["values"] * batch_size)}
-    results = []
-    for rows, batch, n in task_batches(model, task_name, split, task_feature_lengths, batch_size,
-                                        max_examples):
+    trie = None if values is None else value_trie(vocabulary, {"values": values})
+    results, decoder_params = [], None
+    for rows, batch, n in batches:
+        if trie is not None and decoder_params is None:  # every batch is padded to one size
+            decoder_params = {"constraint": trie.constraint(
+                ["values"] * len(batch["decoder_target_tokens"]))}
         tokens, aux = predict(params, batch, decoder_params=decoder_params)
         tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
         weights = source_weights(model, aux, n)
@@ -115,14 +126,13 @@ def predict_task(model, params, task_name: str, split: str, task_feature_lengths
     return results
 
 
-def score_task(model, params, task_name: str, split: str, task_feature_lengths: Mapping[str, int],
-               batch_size: int, max_examples: int | None = None) -> list[tuple[str, float]]:
-    """`(reference text, its negative log-likelihood in nats)` per example of `split`, in order: the
-    teacher-forced loss of each example's whole target (EOS included), no decoding."""
+def score_batches(model, params, batches: Iterable) -> list[tuple[str, float]]:
+    """`(reference text, its negative log-likelihood in nats)` per example of `batches` (as
+    `task_batches` gives them), in order: the teacher-forced loss of each example's whole target
+    (EOS included), no decoding."""
     score = compiled(model, "score_batch")
     results = []
-    for rows, batch, n in task_batches(model, task_name, split, task_feature_lengths, batch_size,
-                                        max_examples):
+    for rows, batch, n in batches:
         log_likelihoods = np.asarray(score(params, batch))[:n]
         results += [(row_text(row, "targets"), -float(ll)) for row, ll in zip(rows, log_likelihoods)]
     return results

@@ -173,6 +173,24 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                    .take(eval_batches).cache() if eval_period else None)
         writer = metric_writers.create_default_writer(os.path.join(model_dir, "train"),
                                                       just_logging=not is_chief)
+
+        @functools.cache
+        def held_out_batches(task_name: str) -> list:
+            """A task's first examples of the eval split, as many as the inference evaluation or
+            the collapse check reads, as batches: read once and kept in memory, since every
+            evaluation decodes (or scores) the same examples."""
+            return list(task_inference.task_batches(
+                model, task_name, eval_split, task_feature_lengths, batch_size,
+                max(infer_eval_examples, collapse_check_examples if collapse_check_steps else 0)))
+
+        def held_out(task_name: str, max_examples: int):
+            """The first `max_examples` of `held_out_batches(task_name)`, as `task_batches`."""
+            for rows, batch, n in held_out_batches(task_name):
+                if max_examples <= 0:
+                    return
+                yield rows[:max_examples], batch, min(n, max_examples)
+                max_examples -= n
+
         eval_writer = metric_writers.create_default_writer(os.path.join(model_dir, "eval"),
                                                            just_logging=not is_chief)
         dropout_rng = jax.random.key(seed + 1) if dropout else None
@@ -232,12 +250,12 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                     eval_metrics = _evaluate(trainer, state.params, eval_ds)
                     if infer_eval_examples:
                         eval_metrics.update(_inference_metrics(
-                            model, state.params, mixture_or_task_name, eval_split,
-                            task_feature_lengths, batch_size, infer_eval_examples, warn))
+                            model, state.params, mixture_or_task_name, held_out,
+                            infer_eval_examples, warn))
                     if collapse_check_steps and step >= collapse_check_steps:
                         eval_metrics.update(_prior_check(
-                            model, state.params, mixture_or_task_name, eval_split,
-                            task_feature_lengths, batch_size, collapse_check_examples, step, warn))
+                            model, state.params, mixture_or_task_name, held_out,
+                            collapse_check_examples, step, warn))
                     eval_writer.write_scalars(step, eval_metrics)
                     say(f"step {step}: eval "
                         + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -264,12 +282,12 @@ def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
     return {k: float(v.compute()) for k, v in (merged or {}).items()}
 
 
-def _inference_metrics(model, params, mixture_or_task_name: str, split: str, task_feature_lengths,
-                       batch_size: int, max_examples: int, warn) -> dict:
+def _inference_metrics(model, params, mixture_or_task_name: str, held_out, max_examples: int,
+                       warn) -> dict:
     metrics = {}
     for task in task_inference.leaf_tasks(mixture_or_task_name):
-        rows = task_inference.predict_task(model, params, task.name, split, task_feature_lengths,
-                                           batch_size, max_examples)
+        rows = task_inference.predict_batches(model, params, task.name,
+                                              held_out(task.name, max_examples))
         metrics.update({f"{task.name}/{k}": v
                         for k, v in task_inference.evaluate_task(task.name, rows).items()})
         constant = task_health.constant_predictions_warning(task.name, [r.prediction for r in rows])
@@ -278,13 +296,12 @@ def _inference_metrics(model, params, mixture_or_task_name: str, split: str, tas
     return metrics
 
 
-def _prior_check(model, params, mixture_or_task_name: str, split: str, task_feature_lengths,
-                 batch_size: int, max_examples: int, step: int, warn) -> dict:
+def _prior_check(model, params, mixture_or_task_name: str, held_out, max_examples: int, step: int,
+                 warn) -> dict:
     """Each task's held-out loss per example beside its label prior's entropy; warns at the prior."""
     metrics = {}
     for task in task_inference.leaf_tasks(mixture_or_task_name):
-        scored = task_inference.score_task(model, params, task.name, split, task_feature_lengths,
-                                           batch_size, max_examples)
+        scored = task_inference.score_batches(model, params, held_out(task.name, max_examples))
         checked = task_health.prior_check(task.name, scored, step)
         if checked is None:
             continue

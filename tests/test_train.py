@@ -302,7 +302,10 @@ def test_predictions_of_a_trained_checkpoint_and_their_metrics(uninterrupted):
     assert [r.inputs for r in rows] == [e["inputs_pretokenized"].decode() for e in expected]
     assert [r.target for r in rows] == [e["targets_pretokenized"].decode() for e in expected]
     assert all(r.score <= 0 for r in rows)
-    scored = task_inference.score_task(model, params, task, "validation", lengths, batch_size=4)
+    # the batches read once serve any number of passes (the train binary's evaluations)
+    batches = list(task_inference.task_batches(model, task, "validation", lengths, 4, None))
+    assert task_inference.predict_batches(model, params, task, batches) == rows
+    scored = task_inference.score_batches(model, params, batches)
     assert [target for target, _ in scored] == [r.target for r in rows]
     assert all(loss > 0 for _, loss in scored)
     metrics = task_inference.evaluate_task(task, rows)
