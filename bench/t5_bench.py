@@ -4,7 +4,8 @@ Measures, for each size:
   1. a training step (forward, backward, AdamW update; float32, dropout off, plain token-mean cross
      entropy on both sides): ours = `jax.jit(train_step)` with the state donated; theirs = eager
      PyTorch and `torch.compile` of the model;
-  2. greedy decoding of a fixed number of new tokens: ours = `jax.jit(model.predict_batch)`; theirs =
+  2. greedy decoding of a fixed number of new tokens: ours = `jax.jit(model.predict_batch)` (with
+     `--int8`, also on `quantization.quantize_params` of the same weights); theirs =
      `model.generate(do_sample=False, num_beams=1, min_new_tokens=max_new_tokens=N)`.
 
 Both sides start from the same weights (the Hugging Face model is converted with
@@ -37,6 +38,9 @@ VOCAB = 32128
 EOS_ID = 1
 
 
+INT8 = "ours int8 (quantization.py)"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +60,8 @@ def parse_args(argv=None):
                         "(loss_chunk_length: no whole [batch, length, vocab] logits)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--int8", action="store_true",
+                   help="also decode with int8 dense kernels and activations (mmt_jax/quantization.py)")
     p.add_argument("--hf-attn", default=None, choices=["eager", "sdpa"],
                    help="transformers attention implementation (default: transformers' choice)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
@@ -185,15 +191,17 @@ def torch_train_contender(hf_model, batch_np, args, compile_model: bool):
     return call
 
 
-def jax_decode_contender(config, params_np, enc_np, args):
+def jax_decode_contender(config, params_np, enc_np, args, int8=False):
     import jax
     import jax.numpy as jnp
+    from mmt_jax import quantization
     from mmt_jax.model import EncoderDecoderModel
     from mmt_jax.models.t5 import EncoderDecoder
 
     # eos_id=-1: never stop early, so every row decodes all tokens (as min_new_tokens forces on theirs).
     model = EncoderDecoderModel(EncoderDecoder(config), eos_id=-1)
-    params = jax.tree_util.tree_map(jnp.array, params_np)
+    params = jax.tree_util.tree_map(
+        jnp.array, quantization.quantize_params(params_np) if int8 else params_np)
     batch = {"encoder_input_tokens": jnp.asarray(enc_np),
              "decoder_input_tokens": jnp.zeros((args.batch, args.dec_len), jnp.int32)}
     predict = jax.jit(model.predict_batch)
@@ -342,8 +350,14 @@ def main(argv=None):
             contenders = {"ours (jax.jit predict_batch)":
                           jax_decode_contender(config, params_np, enc_np, args),
                           "HF generate (eager)": torch_decode_contender(hf_model, enc_np, args)}
+            if args.int8:
+                contenders[INT8] = jax_decode_contender(config, params_np, enc_np, args, int8=True)
             res = run_rounds(contenders, args.rounds, args.steps, args.warmup, f"{size} decode")
-            a, b = (res[k]["first"] for k in contenders)
+            a, b = (res[k]["first"] for k in list(contenders)[:2])
+            if args.int8 and res[INT8]["times"] and a is not None:
+                print(f"  int8 over float32: {res['ours (jax.jit predict_batch)']['median_s'] / res[INT8]['median_s']:.2f}x "
+                      f"the tokens/s; greedy tokens identical to float32's: "
+                      f"{np.mean(np.asarray(res[INT8]['first']) == a) * 100:.1f}%")
             agree = None
             if a is not None and b is not None:
                 agree = float(np.mean(a == b))
@@ -353,8 +367,8 @@ def main(argv=None):
             for name, r in res.items():
                 r["new_tokens_per_s"] = new_tokens / r["median_s"] if r["times"] else float("nan")
                 r["ours_over_theirs"] = (ours["new_tokens_per_s"] / r["new_tokens_per_s"]
-                                         if name != "ours (jax.jit predict_batch)" and r["times"]
-                                         else None)
+                                         if name not in ("ours (jax.jit predict_batch)", INT8)
+                                         and r["times"] else None)
                 r["first"] = None if r["first"] is None else np.asarray(r["first"]).tolist()
                 rows.append(dict(size=size, task=f"greedy {args.dec_len} tokens", contender=name,
                                  unit="s/batch", median_s=r["median_s"], min_s=r["min_s"],

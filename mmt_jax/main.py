@@ -152,7 +152,7 @@ def _infer(args) -> None:
         args.checkpoint, input_length=args.input_length, target_length=args.target_length,
         batch_size=args.batch_size, num_beams=args.num_beams,
         value_sets=_value_sets(args.values, args.checkpoint if args.closed_set else None),
-        devices=local[:args.devices])
+        devices=local[:args.devices], int8=args.int8)
     shard = (jax.process_index(), jax.process_count())
     out = infer.shard_path(args.out, *shard)
     count = infer.infer(predictor, args.input, out, args.prompt, images_dir=args.images,
@@ -170,7 +170,8 @@ def _serve(args) -> None:
     predictor = Predictor.from_checkpoint(  # one product's prompts in one batch
         checkpoint, input_length=args.input_length, target_length=args.target_length,
         batch_size=len(prompts), num_beams=args.num_beams,
-        value_sets=_value_sets(args.values, checkpoint if args.closed_set else None))
+        value_sets=_value_sets(args.values, checkpoint if args.closed_set else None),
+        int8=args.int8)
     app = serve.create_app(predictor, prompts, max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
                            name=args.checkpoint)
     serve.serve(app, args.host, args.port)
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     predicting.add_argument("--input-length", type=int, default=128,
                             help="tokens; longer is an error")
     predicting.add_argument("--target-length", type=int, default=16, help="most tokens generated")
+    predicting.add_argument("--int8", action="store_true",
+                            help="dense kernels and activations in int8 (README: int8 decoding)")
     closed = predicting.add_mutually_exclusive_group()
     closed.add_argument("--closed-set", action="store_true",
                         help="answer each attribute only with a value its training catalog gives it")

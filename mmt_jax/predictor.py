@@ -41,7 +41,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from mmt_jax import acceptance, decoding
+from mmt_jax import acceptance, decoding, quantization
 from mmt_jax.checkpoints import store
 from mmt_jax.data import images as images_lib
 from mmt_jax.data import prompts, records
@@ -113,13 +113,15 @@ class Predictor:
         local device.
       sort_window: `predict_queries` sorts this many batches' queries by length at a time (1:
         batches in the order given).
+      int8: decode with int8 dense kernels and activations (`quantization.py`).
     """
 
     def __init__(self, model, params, config: ModelConfig, *, input_length: int = 128,
                  target_length: int = 16, batch_size: int = 16, num_beams: int = 1,
                  value_sets: Mapping[str, Sequence[str]] | None = None,
                  thresholds: Mapping[str, Mapping[str, float | None]] | None = None,
-                 devices: Sequence[jax.Device] | None = None, sort_window: int = 16):
+                 devices: Sequence[jax.Device] | None = None, sort_window: int = 16,
+                 int8: bool = False):
         if config.image_branch is not None and config.image is None:
             raise InputError("the checkpoint does not record its image preprocessing (written before "
                              "ModelConfig.image existed); set config.image to the training run's "
@@ -129,7 +131,8 @@ class Predictor:
         mesh = Mesh(np.asarray(self.devices), ("data",))
         self._rows, self._copies = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(
             mesh, PartitionSpec())
-        self.params = jax.device_put(params, self._copies)
+        self.params = jax.device_put(quantization.quantize_params(params) if int8 else params,
+                                     self._copies)
         self.input_length, self.target_length = input_length, target_length
         self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
         self.num_beams, self.sort_window = num_beams, sort_window

@@ -12,6 +12,8 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
 
+from mmt_jax import quantization
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -26,7 +28,9 @@ class DenseGeneral(nn.Module):
     inputs `[..., *contracted]` -> `[..., *features]`; the kernel is stored as
     `[prod(contracted), prod(features)]` with logical axes `kernel_axes` (one name per stored dimension).
     With `use_bias` (ViT; T5 has none) a zero-initialised `bias` is stored as `[prod(features)]` with
-    logical axis `kernel_axes[-1]`, the layout of a Hugging Face `Linear.bias`.
+    logical axis `kernel_axes[-1]`, the layout of a Hugging Face `Linear.bias`. Parameters from
+    `quantization.quantize_params` (an int8 kernel with its `kernel_scale`) are applied as an int8
+    matmul (`quantization.int8_matmul`).
     """
 
     features: int | Sequence[int]
@@ -52,14 +56,20 @@ class DenseGeneral(nn.Module):
 
         kernel = partitioning.param_with_axes(
             "kernel", init, stored_shape, self.param_dtype, axes=self.kernel_axes)
-        kernel = jnp.asarray(kernel, self.dtype)
+        quantized = self.has_variable("params", quantization.SCALE)
+        kernel = kernel if quantized else jnp.asarray(kernel, self.dtype)
         inputs = jnp.asarray(inputs, self.dtype)
-        if axis == tuple(range(inputs.ndim - len(axis), inputs.ndim)):
+        trailing = axis == tuple(range(inputs.ndim - len(axis), inputs.ndim))
+        if quantized or trailing:
             # Trailing contraction as one 2-D matmul `[rows, in] @ [in, out]`: XLA:CPU then needs no
             # transposed copies of the activations for the weight gradient (measured in bench/: the
             # small T5 train step went from 4.4 s to 3.4 s).
+            inputs = inputs if trailing else jnp.moveaxis(
+                inputs, axis, tuple(range(inputs.ndim - len(axis), inputs.ndim)))
             leading = inputs.shape[:inputs.ndim - len(axis)]
-            out = jnp.reshape(inputs, (-1, stored_shape[0])) @ kernel
+            rows = jnp.reshape(inputs, (-1, stored_shape[0]))
+            out = (quantization.int8_matmul(rows, kernel, self.get_variable(
+                "params", quantization.SCALE), self.dtype) if quantized else rows @ kernel)
             out = jnp.reshape(out, leading + features)
         else:
             out = jax.lax.dot_general(inputs, kernel.reshape(contracted + features),
