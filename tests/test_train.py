@@ -451,6 +451,13 @@ def test_infer_and_the_predictor_see_products_as_the_eval_pipeline_does(uninterr
     # (infer splits its batches over all 8 host devices: the same answer, the score to float error)
     assert (lines[0]["prediction"], lines[0]["score"]) == pytest.approx((direct.text, direct.score),
                                                                         abs=1e-5)
+    # int8 decoding (quantization.py): the same answers, the scores to its rounding
+    out8 = tmp_path / "predictions_int8.jsonl"
+    assert main.run([str(out8) if a == str(out) else a for a in args] + ["--int8"]) == 0
+    lines8 = [json.loads(line) for line in out8.open()]
+    assert [r["prediction"] for r in lines8] == [r["prediction"] for r in lines]
+    assert [r["score"] for r in lines8] == pytest.approx([r["score"] for r in lines], rel=0.05)
+    assert [r["score"] for r in lines8] != [r["score"] for r in lines]  # but rounded: int8 ran
     # the same image as a file path, a PIL image and an array gives the same answer
     from PIL import Image
     picture = Image.open(io.BytesIO(first.image))
