@@ -10,6 +10,7 @@ checkpoint and the file, never a silently different model. (Checkpoints written 
 existed have none and are read unverified.)
 """
 import functools
+import logging
 import os
 import shutil
 
@@ -37,10 +38,16 @@ def _array_writing_for_backend() -> None:
     which on one host's CPU devices writes no faster and compiles a slicing program per array
     shape (72 programs, 3 s, at the first save of a tiny MMT4). GPU and TPU keep orbax's choice."""
     if jax.default_backend() == "cpu":
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(
-                use_replica_parallel=False,
-                array_metadata_store=array_metadata_store.Store()), override=True)
+        absl = logging.getLogger("absl")  # orbax warns that its default is overridden: meant here
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(
+                    use_replica_parallel=False,
+                    array_metadata_store=array_metadata_store.Store()), override=True)
+        finally:
+            absl.setLevel(level)
 
 
 def saved_items(params, config: ModelConfig, **more) -> ocp.args.Composite:
