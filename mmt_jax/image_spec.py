@@ -18,6 +18,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 VIT_STATS = ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
 EFFICIENTNET_LITE_STATS = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
 RESIZE_METHODS = ("stretch", "center_crop")
@@ -76,6 +78,17 @@ class ImagePreprocessing:
     def input_feature(self) -> str:
         """The task feature the model reads: "image" (pixels) or "image_features"."""
         return "image" if self.extractor is None else "image_features"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StoredFeatures:
+    """The image features a converted catalog stores with a product (`tfds_catalog`): `vectors`
+    float32 `[Lv, D]` holding the stored float16 values, its image preprocessed by `options`
+    (`preprocessing(spec)` of the catalog's extractor spec) and run through that extractor. A reader
+    whose model was trained on the same preprocessing uses them instead of extracting the features
+    again."""
+    options: ImagePreprocessing
+    vectors: np.ndarray
 
 
 def network_name(extractor: str) -> str:

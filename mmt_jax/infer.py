@@ -5,7 +5,9 @@
 
 Input is a catalog JSONL (the record format of `data/records.py`; attributes and split are ignored)
 or the TFRecord files a `mmt-jax data convert` wrote (a glob such as
-`DIR/product_catalog/NAME/1.0.0/product_catalog-test.tfrecord*`). Each output line is
+`DIR/product_catalog/NAME/1.0.0/product_catalog-test.tfrecord*`; a catalog written with
+`--image-features` gives its stored features, which a checkpoint trained on the same extractor
+reads instead of extracting them again). Each output line is
 `{"id", "prompt", "prediction", "score"}`, `score` the log-probability of the prediction (a MoEMoE
 checkpoint adds `source_weights`, `{"image": ..., "context": ...}`: how much the answer drew on
 each source; it reads the whole text, so `--with-description` is implied), and `accepted` for a
@@ -31,11 +33,12 @@ import sys
 import tempfile
 from typing import Iterator, Sequence
 
+import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from mmt_jax.data import records
-from mmt_jax.data.tfds_catalog import FEATURES
+from mmt_jax import image_spec
+from mmt_jax.data import records, tfds_catalog
 from mmt_jax.errors import InputError
 from mmt_jax.predictor import Predictor, Query
 
@@ -73,7 +76,12 @@ def read_products(path: str, images_dir: str | None = None, on_error: str = "fai
     files = tf.io.gfile.glob(path)
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {path}")
-    dataset = tf.data.TFRecordDataset(sorted(files)).map(FEATURES.deserialize_example)
+    directories = {os.path.dirname(file) for file in files}
+    spec = (tfds_catalog.stored_features_spec(directories.pop()) if len(directories) == 1
+            else None)
+    features = tfds_catalog.catalog_features(spec)
+    options = spec and image_spec.preprocessing(spec)
+    dataset = tf.data.TFRecordDataset(sorted(files)).map(features.deserialize_example)
     for number, example in enumerate(dataset.as_numpy_iterator(), start=1):
         text = lambda key: example[key].decode("utf-8")  # noqa: E731
         if text("id") in first_of_id:
@@ -88,7 +96,9 @@ def read_products(path: str, images_dir: str | None = None, on_error: str = "fai
                               description=text("description"),
                               bullet_points=tuple(b.decode("utf-8")
                                                   for b in example["bullet_points"]),
-                              product_type=text("product_type"))
+                              product_type=text("product_type"),
+                              image_features=spec and image_spec.StoredFeatures(
+                                  options, example["image_features"].astype(np.float32)))
 
 
 def queries(products, prompts: Sequence[str], with_description: bool) -> Iterator[Query]:
@@ -96,7 +106,7 @@ def queries(products, prompts: Sequence[str], with_description: bool) -> Iterato
         for prompt in prompts:
             yield Query(product.id, prompt, product.title,
                         product.description if with_description else "", product.image,
-                        product.bullet_points, product.product_type)
+                        product.bullet_points, product.product_type, product.image_features)
 
 
 def shard_path(output_path: str, index: int, count: int) -> str:

@@ -9,8 +9,9 @@ A query is one product asked one prompt. Its encoder text is built as the catalo
 (`data/prompts.py`): "<title> <description> <prompt>" (empty parts left out), tokenised with the
 checkpoint's vocabulary and ending in EOS; its image is decoded and resized with the checkpoint's own
 `ImagePreprocessing` (augmentation off) and, for a checkpoint trained on stored image features, run
-through the frozen extractor that wrote them into the catalog; the batch comes from the model's
-feature converter. So a new product is seen exactly as the validation split was in training.
+through the frozen extractor that wrote them into the catalog (a query read from a converted
+catalog that stores them brings them along, and is not extracted again); the batch comes from the
+model's feature converter. So a new product is seen exactly as the validation split was in training.
 
 `score` is the log-probability of the generated text: greedy decoding, or beam search without a
 length penalty, so `exp(score)` is the model's probability of its answer (what the recall-at-precision
@@ -32,7 +33,6 @@ import dataclasses
 import functools
 import itertools
 import os
-import queue
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -46,6 +46,7 @@ from mmt_jax.checkpoints import store
 from mmt_jax.data import images as images_lib
 from mmt_jax.data import prompts, records
 from mmt_jax.errors import InputError
+from mmt_jax.image_spec import StoredFeatures
 from mmt_jax.models.config import ModelConfig
 from mmt_jax.task_inference import build_model, source_weights, until_eos, value_trie
 from mmt_jax.value_trie import ValueConstraint
@@ -54,7 +55,9 @@ from mmt_jax.vision import extractors
 
 @dataclasses.dataclass(frozen=True)
 class Query:
-    """One product asked one prompt. `image`: encoded JPEG/PNG bytes, b"" for none."""
+    """One product asked one prompt. `image`: encoded JPEG/PNG bytes, b"" for none;
+    `image_features`: its features as a converted catalog stores them, used instead of extracting
+    them again when the checkpoint reads the same extractor's features."""
     record: str
     prompt: str
     title: str = ""
@@ -62,6 +65,8 @@ class Query:
     image: bytes = b""
     bullet_points: tuple[str, ...] = ()
     product_type: str = ""
+    image_features: StoredFeatures | None = dataclasses.field(default=None, compare=False,
+                                                              repr=False)
 
     @property
     def text(self) -> str:
@@ -146,7 +151,7 @@ class Predictor:
         self._predict = jax.jit(functools.partial(
             model.predict_batch_with_aux, decode_fn=decode_fn, num_decodes=num_beams))
         self._score_pairs = jax.jit(model.score_pairs)
-        self._pending, self._converter = queue.Queue(), None  # `_converted`'s
+        self._converter = None  # `_converted`'s, built at the first batch
         self.value_sets = dict(value_sets or {})
         self._trie = (value_trie(self.vocabulary, self.value_sets) if self.value_sets else None)
         self.thresholds = thresholds
@@ -323,22 +328,36 @@ class Predictor:
             for name in self.text_sources[1:]:
                 examples[name] = [self._encode(q.source_text(name), q, _fields(name))
                                   for q in queries]
+        converter, image = self.model.FEATURE_CONVERTER_CLS, None
         if self.uses_images:  # the contrastive head's pair: the title, as the catalog tasks pair it
             examples["pair_text"] = [self._title_tokens(q) for q in queries]
             examples["pair_label"] = np.asarray([[int(bool(q.title))] for q in queries], np.int32)
-            # each distinct image once: a product's prompts share its image
-            position = {image: i for i, image in enumerate(dict.fromkeys(q.image for q in queries))}
-            distinct, of = list(position), np.asarray([position[q.image] for q in queries])
             if self._image.extractor is not None:
-                features, mask = extractors.extract_from_bytes(distinct, self._image)
-                examples["image_features"] = features[of]
-            else:
-                pixels, mask = images_lib.decode_batch(distinct, self._image)
-                examples["image"] = pixels[of]
-            examples["image_mask"] = mask[of][:, None]
+                image = self._image_features(queries)
+            else:  # each distinct image once: a product's prompts share its image
+                distinct, of = _distinct_images(queries)
+                image = images_lib.decode_batch(distinct, self._image)[0][of]
+            # The converter passes the image through as it is (`feature_converter.py`), so it
+            # converts a one-value stand-in and the batch takes the image whole: megabytes a batch
+            # not copied row by row through tf.data.
+            examples[converter.IMAGE_FEATURE] = np.zeros(
+                (len(queries),) + (1,) * converter.IMAGE_RANK, np.float32)
+            examples["image_mask"] = np.asarray([[int(bool(q.image))] for q in queries], np.int32)
         rows = [{k: np.asarray(v[i]) for k, v in examples.items()} for i in range(len(queries))]
-        batch = self._in_length_bucket(self._converted(rows))
-        return jax.device_put(batch, self._rows)  # each device its rows
+        batch = self._converted(rows)
+        if image is not None:
+            batch[converter.MODEL_IMAGE_FEATURE] = image
+        return jax.device_put(self._in_length_bucket(batch), self._rows)  # each device its rows
+
+    def _image_features(self, queries: list[Query]) -> np.ndarray:
+        """The features `[B, Lv, D]` of the queries' images: those stored with a query by the
+        checkpoint's own preprocessing as they are, the others extracted (each distinct image once)."""
+        stored = [q.image_features is not None and q.image_features.options == self._image
+                  for q in queries]
+        distinct, of = _distinct_images([q for q, s in zip(queries, stored) if not s])
+        extracted = iter(extractors.extract_from_bytes(distinct, self._image)[0][of])
+        return np.stack([q.image_features.vectors if s else next(extracted)
+                         for q, s in zip(queries, stored)])
 
     def _in_length_bucket(self, batch: dict) -> dict:
         """The batch's encoder texts `[B, input_length]` cut to the shortest length bucket that
@@ -355,39 +374,43 @@ class Predictor:
 
     def _converted(self, rows: list[dict]) -> dict:
         """The model's feature converter over `rows` (task features of one batch, `batch_size` of
-        them) -> the numpy batch. One tf.data pipeline serves every batch: it reads the rows from a
-        queue, so its graph is built once, not once per batch. Idle for a second, it ends (its
-        thread must not outlive the process) and the next batch builds it again."""
-        for row in rows:
-            self._pending.put(row)
-        if self._converter is not None:
-            try:
-                return next(self._converter)
-            except StopIteration:  # it had gone idle; the rows wait in the queue for the next
-                pass
-        self._converter = self._converter_pipeline(rows[0])
-        return next(self._converter)
+        them) -> the numpy batch, through one traced TensorFlow function: its graph (the converter's
+        tf.data pipeline over the rows given) is built at the first batch and run at every batch.
+        Token features travel padded, with their lengths."""
+        if self._converter is None:
+            self._converter = self._converter_function(rows[0])
+        tokens = [k for k, v in rows[0].items() if _is_tokens(k, v)]
+        features = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k not in tokens}
+        for k in tokens:
+            lengths = np.asarray([len(row[k]) for row in rows], np.int32)
+            padded = np.zeros((len(rows), lengths.max(initial=0)), np.int32)
+            for row, length, out in zip(rows, lengths, padded):
+                out[:length] = row[k]
+            features[k], features[f"{k}{_LENGTH}"] = padded, lengths
+        return {k: v.numpy() for k, v in self._converter(features).items()}
 
-    def _converter_pipeline(self, example: dict) -> Iterator[dict]:
-        """The feature converter over the rows `_pending` receives, batched: a numpy iterator
-        (task features shaped as `example`'s; token features of any length)."""
-        ragged = {k for k, v in example.items()
-                  if v.dtype == np.int32 and v.ndim == 1 and k not in ("image_mask", "pair_label")}
-        spec = {k: tf.TensorSpec([None] if k in ragged else v.shape, tf.as_dtype(v.dtype))
-                for k, v in example.items()}
-        pending = self._pending
-
-        def examples():
-            while True:
-                try:
-                    yield pending.get(timeout=1.0)
-                except queue.Empty:
-                    return
-
+    def _converter_function(self, example: dict) -> Callable[[dict], dict]:
+        """The feature converter as a `tf.function` over one batch of task features shaped as
+        `example`'s (token features: `[B, longest]` padded and `<name>_length` `[B]`)."""
+        tokens = [k for k, v in example.items() if _is_tokens(k, v)]
+        signature = {k: tf.TensorSpec([None, *v.shape], tf.as_dtype(v.dtype))
+                     for k, v in example.items() if k not in tokens}
+        for k in tokens:
+            signature[k] = tf.TensorSpec([None, None], tf.int32)
+            signature[f"{k}{_LENGTH}"] = tf.TensorSpec([None], tf.int32)
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
         lengths = {"inputs": self.input_length, "targets": self.target_length}
-        ds = tf.data.Dataset.from_generator(examples, output_signature=spec)
-        return converter(ds, lengths).batch(self.batch_size).as_numpy_iterator()
+
+        def unpadded(features):
+            return {k: features[k][:features[f"{k}{_LENGTH}"]] if k in tokens else features[k]
+                    for k in example}
+
+        @tf.function(input_signature=[signature], autograph=False)
+        def convert(features):
+            rows = tf.data.Dataset.from_tensor_slices(features).map(unpadded)
+            return converter(rows, lengths).batch(self.batch_size).get_single_element()
+
+        return convert
 
     def _title_tokens(self, query: Query) -> np.ndarray:
         return np.asarray(list(self.vocabulary.encode(query.title))
@@ -433,6 +456,20 @@ class _SortedWindow:
 
     def in_order(self) -> Iterator[tuple[Query, Prediction]]:
         return ((self.queries[i], self.predictions[i]) for i in sorted(self.predictions))
+
+
+_LENGTH = "_length"  # a token feature's lengths, `_converted`'s
+
+
+def _is_tokens(name: str, value: np.ndarray) -> bool:
+    """Whether a task feature is token ids of any length (converted as such)."""
+    return value.dtype == np.int32 and value.ndim == 1 and name not in ("image_mask", "pair_label")
+
+
+def _distinct_images(queries: list[Query]) -> tuple[list[bytes], np.ndarray]:
+    """The distinct images of `queries` and, for each query, the index of its own among them."""
+    position = {image: i for i, image in enumerate(dict.fromkeys(q.image for q in queries))}
+    return list(position), np.asarray([position[q.image] for q in queries], np.int64)
 
 
 def length_bucket(length: int, most: int, least: int = 8) -> int:

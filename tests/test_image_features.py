@@ -3,6 +3,7 @@ on the same pixels; catalogs (embedded and converted) store them, zeros for a pr
 image; the tasks read them and refuse a catalog without them; a model trained on them records the
 extractor, and the Predictor extracts features of a new image to the eval pipeline's predictions."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -117,6 +118,8 @@ def test_catalogs_store_the_features_of_their_images(features_dir, tmp_path):
             rows[example["id"].decode()] = example
     assert set(rows) == {"no-image", *(p.id for p in catalog.generate_catalog(2, seed=3))}
     assert not rows["no-image"]["image_features"].any()
+    assert tfds_catalog.stored_features_spec(builder.data_dir) == SPEC  # for infer's reading
+    assert tfds_catalog.stored_features_spec(str(tmp_path)) is None  # no catalog there
     first = catalog.make_product(0, seed=3, image_size=64)
     np.testing.assert_allclose(rows[first.id]["image_features"],
                                extractors.extract_from_bytes([first.image], options)[0][0],
@@ -150,7 +153,8 @@ def test_tasks_read_the_stored_features_and_refuse_a_catalog_without_them(featur
             lengths, split="validation", shuffle=False)
 
 
-def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(features_dir, tmp_path):
+def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(features_dir, tmp_path,
+                                                                           monkeypatch):
     from mmt_jax import infer
     from mmt_jax import task_inference
     from mmt_jax.predictor import Predictor, Query
@@ -176,6 +180,22 @@ def test_a_model_trained_on_stored_features_predicts_new_images_as_eval_does(fea
     products = {p.id: p for p in infer.read_products(pattern)}  # the stored image bytes
     predictor = Predictor.from_checkpoint(model_dir, input_length=24, target_length=8, batch_size=4)
     queries = [Query(r.id, "", r.inputs, image=products[r.id].image) for r in rows]
+    for row, (_, prediction) in zip(rows, predictor.predict_queries(queries)):
+        assert prediction.text == row.prediction
+        assert prediction.score == pytest.approx(row.score, abs=1e-4)
+
+    # the features the catalog stores come with its products, and are read instead of extracted
+    assert all(p.image_features.options == image_spec.preprocessing(SPEC)
+               for p in products.values())
+    real_extraction = extractors.extract_from_bytes
+
+    def nothing_to_extract(encoded, options):
+        assert not encoded, "extracted the features the catalog stores"
+        return real_extraction(encoded, options)
+
+    monkeypatch.setattr(extractors, "extract_from_bytes", nothing_to_extract)
+    queries = [dataclasses.replace(q, image_features=products[q.record].image_features)
+               for q in queries]
     for row, (_, prediction) in zip(rows, predictor.predict_queries(queries)):
         assert prediction.text == row.prediction
         assert prediction.score == pytest.approx(row.score, abs=1e-4)

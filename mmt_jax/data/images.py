@@ -13,6 +13,7 @@ and stored in it (`tfds_catalog`), so the pixels are not decoded at all.
 The settings (`ImagePreprocessing`, normalisation statistics, extractor specs) are `image_spec`'s.
 """
 import dataclasses
+import functools
 
 import numpy as np
 import seqio
@@ -47,11 +48,22 @@ def decode_batch(encoded: list[bytes], options: ImagePreprocessing) -> tuple[np.
     an image), each as `decode_and_resize` makes it (augmentation is the pipeline's, not applied)."""
     if not encoded:
         return np.zeros((0, options.size, options.size, 3), np.float32), np.zeros((0,), np.int32)
-    options = dataclasses.replace(options, augment=False)
-    decoded = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded), tf.string)).map(
-        lambda image: decode_and_resize(image, options), num_parallel_calls=tf.data.AUTOTUNE)
-    pixels, has_image = next(decoded.batch(len(encoded)).as_numpy_iterator())
-    return pixels, has_image.astype(np.int32)
+    pixels, has_image = _batch_decoder(dataclasses.replace(options, augment=False))(
+        tf.constant(list(encoded), tf.string))
+    return pixels.numpy(), has_image.numpy()
+
+
+@functools.cache
+def _batch_decoder(options: ImagePreprocessing):
+    """`decode_batch`'s traced function for one preprocessing: its graph is built once, not at
+    every call; the images of a call are decoded in parallel."""
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+    def decode(encoded):
+        images = tf.data.Dataset.from_tensor_slices(encoded).map(
+            lambda image: decode_and_resize(image, options), num_parallel_calls=tf.data.AUTOTUNE)
+        return images.batch(tf.size(encoded, out_type=tf.int64)).get_single_element()
+
+    return decode
 
 
 def _center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:

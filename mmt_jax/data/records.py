@@ -47,6 +47,8 @@ from typing import Mapping
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from mmt_jax.image_spec import StoredFeatures
+
 SPLITS = ("train", "validation", "test")
 # Stored images are capped at this longest side: it leaves room above the largest representator's input
 # (EfficientNet-B4 reads 380 px, ViT and Lite0 224 px, center crops included) while a 6000x6000 phone
@@ -64,7 +66,9 @@ _ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 
 @dataclasses.dataclass(frozen=True)
 class Product:
-    """One catalog product. `image` holds encoded JPEG/PNG bytes (b"" when the product has none)."""
+    """One catalog product. `image` holds encoded JPEG/PNG bytes (b"" when the product has none);
+    `image_features` the features a converted catalog stores with it (read back from its TFRecord
+    files), None otherwise: not part of the JSONL record."""
     id: str
     title: str
     image: bytes = b""
@@ -72,6 +76,8 @@ class Product:
     bullet_points: tuple[str, ...] = ()
     product_type: str = ""
     attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    image_features: StoredFeatures | None = dataclasses.field(default=None, compare=False,
+                                                              repr=False)
 
     def to_json_dict(self, image_path: str | None = None) -> dict:
         """The JSONL form; the image goes to `image_path` when given, else inline as base64."""

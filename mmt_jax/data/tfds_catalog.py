@@ -47,6 +47,8 @@ VERSION = "1.0.0"
 ON_ERROR = ("fail", "skip")
 # The metadata entry that describes the catalog's attributes (`catalog_attributes`).
 ATTRIBUTES = "attributes"
+# The metadata entry naming the extractor spec of the stored image features (`stored_features_spec`).
+IMAGE_FEATURES = "image_features"
 
 
 @dataclasses.dataclass
@@ -155,6 +157,25 @@ FEATURES = tfds.features.FeaturesDict({
 })
 
 
+def catalog_features(spec: str | None) -> tfds.features.FeaturesDict:
+    """A stored example's features: `FEATURES`, and with an extractor spec `image_features`
+    float16 `[Lv, D]`."""
+    if spec is None:
+        return FEATURES
+    shape = image_spec.feature_shape(image_spec.preprocessing(spec))
+    return tfds.features.FeaturesDict({
+        **FEATURES, "image_features": tfds.features.Tensor(shape=shape, dtype=tf.float16)})
+
+
+def stored_features_spec(directory: str) -> str | None:
+    """The extractor spec of the image features stored in a written catalog's version directory
+    (`.../product_catalog/<name>/1.0.0`), as its metadata records it; None for a catalog without
+    features, a directory that holds no catalog, or a catalog written before the spec was recorded."""
+    if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
+        return None
+    return (tfds.builder_from_directory(directory).info.metadata or {}).get(IMAGE_FEATURES)
+
+
 class ProductCatalog(tfds.core.GeneratorBasedBuilder):
     """Products with an image, a title, texts, a type and named attributes (see records.py)."""
     VERSION = tfds.core.Version(VERSION)
@@ -163,19 +184,16 @@ class ProductCatalog(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIG_CLS = ProductCatalogConfig
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = FEATURES
-        spec = self.builder_config.image_features
-        if spec is not None:
-            shape = image_spec.feature_shape(image_spec.preprocessing(spec))
-            features = tfds.features.FeaturesDict({
-                **FEATURES, "image_features": tfds.features.Tensor(shape=shape, dtype=tf.float16)})
         return self.dataset_info_from_configs(
-            features=features, supervised_keys=None, metadata=tfds.core.MetadataDict())
+            features=catalog_features(self.builder_config.image_features), supervised_keys=None,
+            metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded: catalogs come from local files or the generator
         config = self.builder_config
         self.info.metadata[ATTRIBUTES] = {}
+        if config.image_features is not None:
+            self.info.metadata[IMAGE_FEATURES] = config.image_features
         if config.jsonl is None:
             return {split: self._generate_examples(
                         (catalog.make_product(i, config.seed, config.image_size) for i in indices),
