@@ -1,8 +1,9 @@
 """Batch inference throughput: the infer binary's path against the model's own compiled predict step.
 
 Measures, in one process on one checkpoint and the same products x prompts:
-  1. end to end: `infer.infer` (read the TFRecords, build each batch's inputs: tokenise, decode and
-     resize or extract image features, convert; decode; write JSONL);
+  1. end to end: `infer.infer` (read the TFRecords, build each batch's inputs: tokenise, take the
+     catalog's stored image features (or decode and resize, or extract features, for a catalog
+     without them), convert; decode; write JSONL);
   2. the compiled `predict_batch_with_aux` alone on the same batches, built beforehand and held in
      memory: the ceiling the input side should approach (issue 16 asks for 0.8x of it).
 Both run twice after one untimed warm-up pass (compilation); figures are the faster pass.
