@@ -39,6 +39,7 @@ EOS_ID = 1
 
 
 INT8 = "ours int8 (quantization.py)"
+BF16 = "ours, bfloat16"
 
 
 def parse_args(argv=None):
@@ -62,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--int8", action="store_true",
                    help="also decode with int8 dense kernels and activations (mmt_jax/quantization.py)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time our train step and decoding with bfloat16 activations "
+                        "(T5Config.dtype; parameters and optimizer stay float32)")
     p.add_argument("--hf-attn", default=None, choices=["eager", "sdpa"],
                    help="transformers attention implementation (default: transformers' choice)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
@@ -131,6 +135,13 @@ def to_ours(hf_model):
     tensors = {k: v.detach().cpu().numpy() for k, v in hf_model.state_dict().items()}
     flat = hf_t5.params_from_hf_tensors(tensors, config)
     return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def bfloat16(config):
+    """The same model computing its activations in bfloat16."""
+    import dataclasses
+    import jax.numpy as jnp
+    return dataclasses.replace(config, dtype=jnp.bfloat16)
 
 
 def make_batch(args, seed):
@@ -322,6 +333,8 @@ def main(argv=None):
             if args.loss_chunk:
                 contenders[f"ours, loss chunk {args.loss_chunk}"] = jax_train_contender(
                     config, params_np, batch_np, args, args.loss_chunk)
+            if args.bf16:
+                contenders[BF16] = jax_train_contender(bfloat16(config), params_np, batch_np, args)
             if not args.skip_compile:
                 contenders["torch.compile"] = torch_train_contender(hf_model, batch_np, args, True)
             res = run_rounds(contenders, args.rounds, args.steps, args.warmup, f"{size} train")
@@ -352,6 +365,8 @@ def main(argv=None):
                           "HF generate (eager)": torch_decode_contender(hf_model, enc_np, args)}
             if args.int8:
                 contenders[INT8] = jax_decode_contender(config, params_np, enc_np, args, int8=True)
+            if args.bf16:
+                contenders[BF16] = jax_decode_contender(bfloat16(config), params_np, enc_np, args)
             res = run_rounds(contenders, args.rounds, args.steps, args.warmup, f"{size} decode")
             a, b = (res[k]["first"] for k in list(contenders)[:2])
             if args.int8 and res[INT8]["times"] and a is not None:
@@ -367,8 +382,8 @@ def main(argv=None):
             for name, r in res.items():
                 r["new_tokens_per_s"] = new_tokens / r["median_s"] if r["times"] else float("nan")
                 r["ours_over_theirs"] = (ours["new_tokens_per_s"] / r["new_tokens_per_s"]
-                                         if name not in ("ours (jax.jit predict_batch)", INT8)
-                                         and r["times"] else None)
+                                         if not name.startswith("ours") and r["times"]
+                                         else None)
                 r["first"] = None if r["first"] is None else np.asarray(r["first"]).tolist()
                 rows.append(dict(size=size, task=f"greedy {args.dec_len} tokens", contender=name,
                                  unit="s/batch", median_s=r["median_s"], min_s=r["min_s"],
