@@ -343,8 +343,7 @@ class Predictor:
             examples[converter.IMAGE_FEATURE] = np.zeros(
                 (len(queries),) + (1,) * converter.IMAGE_RANK, np.float32)
             examples["image_mask"] = np.asarray([[int(bool(q.image))] for q in queries], np.int32)
-        rows = [{k: np.asarray(v[i]) for k, v in examples.items()} for i in range(len(queries))]
-        batch = self._converted(rows)
+        batch = self._converted(examples)
         if image is not None:
             batch[converter.MODEL_IMAGE_FEATURE] = image
         return jax.device_put(self._in_length_bucket(batch), self._rows)  # each device its rows
@@ -372,44 +371,40 @@ class Predictor:
         length = length_bucket(used, self.input_length)
         return {k: v[:, :length] if k in texts else v for k, v in batch.items()}
 
-    def _converted(self, rows: list[dict]) -> dict:
-        """The model's feature converter over `rows` (task features of one batch, `batch_size` of
-        them) -> the numpy batch, through one traced TensorFlow function: its graph (the converter's
-        tf.data pipeline over the rows given) is built at the first batch and run at every batch.
-        Token features travel padded, with their lengths."""
-        if self._converter is None:
-            self._converter = self._converter_function(rows[0])
-        tokens = [k for k, v in rows[0].items() if _is_tokens(k, v)]
-        features = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k not in tokens}
+    def _converted(self, examples: dict) -> dict:
+        """The model's feature converter over one batch of task features -> the numpy batch.
+        `examples`: token features as lists of 1-D arrays (any lengths), the others stacked
+        `[B, ...]`. It runs through one traced TensorFlow function: its graph (the converter's
+        tf.data pipeline over the rows given) is built at the first batch and run at every batch;
+        token features travel padded, with their lengths."""
+        tokens = [k for k, v in examples.items() if isinstance(v, list)]
+        features = {k: v for k, v in examples.items() if k not in tokens}
         for k in tokens:
-            lengths = np.asarray([len(row[k]) for row in rows], np.int32)
-            padded = np.zeros((len(rows), lengths.max(initial=0)), np.int32)
-            for row, length, out in zip(rows, lengths, padded):
-                out[:length] = row[k]
+            lengths = np.asarray([len(ids) for ids in examples[k]], np.int32)
+            padded = np.zeros((len(lengths), lengths.max(initial=0)), np.int32)
+            for ids, out in zip(examples[k], padded):
+                out[:len(ids)] = ids
             features[k], features[f"{k}{_LENGTH}"] = padded, lengths
+        if self._converter is None:
+            self._converter = self._converter_function(features, list(examples), tokens)
         return {k: v.numpy() for k, v in self._converter(features).items()}
 
-    def _converter_function(self, example: dict) -> Callable[[dict], dict]:
-        """The feature converter as a `tf.function` over one batch of task features shaped as
-        `example`'s (token features: `[B, longest]` padded and `<name>_length` `[B]`)."""
-        tokens = [k for k, v in example.items() if _is_tokens(k, v)]
-        signature = {k: tf.TensorSpec([None, *v.shape], tf.as_dtype(v.dtype))
-                     for k, v in example.items() if k not in tokens}
-        for k in tokens:
-            signature[k] = tf.TensorSpec([None, None], tf.int32)
-            signature[f"{k}{_LENGTH}"] = tf.TensorSpec([None], tf.int32)
+    def _converter_function(self, features: dict, names: list[str],
+                            tokens: list[str]) -> Callable[[dict], dict]:
+        """The feature converter as a `tf.function` over batches shaped as `features` (the task
+        features `names`; those in `tokens` `[B, longest]` padded, with `<name>_length` `[B]`)."""
+        signature = {k: tf.TensorSpec((None,) + ((None,) if k in tokens else v.shape[1:]),
+                                      tf.as_dtype(v.dtype)) for k, v in features.items()}
         converter = self.model.FEATURE_CONVERTER_CLS(pack=False)
         lengths = {"inputs": self.input_length, "targets": self.target_length}
 
-        def unpadded(features):
-            return {k: features[k][:features[f"{k}{_LENGTH}"]] if k in tokens else features[k]
-                    for k in example}
+        def unpadded(row):
+            return {k: row[k][:row[f"{k}{_LENGTH}"]] if k in tokens else row[k] for k in names}
 
         @tf.function(input_signature=[signature], autograph=False)
-        def convert(features):
-            rows = tf.data.Dataset.from_tensor_slices(features).map(unpadded)
+        def convert(batch):
+            rows = tf.data.Dataset.from_tensor_slices(batch).map(unpadded)
             return converter(rows, lengths).batch(self.batch_size).get_single_element()
-
         return convert
 
     def _title_tokens(self, query: Query) -> np.ndarray:
@@ -459,11 +454,6 @@ class _SortedWindow:
 
 
 _LENGTH = "_length"  # a token feature's lengths, `_converted`'s
-
-
-def _is_tokens(name: str, value: np.ndarray) -> bool:
-    """Whether a task feature is token ids of any length (converted as such)."""
-    return value.dtype == np.int32 and value.ndim == 1 and name not in ("image_mask", "pair_label")
 
 
 def _distinct_images(queries: list[Query]) -> tuple[list[bytes], np.ndarray]:

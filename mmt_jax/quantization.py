@@ -9,8 +9,8 @@ and `DenseGeneral` then computes `x @ W` as an int8 x int8 matmul accumulated in
 `x` is quantised with its own scale `r = max |x_row| / 127` at run time ("dynamic" activation
 quantisation), so `x @ W ~ (round(x / r) @ kernel) * r * s`. Activations are quantised too because
 XLA:CPU does not fuse an int8 -> float conversion into its matmul: weight-only int8 materialises a
-float32 copy of the kernel at every call and is slower than float32 (bench/t5_bench.py
-`--int8` measures both). Embedding tables, layer norms, convolutions (4-D), the relative position
+float32 copy of the kernel at every call and is slower than float32 (README, "Int8 decoding":
+one matmul measured both ways). Embedding tables, layer norms, convolutions (4-D), the relative position
 biases, and the 3-D kernels of scanned layer stacks and of MoE experts keep their dtype.
 
 For decoding only (no gradients through `round`); `Predictor(..., int8=True)` and
@@ -26,13 +26,19 @@ from flax import traverse_util
 SCALE = "kernel_scale"
 
 
+def _symmetric_int8(x, axis: int, xp=np):
+    """float32 `x` -> (int8 `round(x / s)`, float32 `s`), `s = max |x| / 127` along `axis` (kept as
+    a size-1 axis); a slice of zeros gets `s = 1`. `xp`: numpy (on the host) or jax.numpy."""
+    scale = xp.max(xp.abs(x), axis=axis, keepdims=True) / 127.0
+    scale = xp.where(scale > 0, scale, 1.0).astype(xp.float32)
+    return xp.clip(xp.round(x / scale), -127, 127).astype(xp.int8), scale
+
+
 def quantize_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`kernel [in, out]` -> (int8 `[in, out]`, float32 scales `[out]`), symmetric per output
     channel; an all-zero column gets scale 1 (its int8 values are 0)."""
-    kernel = np.asarray(kernel, np.float32)
-    scale = np.max(np.abs(kernel), axis=0) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.clip(np.round(kernel / scale), -127, 127).astype(np.int8), scale
+    values, scale = _symmetric_int8(np.asarray(kernel, np.float32), axis=0)
+    return values, scale[0]
 
 
 def quantize_params(params: Any) -> dict:
@@ -51,9 +57,6 @@ def int8_matmul(inputs: jax.Array, kernel: jax.Array, scale: jax.Array,
                 dtype: jnp.dtype) -> jax.Array:
     """`inputs [rows, in] @ dequantised kernel` -> `[rows, out]` in `dtype`: the rows quantised on
     the fly, int8 x int8 accumulated in int32, both scales applied to the result."""
-    x = jnp.asarray(inputs, jnp.float32)
-    row_scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
-    row_scale = jnp.where(row_scale > 0, row_scale, 1.0)
-    x8 = jnp.clip(jnp.round(x / row_scale), -127, 127).astype(jnp.int8)
+    x8, row_scale = _symmetric_int8(jnp.asarray(inputs, jnp.float32), axis=-1, xp=jnp)
     acc = jax.lax.dot(x8, kernel, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * row_scale * scale).astype(dtype)

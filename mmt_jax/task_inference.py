@@ -4,8 +4,8 @@ binary's inference evaluation, the eval binary, the Predictor and the main job a
 `predict_task` runs greedy (or the model's) decoding over one split of one seqio task and returns a
 row per example (the text it saw, the reference, the prediction and its score); `predict_batches`
 does the same over batches already read (`task_batches`, kept in a list by a caller that decodes
-the same examples again: the train binary at every evaluation); `score_batches` gives each reference's loss without decoding (what `task_health`
-compares with the label prior); `evaluate_task`
+the same examples again: the train binary at every evaluation); `score_batches` gives each
+reference's loss without decoding (what `task_health` compares with the label prior); `evaluate_task`
 applies the task's metric functions (`mmt_jax/metrics.py`) to those rows. `build_model` makes the
 Model of a checkpoint's `ModelConfig` and `get_task` finds a task or mixture by name, as every entry
 point needs.
