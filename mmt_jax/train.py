@@ -222,8 +222,7 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
                 batches_read += 1
                 window_steps += 1
                 pending_losses.append((step, metrics["loss"]))
-                window_metrics = metrics if window_metrics is None else {
-                    k: window_metrics[k].merge(v) for k, v in metrics.items()}
+                window_metrics = trainer.merge_metrics(window_metrics, metrics)
                 bar.update(1)
                 # Every process must stop at the same step (the save is collective): with several,
                 # they compare notes at each log step; a signal to any of them stops them all.
@@ -277,8 +276,7 @@ def train(*, model_config: ModelConfig, mixture_or_task_name: str,
 def _evaluate(trainer: Trainer, params, eval_ds) -> dict:
     merged = None
     for batch in eval_ds.as_numpy_iterator():
-        metrics = trainer.eval_step(params, trainer.global_batch(batch))
-        merged = metrics if merged is None else {k: merged[k].merge(v) for k, v in metrics.items()}
+        merged = trainer.merge_metrics(merged, trainer.eval_step(params, trainer.global_batch(batch)))
     return {k: float(v.compute()) for k, v in (merged or {}).items()}
 
 

@@ -89,3 +89,43 @@ def test_train_step_sharded_keeps_optimizer_slots_sharded():
     mu = state.opt_state[0].mu
     assert mu["decoder"]["layers_0"]["mlp"]["wi_1"]["kernel"].sharding.spec == P(None, "model")
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"].compute()))
+
+
+def test_steps_in_flight_keep_the_host_at_most_the_limit_ahead():
+    """A program of three 1000x1000 matmuls (tens of ms; its dispatch returns in well under one):
+    with a limit of 2, after every dispatch all but the two newest outputs are finished; with no
+    limit, four dispatches return at once, the first still unfinished."""
+    import jax.numpy as jnp
+    from mmt_jax.training.trainer import StepsInFlight
+    slow = jax.jit(lambda x: (x @ x @ x @ x).sum())
+    x = jnp.ones((1000, 1000)) / 1000
+    slow(x).block_until_ready()
+    paced, outputs = StepsInFlight(2), []
+    for _ in range(5):
+        outputs.append(slow(x))
+        paced.add(outputs[-1])
+        assert all(o.is_ready() for o in outputs[:-2])
+    unpaced, outputs = StepsInFlight(None), []
+    for _ in range(4):
+        outputs.append(slow(x))
+        unpaced.add(outputs[-1])
+    assert not outputs[0].is_ready()
+    jax.block_until_ready(outputs)
+
+
+def test_a_trainer_merges_a_steps_metrics_in_one_program_as_clu_does():
+    import optax
+    from mmt_jax.training.trainer import Trainer
+    batch = tiny_batch()
+    model = EncoderDecoderModel(EncoderDecoder(t5_config("tiny", vocab_size=128)))
+    trainer = Trainer(model, Partitioner((2, 1, 4)), optax.adamw(1e-3),
+                      {k: v.shape for k, v in batch.items()}, {k: v.dtype for k, v in batch.items()})
+    state, _, _ = trainer.initial_state(seed=0)
+    state, first = trainer.train_step(state, trainer.global_batch(batch), None)
+    state, second = trainer.train_step(state, trainer.global_batch(tiny_batch(seed=1)), None)
+    assert trainer.merge_metrics(None, first) is first
+    merged = trainer.merge_metrics(first, second)
+    assert set(merged) == set(first)
+    for name, metric in merged.items():
+        np.testing.assert_allclose(float(metric.compute()),
+                                   float(first[name].merge(second[name]).compute()), rtol=1e-6)

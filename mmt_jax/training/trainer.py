@@ -5,6 +5,7 @@ logical axes (`params_axes`) and hence their shardings; the optimizer state foll
 The train step is jit-compiled once with explicit in/out shardings for the state and the batch and
 donates the old state, so a step runs unchanged on 1 CPU device, 8 host devices or a pod slice.
 """
+import collections
 from typing import Mapping
 
 import jax
@@ -63,6 +64,17 @@ class Trainer:
             (self.state_shardings, None), donate_argnums=(0,))
         self._eval = partitioner.partition(lambda p, b: model.eval_fn(p, b)[1],
                                            (self.params_shardings, self.batch_shardings), None)
+        self._merge = jax.jit(lambda a, b: {k: a[k].merge(v) for k, v in b.items()})
+        # XLA:CPU runs at most 32 programs per device at once, and launches a program's part on
+        # each device from a pool with one thread per device; a part waiting for its device's
+        # turn holds its thread. A host 32 programs ahead of the devices can so leave a collective
+        # without threads for all its participants: the process hangs until XLA aborts it (seen
+        # with 8 host devices, a contrastive run logging every 50 steps, 2 loaded cores). On a
+        # CPU mesh of several devices the host therefore stays at most 2 steps ahead; elsewhere
+        # collectives do not wait on host threads, and nothing holds the host back.
+        self._in_flight = StepsInFlight(
+            2 if partitioner.mesh.devices.flat[0].platform == "cpu" and partitioner.mesh.size > 1
+            else None)
 
     def initial_state(self, seed: int, initial_checkpoint: str | None = None
                       ) -> tuple[TrainState, list, list]:
@@ -80,15 +92,40 @@ class Trainer:
         return self._create(params), fresh_paths, derived
 
     def train_step(self, state: TrainState, batch, dropout_rng) -> tuple[TrainState, dict]:
-        return self._train(state, batch, dropout_rng)
+        state, metrics = self._train(state, batch, dropout_rng)
+        self._in_flight.add(metrics)
+        return state, metrics
 
     def eval_step(self, params, batch) -> dict:
-        return self._eval(params, batch)
+        metrics = self._eval(params, batch)
+        self._in_flight.add(metrics)
+        return metrics
+
+    def merge_metrics(self, merged: dict | None, metrics: dict) -> dict:
+        """A step's clu metrics merged into those of the steps before (None: none yet), in one
+        program: clu's own `merge` runs two per metric."""
+        return metrics if merged is None else self._merge(merged, metrics)
 
     def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict:
         """This process's rows of the batch -> global arrays on the mesh (every process calls it)."""
         return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(v))
                 for k, v in local_batch.items()}
+
+
+class StepsInFlight:
+    """Keeps the host at most `limit` steps ahead of the devices: `add(outputs)`, after each step
+    is dispatched, waits for the oldest step's outputs while more than `limit` are unfinished.
+    `limit=None`: never waits."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self._unfinished = limit, collections.deque()
+
+    def add(self, outputs) -> None:
+        if self.limit is None:
+            return
+        self._unfinished.append(outputs)
+        while len(self._unfinished) > self.limit:
+            jax.block_until_ready(self._unfinished.popleft())
 
 
 def _axes(spec) -> list[str]:
