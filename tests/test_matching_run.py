@@ -18,7 +18,7 @@ def test_matching_learns_from_its_inputs_where_it_used_to_plateau(data_dir, tmp_
     held-out loss per answer falls below 0.9 ln 2 and the collapse check stays silent. The loss
     scored is the whole target's ("yes"/"no" and EOS), so the answer token's own loss is lower
     still."""
-    steps = 150
+    steps = 50
     assert main.run(_args(data_dir, str(tmp_path / "match"), steps, "--gin_file=runs/contrastive.gin",
                           "--gin.TASK='match'", "--gin.LEARNING_RATE=2e-3",
                           "--gin.BATCH_SIZE=32", "--gin.train.train.log_period=50",
