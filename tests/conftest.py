@@ -39,7 +39,7 @@ def data_dir(tmp_path_factory):
 # on 2 idle cores, fresh clone (2026-11-29); files not named here take under 30 s and go last.
 SECONDS_PER_FILE = {
     "test_train.py": 285, "test_main.py": 234, "test_moemoe.py": 175, "test_moe.py": 98,
-    "test_mmt4.py": 96, "test_layer_stack.py": 93, "test_matching_run.py": 78,
+    "test_mmt4.py": 96, "test_layer_stack.py": 93, "test_matching_run.py": 45,
     "test_image_features.py": 70, "test_decoding.py": 66, "test_own_catalog.py": 66,
     "test_multihost.py": 63, "test_chunked_loss.py": 58, "test_contrastive.py": 55,
     "test_model_protocol.py": 47, "test_layers.py": 44, "test_serve.py": 37, "test_tasks.py": 31,
