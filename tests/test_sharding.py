@@ -1,5 +1,6 @@
 """The whole forward/backward on a 2x4 (data x model) mesh of host devices: parameters sharded as the
-axis rules say, and the same loss and gradients as on one device."""
+axis rules say, and the same loss and gradients as on one device; and how a Trainer paces the host
+on such a mesh (at most 2 steps ahead, one program to merge a step's metrics)."""
 import jax
 import numpy as np
 import optax
