@@ -77,6 +77,9 @@ def extract(images: np.ndarray, name: str) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected images [batch, size, size, 3], got shape {list(images.shape)}")
+    if not len(images):  # no network loaded for nothing (a batch whose features are all stored)
+        empty = ImagePreprocessing(size=images.shape[1], extractor=name)
+        return np.zeros((0,) + image_spec.feature_shape(empty), np.float32)
     network = _network(name)
     out = []
     for start in range(0, len(images), BATCH_SIZE):
@@ -86,9 +89,6 @@ def extract(images: np.ndarray, name: str) -> np.ndarray:
         padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
                                                  np.float32)])
         out.append(np.asarray(network(padded))[:len(chunk)])
-    if not out:
-        empty = ImagePreprocessing(size=images.shape[1], extractor=name)
-        return np.zeros((0,) + image_spec.feature_shape(empty), np.float32)
     return np.concatenate(out)
 
 
